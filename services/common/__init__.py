@@ -1,0 +1,1 @@
+"""Code shared by every Postbus service: settings, topic names, Avro codec, secrets, logging."""

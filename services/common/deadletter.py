@@ -1,0 +1,50 @@
+"""Poison records never crash a consumer: they go to the dead-letter topic with the reason."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from services.common.avro import codec
+from services.common.topics import DEADLETTER
+
+log = logging.getLogger("postbus.deadletter")
+
+
+class DeadLetterWriter:
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+
+    def send(self, rec: Any, consumer: str, reason: str) -> None:
+        """Fire-and-forget (the producer retries; a failure is logged, never raised into the consumer)."""
+        value = encode_dead_letter(
+            rec.topic, rec.partition, rec.offset, consumer, reason, rec.key, rec.value
+        )
+        log.warning(
+            "dead-lettered record",
+            extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "reason": reason},
+        )
+        fut = self.producer.send(DEADLETTER, value=value, key=rec.key)
+        fut.add_done_callback(lambda f: f.exception() and log.error("dead-letter send failed"))
+
+
+def encode_dead_letter(
+    topic: str, partition: int, offset: int, consumer: str, reason: str,
+    key: bytes | None, value: bytes | None,
+) -> bytes:
+    return codec().encode(
+        "DeadLetter",
+        {
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "consumer": consumer,
+            "reason": reason[:2000],
+            "ts": int(time.time() * 1000),
+            "key": key,
+            "value": value,
+        },
+    )

@@ -1,0 +1,63 @@
+"""Configuration from the environment (prefix ``POSTBUS_``), one object for every service."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTBUS_", extra="ignore")
+
+    # dev mode: allows a generated secret key and a generated admin token (local runs and tests only)
+    dev: bool = False
+    state_dir: Path = REPO_ROOT / ".state"
+    instance: str = "local"
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_partitions: int = Field(8, ge=1)
+
+    admin_token: str | None = None
+    secret_key: str | None = Field(None, description="Fernet key that encrypts secrets on topics")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    write_timeout_s: float = 10.0
+
+    metrics_url: str = "http://127.0.0.1:8010"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 8010
+    clickhouse_dsn: str | None = None
+    metrics_batch_rows: int = 5000
+    metrics_batch_ms: int = 200
+
+    sender_web_port: int = 6066
+    sender_connections_per_account: int = Field(8, ge=1, le=100)
+    sender_max_attempts: int = Field(5, ge=1)
+    sender_retry_base_s: float = 5.0
+    sender_smtp_timeout_s: float = 30.0
+    sender_ehlo_name: str | None = None
+
+    reporter_web_port: int = 6067
+    reporter_batch_size: int = Field(500, ge=1, le=10000)
+    reporter_flush_ms: int = 200
+    reporter_sync_interval_s: float = 300.0
+    reporter_http_timeout_s: float = 15.0
+    reporter_retry_max_s: float = 60.0
+    client_sync_path_default: str = "/mail-proxy/sync"
+
+    log_level: str = "INFO"
+
+    @property
+    def clickhouse(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,94 @@
+"""Every Kafka topic of Postbus, with its partitioning and retention, and the bootstrap that creates them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+log = logging.getLogger("postbus.topics")
+
+COMMANDS = "postbus.commands"
+EVENTS = "postbus.events"
+CONFIG_TENANTS = "postbus.config.tenants"
+CONFIG_ACCOUNTS = "postbus.config.accounts"
+CONFIG_APIKEYS = "postbus.config.apikeys"
+DEADLETTER = "postbus.deadletter"
+
+FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+COMPACTED = {
+    "cleanup.policy": "compact",
+    "min.compaction.lag.ms": "60000",
+    "delete.retention.ms": "86400000",
+    "segment.ms": "3600000",
+}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(partitions: int) -> list[TopicSpec]:
+    """Commands and events are keyed by tenant and share a partition count, so a tenant's command
+    and event partitions line up (Faust tables of the sender/reporter rely on that)."""
+    return [
+        # the audit log: every state-changing command, kept forever
+        TopicSpec(COMMANDS, partitions, FOREVER),
+        # delivery outcomes: the source of the reporter and of the ClickHouse analytics
+        TopicSpec(EVENTS, partitions, FOREVER),
+        TopicSpec(CONFIG_TENANTS, 1, COMPACTED),
+        TopicSpec(CONFIG_ACCOUNTS, 1, COMPACTED),
+        TopicSpec(CONFIG_APIKEYS, 1, COMPACTED),
+        TopicSpec(DEADLETTER, 1, {"retention.ms": str(30 * 86400_000)}),
+    ]
+
+
+async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 60.0) -> list[str]:
+    """Create missing topics (idempotent). Returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except Exception as exc:  # broker not up yet
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+            await asyncio.sleep(0.5)
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in topic_specs(partitions) if s.name not in existing]
+        for spec in missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(spec.name, spec.partitions, 1, topic_configs=spec.configs)]
+                )
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            log.info("created topics", extra={"topics": created})
+    finally:
+        await admin.close()
+    return created
+
+
+def main() -> None:
+    from services.common.logs import setup_logging
+    from services.common.settings import get_settings
+
+    s = get_settings()
+    setup_logging("topics", s.log_level)
+    created = asyncio.run(ensure_topics(s.kafka_bootstrap, s.topic_partitions))
+    print(f"topics ready ({len(created)} created)")
+
+
+if __name__ == "__main__":
+    main()
