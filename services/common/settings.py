@@ -36,14 +36,14 @@ class Settings(BaseSettings):
     metrics_batch_rows: int = 5000
     metrics_batch_ms: int = 200
 
-    sender_web_port: int = 6066
+    sender_metrics_port: int = 9101
     sender_connections_per_account: int = Field(8, ge=1, le=100)
     sender_max_attempts: int = Field(5, ge=1)
     sender_retry_base_s: float = 5.0
     sender_smtp_timeout_s: float = 30.0
     sender_ehlo_name: str | None = None
 
-    reporter_web_port: int = 6067
+    reporter_metrics_port: int = 9102
     reporter_batch_size: int = Field(500, ge=1, le=10000)
     reporter_flush_ms: int = 200
     reporter_sync_interval_s: float = 300.0
