@@ -52,13 +52,13 @@ class ConfigView:
             fetch_max_wait_ms=50,
         )
         await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
+        parts = None
         for _ in range(100):
+            cluster = await self._consumer._client.fetch_all_metadata()
+            parts = cluster.partitions_for_topic(self.topic)
             if parts:
                 break
             await asyncio.sleep(0.1)
-            await self._consumer.topics()  # refresh metadata
-            parts = self._consumer.partitions_for_topic(self.topic)
         if not parts:
             raise RuntimeError(f"topic {self.topic} does not exist (run the topic bootstrap)")
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]

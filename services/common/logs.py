@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 _SECRET_WORDS = ("password", "secret", "token", "api_key", "authorization")
 
 

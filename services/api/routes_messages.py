@@ -1,0 +1,116 @@
+"""add-messages: validate every message, append one command per tenant, answer queued/rejected."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from services.api.auth import authenticate, scope_tenant
+from services.api.commands import Actor
+from services.api.deps import state_of
+from services.api.errors import ApiError
+from services.api.message_validation import (
+    MAX_MESSAGES_PER_CALL,
+    Rejected,
+    normalize_priority,
+    validate_message,
+)
+from services.api.models import AddMessagesIn, AddMessagesOut
+from services.api.state import ApiState, account_key
+
+log = logging.getLogger("postbus.api.messages")
+router = APIRouter()
+
+COMMAND_CHUNK = 200  # messages per command record: keeps records well under the broker's size limit
+
+
+async def _already_sent(st: ApiState, tenant_id: str, ids: list[str]) -> set[str]:
+    """Ids of this tenant that were already sent, from the metrics service's projection. The
+    sender enforces the same rule from its own table, so a metrics outage degrades to that."""
+    try:
+        r = await st.metrics.post("/internal/sent-ids", json={"tenant_id": tenant_id, "ids": ids})
+        r.raise_for_status()
+        return set(r.json().get("sent", []))
+    except Exception as exc:
+        log.warning("sent-ids check unavailable; relying on the sender's guard", extra={"error": str(exc)})
+        return set()
+
+
+@router.post(
+    "/commands/add-messages",
+    tags=["commands"],
+    response_model=AddMessagesOut,
+    responses={400: {"description": "every message was rejected, or more than 1000 messages"}},
+)
+async def add_messages(body: AddMessagesIn, request: Request) -> Any:
+    st = state_of(request)
+    actor = authenticate(request, st)
+    if len(body.messages) > MAX_MESSAGES_PER_CALL:
+        raise ApiError(400, "too_many_messages",
+                       f"{len(body.messages)} messages in one call; the limit is {MAX_MESSAGES_PER_CALL}")
+    # a tenant key may only queue for its own tenant: a foreign tenant_id fails the whole call
+    if actor.kind == "tenant":
+        for raw in body.messages:
+            if isinstance(raw, dict) and raw.get("tenant_id") not in (None, ""):
+                scope_tenant(actor, raw.get("tenant_id"))
+    default_priority = normalize_priority(body.default_priority)
+    now_ms = int(time.time() * 1000)
+    accepted: dict[tuple[str, str], dict[str, Any]] = {}
+    rejected: list[dict[str, Any]] = []
+
+    def reject(raw: Any, reason: str) -> None:
+        mid = raw.get("id") if isinstance(raw, dict) else None
+        rejected.append({"id": str(mid) if mid not in (None, "") else None, "reason": reason})
+
+    for raw in body.messages:
+        try:
+            msg = validate_message(
+                raw,
+                default_priority=default_priority,
+                account_exists=lambda t, a: st.accounts.get(account_key(t, a)) is not None,
+                tenant_exists=lambda t: st.tenants.get(t) is not None,
+                now_ms=now_ms,
+            )
+        except Rejected as exc:
+            reject(raw, str(exc))
+            continue
+        key = (msg["tenant_id"], msg["id"])
+        if key in accepted:
+            reject(raw, "duplicate id in this request")
+            continue
+        accepted[key] = msg
+
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for (tenant_id, _), msg in accepted.items():
+        by_tenant.setdefault(tenant_id, []).append(msg)
+    for tenant_id, msgs in list(by_tenant.items()):
+        sent = await _already_sent(st, tenant_id, [m["id"] for m in msgs])
+        if sent:
+            for m in msgs:
+                if m["id"] in sent:
+                    rejected.append({"id": m["id"], "reason": "already sent"})
+            by_tenant[tenant_id] = [m for m in msgs if m["id"] not in sent]
+
+    queued = sum(len(m) for m in by_tenant.values())
+    if body.messages and queued == 0:
+        return JSONResponse(
+            {"ok": False, "queued": 0, "rejected": rejected,
+             "error": {"code": "all_rejected", "message": "every message was rejected"}},
+            status_code=400,
+        )
+    await _append(st, actor, by_tenant)
+    return AddMessagesOut(ok=True, queued=queued, rejected=rejected)
+
+
+async def _append(st: ApiState, actor: Actor, by_tenant: dict[str, list[dict[str, Any]]]) -> None:
+    items = []
+    for tenant_id, msgs in by_tenant.items():
+        for i in range(0, len(msgs), COMMAND_CHUNK):
+            items.append(("messages.add", tenant_id, actor, "POST /commands/add-messages", "AddMessages",
+                          {"messages": msgs[i:i + COMMAND_CHUNK]}))
+    if items:
+        await st.writer.append_many(items)

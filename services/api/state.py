@@ -1,0 +1,85 @@
+"""Everything the API process holds: settings, the command writer, the config views, the
+metrics-service client. Built once at start-up (see app.lifespan) and reached through ``deps``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from services.api.commands import CommandWriter
+from services.common.apikeys import pepper_from
+from services.common.config_view import ConfigView
+from services.common.crypto import SecretBox, load_secret_box
+from services.common.settings import Settings
+from services.common.topics import CONFIG_ACCOUNTS, CONFIG_APIKEYS, CONFIG_TENANTS
+
+log = logging.getLogger("postbus.api")
+
+
+def account_key(tenant_id: str, account_id: str) -> str:
+    return f"{tenant_id}/{account_id}"
+
+
+def load_admin_token(settings: Settings) -> str:
+    if settings.admin_token:
+        return settings.admin_token
+    if not settings.dev:
+        raise RuntimeError("POSTBUS_ADMIN_TOKEN is not set (or set POSTBUS_DEV=1 for a local run)")
+    path = Path(settings.state_dir) / "admin.token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    admin_token: str
+    box: SecretBox
+    pepper: bytes
+    writer: CommandWriter
+    tenants: ConfigView
+    accounts: ConfigView
+    apikeys: ConfigView
+    metrics: httpx.AsyncClient
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(cls, settings: Settings) -> ApiState:
+        box = load_secret_box(settings)
+        key_material = settings.secret_key or (Path(settings.state_dir) / "secret.key").read_text()
+        bootstrap = settings.kafka_bootstrap
+        return cls(
+            settings=settings,
+            admin_token=load_admin_token(settings),
+            box=box,
+            pepper=pepper_from(key_material.strip()),
+            writer=CommandWriter(bootstrap, f"postbus-api-{settings.instance}-{settings.api_port}"),
+            tenants=ConfigView(bootstrap, CONFIG_TENANTS, "Tenant"),
+            accounts=ConfigView(bootstrap, CONFIG_ACCOUNTS, "Account"),
+            apikeys=ConfigView(bootstrap, CONFIG_APIKEYS, "ApiKey"),
+            metrics=httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0),
+        )
+
+    async def start(self) -> None:
+        await self.writer.start()
+        await asyncio.gather(self.tenants.start(), self.accounts.start(), self.apikeys.start())
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.tenants.stop(), self.accounts.stop(), self.apikeys.stop(),
+                             return_exceptions=True)
+        await self.writer.stop()
+        await self.metrics.aclose()
+
+    async def wait_visible(self, offsets: dict[str, dict[int, int]]) -> None:
+        """Read-your-writes: return once every view has applied the given records."""
+        views = {v.topic: v for v in (self.tenants, self.accounts, self.apikeys)}
+        await asyncio.gather(*(views[t].wait_for(o, self.settings.write_timeout_s) for t, o in offsets.items()))
