@@ -1,0 +1,159 @@
+"""Internal query API of the metrics service (no auth: binds to 127.0.0.1 by default).
+
+    GET  /health                                   liveness + ingest connection
+    GET  /metrics                                  Prometheus text
+    GET  /internal/tenants/{tenant_id}/metrics     distinct messages per outcome over ?window=24h|7d|...
+    GET  /internal/tenants/{tenant_id}/messages/{message_id}/events   one message's event history
+    POST /internal/sent-ids                        which of these ids were already sent
+    GET  /internal/ingest-status                   per-partition next offset, caught_up, rows
+    POST /internal/replay                          drop tables, re-read the events topic from 0
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.settings import Settings
+from services.common.topics import EVENTS
+from services.metrics.ingest import Ingestor
+from services.metrics.store import AsyncStore, Store, parse_window
+
+log = logging.getLogger("postbus.metrics.app")
+
+MAX_IDS = 1000
+
+
+class MetricsSettings(Settings):
+    """Settings of this service only (env POSTBUS_METRICS_*), on top of the shared ones."""
+
+    metrics_retention_days: int = Field(400, ge=1)
+    metrics_ingest: bool = True  # false: query API only (tests, read replicas)
+
+
+class SentIdsRequest(BaseModel):
+    tenant_id: str = Field(min_length=1)
+    ids: list[str] = Field(max_length=MAX_IDS)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI:
+    """``store`` lets tests inject an opened store; otherwise the DSN of the settings is opened."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sync_store = store or Store(settings.clickhouse, settings.metrics_retention_days)
+        astore = AsyncStore(sync_store)
+        await astore.create()
+        ingestor: Ingestor | None = None
+        if settings.metrics_ingest:
+            ingestor = Ingestor(
+                astore, settings.kafka_bootstrap,
+                batch_rows=settings.metrics_batch_rows, batch_ms=settings.metrics_batch_ms,
+            )
+            await ingestor.start()
+        app.state.store, app.state.ingestor = astore, ingestor
+        log.info("metrics service ready", extra={"clickhouse": _safe_dsn(settings.clickhouse)})
+        try:
+            yield
+        finally:
+            if ingestor is not None:
+                await ingestor.stop()
+            if store is None:  # an injected store belongs to the caller
+                await astore.close()
+            log.info("metrics service stopped")
+
+    app = FastAPI(title="postbus-metrics (internal)", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, "VALIDATION_ERROR", f"{where}: {first.get('msg', 'invalid request')}".strip(": "))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "RESOURCE_NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "ERROR")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("query failed", extra={"error": str(exc)})
+        return _error(503, "STORE_UNAVAILABLE", "metrics store query failed")
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        ing: Ingestor | None = request.app.state.ingestor
+        return {
+            "ok": True,
+            "service": "metrics",
+            "ingest": None if ing is None else {"connected": ing.connected, "replaying": ing.replaying},
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/internal/tenants/{tenant_id}/metrics")
+    async def tenant_metrics(request: Request, tenant_id: str, window: str = "24h") -> Any:
+        try:
+            hours = parse_window(window)
+        except ValueError as exc:
+            return _error(422, "VALIDATION_ERROR", str(exc))
+        to_ts = int(time.time() * 1000)
+        from_ts = to_ts - hours * 3_600_000
+        counts = await request.app.state.store.tenant_counts(tenant_id, from_ts, to_ts)
+        return {"window": window, "from_ts": from_ts, "to_ts": to_ts, **counts.as_dict()}
+
+    @app.get("/internal/tenants/{tenant_id}/messages/{message_id}/events")
+    async def message_events(request: Request, tenant_id: str, message_id: str) -> dict[str, Any]:
+        events = await request.app.state.store.message_events(tenant_id, message_id)
+        return {"tenant_id": tenant_id, "message_id": message_id, "events": events}
+
+    @app.post("/internal/sent-ids")
+    async def sent_ids(request: Request, body: SentIdsRequest) -> dict[str, list[str]]:
+        return {"sent": await request.app.state.store.sent_ids(body.tenant_id, body.ids)}
+
+    @app.get("/internal/ingest-status")
+    async def ingest_status(request: Request) -> dict[str, Any]:
+        ing: Ingestor | None = request.app.state.ingestor
+        astore: AsyncStore = request.app.state.store
+        rows = await astore.row_count()
+        if ing is None:
+            stored = await astore.load_offsets(EVENTS)
+            return {"partitions": {str(p): o for p, o in sorted(stored.items())}, "caught_up": False,
+                    "rows": rows, "replaying": False, "connected": False}
+        return {**(await ing.status()), "rows": rows}
+
+    @app.post("/internal/replay", status_code=202)
+    async def replay(request: Request) -> dict[str, Any]:
+        ing: Ingestor | None = request.app.state.ingestor
+        log.info("replay requested")
+        if ing is None:
+            await request.app.state.store.reset()
+        else:
+            await ing.request_replay()
+        return {"ok": True}
+
+    return app
+
+
+def _safe_dsn(dsn: str) -> str:
+    """Never log credentials of an http(s)://user:password@host DSN."""
+    if "@" in dsn and "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return dsn
