@@ -1,0 +1,1 @@
+"""Local run and test infrastructure of Postbus (not part of the installed package)."""
