@@ -1,0 +1,21 @@
+"""``python -m services.reporter``: run the reporter's Faust worker (SIGTERM stops it cleanly)."""
+
+from __future__ import annotations
+
+from services.common.logs import setup_logging
+from services.common.settings import get_settings
+
+
+def main() -> None:
+    settings = get_settings()
+    setup_logging("reporter", settings.log_level)
+    from faust import Worker
+
+    from services.reporter.app import app
+
+    # our JSON logging stays in place: the worker must not install its own handlers
+    Worker(app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Faust app of the reporter: consumes ``postbus.events`` into a changelog-backed table of pending
+reports, and ``postbus.commands`` for run-now; the :class:`Reporter` engine does the HTTP side.
+
+Table ``pending_reports``: key ``tenant_id + "\\x1f" + event_id`` ->
+  ``{"r": report item, "p": partition}`` while pending, then
+  ``{"a": acked unix ts, "p": partition}`` (an *ack marker*) for ``MARKER_TTL_S`` after the client's
+  2xx, then a tombstone. The marker exists because the consumer commits its offset up to
+  ``broker_commit_interval`` after the event was processed: if the worker dies in that gap, the event
+  is consumed again after restart, finds the marker and is not reported a second time.
+
+Why acknowledgements write the changelog by hand: Faust only allows table writes from inside an
+agent (it takes the changelog partition from the event being processed), but acknowledgements
+happen in the flusher's background tasks. So the flusher writes ``table.data`` (the local store)
+and sends the changelog record itself with an explicit partition: the partition of the event that
+created the entry (kept as ``"p"`` in the value). Events are keyed by tenant, the changelog has
+the same partition count as the events topic, and Faust's assignor co-partitions a table with
+its source topic, so that partition is exactly the one recovered on the worker that owns the
+tenant's events.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import faust
+from faust.types import TP
+from prometheus_client import start_http_server
+
+from services.common.avro import DecodeError, codec
+from services.common.config_view import ConfigView
+from services.common.crypto import load_secret_box
+from services.common.deadletter import encode_dead_letter
+from services.common.settings import get_settings
+from services.common.topics import COMMANDS, CONFIG_TENANTS, DEADLETTER, EVENTS
+from services.reporter import metrics
+from services.reporter.engine import Reporter
+from services.reporter.protocol import report_item
+
+log = logging.getLogger("postbus.reporter")
+
+settings = get_settings()
+SEP = "\x1f"
+COMMIT_INTERVAL_S = 1.0
+# ack markers outlive the offset commit of their event by a wide margin
+MARKER_TTL_S = max(30.0, 30 * COMMIT_INTERVAL_S)
+RUN_NOW_MAX_AGE_S = 300.0  # an old run-now replayed after a restart wakes nobody
+
+app = faust.App(
+    "postbus-reporter",
+    broker="kafka://" + settings.kafka_bootstrap,
+    web_enabled=False,
+    datadir=str(settings.state_dir / "reporter"),
+    store="memory://",
+    topic_partitions=settings.topic_partitions,
+    broker_commit_interval=COMMIT_INTERVAL_S,
+    consumer_auto_offset_reset="earliest",
+    producer_acks=-1,
+    table_standby_replicas=0,
+    autodiscover=False,
+)
+
+events_topic = app.topic(EVENTS, key_serializer="raw", value_serializer="raw")
+commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw")
+deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer="raw")
+
+# keys and values are JSON (Faust's default for untyped tables): str keys, dict values
+pending_reports = app.Table("pending_reports", partitions=settings.topic_partitions)
+
+_view: ConfigView | None = None
+_markers: collections.deque[tuple[float, str, int]] = collections.deque()  # (acked ts, key, partition)
+
+
+def _tenant(tenant_id: str) -> dict[str, Any] | None:
+    return _view.get(tenant_id) if _view is not None else None
+
+
+def _decrypt(token: str | None) -> str | None:
+    return load_secret_box(settings).decrypt(token)
+
+
+async def _ack(entries: list[tuple[str, int]]) -> None:
+    """Make an acknowledgement durable: marker in the store and in the changelog, then flush the
+    producer so only the few ms between the client's 2xx and this flush can re-send after a crash."""
+    now = time.time()
+    for key, partition in entries:
+        marker = {"a": now, "p": partition}
+        pending_reports.data[key] = marker
+        pending_reports.send_changelog(partition, key, marker)
+        _markers.append((now, key, partition))
+    await app.producer.flush()
+
+
+reporter = Reporter(settings, _tenant, _ack, _decrypt)
+
+
+async def _dead_letter(message: Any, reason: str) -> None:
+    try:
+        await deadletter_topic.send(
+            key=message.key,
+            value=encode_dead_letter(
+                message.topic, message.partition, message.offset, "reporter", reason,
+                message.key, message.value,
+            ),
+        )
+        log.warning("dead-lettered record", extra={"topic": message.topic, "partition": message.partition,
+                                                   "offset": message.offset, "reason": reason})
+    except Exception:
+        log.exception("dead-letter send failed", extra={"topic": message.topic, "offset": message.offset})
+
+
+@app.agent(events_topic)
+async def consume_events(stream: faust.StreamT[bytes]) -> None:
+    async for event in stream.events():
+        msg = event.message
+        try:
+            _, ev = codec().decode(event.value, expect="DeliveryEvent")
+        except DecodeError as exc:
+            await _dead_letter(msg, str(exc))
+            continue
+        item = report_item(ev)
+        metrics.EVENTS_IN.labels(ev.get("type") if item is not None else "ignored").inc()
+        if item is None:
+            continue
+        tenant_id = ev["tenant_id"]
+        key = tenant_id + SEP + ev["event_id"]
+        if key in pending_reports.data:
+            continue  # a duplicate, or replayed after a crash and already acknowledged (marker)
+        pending_reports[key] = {"r": item, "p": msg.partition}
+        reporter.add(tenant_id, key, item, msg.partition)
+
+
+@app.agent(commands_topic)
+async def consume_commands(stream: faust.StreamT[bytes]) -> None:
+    async for event in stream.events():
+        try:
+            _, env = codec().decode(event.value, expect="CommandEnvelope")
+            if env["type"] != "run-now":
+                continue
+            _, cmd = codec().decode(env["payload"], expect="RunNow")
+        except DecodeError as exc:
+            await _dead_letter(event.message, str(exc))
+            continue
+        if time.time() - env["ts"] / 1000.0 > RUN_NOW_MAX_AGE_S:
+            continue
+        log.info("run-now", extra={"tenant_id": cmd.get("tenant_id"), "override_dnd": cmd["override_dnd"]})
+        reporter.run_now(cmd.get("tenant_id"), bool(cmd.get("override_dnd")))
+
+
+def _active_partitions() -> set[int]:
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == EVENTS}
+
+
+@pending_reports.on_recover
+async def _rebuild_index() -> None:
+    """After recovery the table holds every entry of our partitions: rebuild the in-memory index
+    (pending reports per tenant) and the list of ack markers to expire."""
+    active = _active_partitions()
+    entries: list[tuple[str, str, dict[str, Any], int]] = []
+    markers: list[tuple[float, str, int]] = []
+    for key, value in list(pending_reports.data.items()):
+        if not isinstance(value, dict) or value.get("p") not in active:
+            continue
+        if "r" in value:
+            entries.append((key.split(SEP, 1)[0], key, value["r"], value["p"]))
+        elif "a" in value:
+            markers.append((float(value["a"]), key, value["p"]))
+    reporter.replace_all(entries)
+    _markers.clear()
+    _markers.extend(sorted(markers))
+
+
+@app.on_partitions_revoked.connect
+async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+    parts = {tp.partition for tp in revoked if tp.topic == EVENTS}
+    if parts:
+        reporter.drop_partitions(parts)
+
+
+@app.timer(interval=10.0)
+async def _expire_markers() -> None:
+    """Tombstone ack markers once their events' offsets are long committed."""
+    cutoff = time.time() - MARKER_TTL_S
+    n = 0
+    while _markers and _markers[0][0] < cutoff:
+        _, key, partition = _markers.popleft()
+        value = pending_reports.data.get(key)
+        if isinstance(value, dict) and "a" in value:
+            del pending_reports.data[key]
+            pending_reports.send_changelog(partition, key, None, value_serializer="raw")
+            n += 1
+    if n:
+        log.debug("expired ack markers", extra={"count": n})
+
+
+@app.task
+async def _start_reporter() -> None:
+    global _view
+    try:
+        start_http_server(settings.reporter_metrics_port)
+    except OSError as exc:
+        log.error("metrics port unavailable", extra={"port": settings.reporter_metrics_port, "error": str(exc)})
+    _view = ConfigView(
+        settings.kafka_bootstrap, CONFIG_TENANTS, "Tenant", on_change=reporter.on_tenant_change
+    )
+    await _view.start()
+    await reporter.start()
+    log.info("reporter started", extra={"tenants": len(_view.items), "pending": reporter.pending_count()})
+
+
+@app.service
+class _Shutdown(faust.Service):  # type: ignore[misc]
+    """Stops the flusher and the config view with the worker (SIGTERM)."""
+
+    async def on_stop(self) -> None:
+        await reporter.stop()
+        if _view is not None:
+            await _view.stop()
+

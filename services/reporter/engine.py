@@ -1,0 +1,269 @@
+"""The flusher: one asyncio task per tenant that posts pending reports (or an idle call) to the
+tenant's sync endpoint, and acknowledges what a 2xx answer covered.
+
+It knows nothing of Faust: the app feeds it reports (``add``) and gives it an ``ack`` coroutine
+that makes an acknowledgement durable. That keeps this logic testable with a plain HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from services.common.settings import Settings
+from services.reporter import metrics
+from services.reporter.protocol import Answer, backoff_delay, parse_answer, sync_url
+from services.reporter.schedule import SyncState, next_action
+
+log = logging.getLogger("postbus.reporter")
+
+# (table key, changelog partition) of each acknowledged report
+AckFn = Callable[[list[tuple[str, int]]], Awaitable[None]]
+TenantLookup = Callable[[str], dict[str, Any] | None]
+Decrypt = Callable[[str | None], str | None]
+
+
+class Reporter:
+    def __init__(
+        self,
+        settings: Settings,
+        tenants: TenantLookup,
+        ack: AckFn,
+        decrypt: Decrypt,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.s = settings
+        self._tenants = tenants
+        self._ack = ack
+        self._decrypt = decrypt
+        self._http = http
+        self._own_http = http is None
+        # tenant -> {table key: (report item, changelog partition)}, in arrival order
+        self.pending: dict[str, dict[str, tuple[dict[str, Any], int]]] = {}
+        self.state: dict[str, SyncState] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._warned: set[str] = set()
+        self._running = False
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def add(self, tenant_id: str, key: str, item: dict[str, Any], partition: int) -> None:
+        box = self.pending.setdefault(tenant_id, {})
+        if key in box:
+            return
+        box[key] = (item, partition)
+        metrics.PENDING.inc()
+        st = self._state(tenant_id)
+        if st.pending_since is None:
+            st.pending_since = time.time()
+            st.wake.set()
+        elif len(box) == self.s.reporter_batch_size:
+            st.wake.set()
+
+    def replace_all(self, entries: list[tuple[str, str, dict[str, Any], int]]) -> None:
+        """Rebuild the index (after table recovery): (tenant_id, key, item, partition)."""
+        self.pending.clear()
+        for st in self.state.values():
+            st.pending_since = None
+        metrics.PENDING.set(0)
+        for tenant_id, key, item, partition in entries:
+            self.add(tenant_id, key, item, partition)
+        log.info("pending index rebuilt", extra={"reports": len(entries), "tenants": len(self.pending)})
+
+    def drop_partitions(self, partitions: set[int]) -> None:
+        """Partitions moved to another worker: their reports are no longer ours to send."""
+        for box in self.pending.values():
+            for key in [k for k, (_, p) in box.items() if p in partitions]:
+                del box[key]
+        metrics.PENDING.set(self.pending_count())
+
+    def pending_count(self) -> int:
+        return sum(len(b) for b in self.pending.values())
+
+    # -- control --------------------------------------------------------------------------------
+
+    def run_now(self, tenant_id: str | None, override_dnd: bool = False) -> None:
+        """run-now: wake one tenant (or all). Only a tenant's own run-now may override its DND."""
+        targets = [tenant_id] if tenant_id else list(set(self.state) | set(self.pending))
+        for tid in targets:
+            st = self._state(tid)
+            if override_dnd and tenant_id:
+                st.dnd_until = 0.0
+            st.force = True
+            st.wake.set()
+
+    def on_tenant_change(self, tenant_id: str, tenant: dict[str, Any] | None) -> None:
+        self._warned.discard(tenant_id)
+        if tenant is not None or tenant_id in self.state:
+            self._state(tenant_id).wake.set()
+
+    def sync_status(self) -> dict[str, dict[str, object]]:
+        now = time.time()
+        out = {}
+        for tid, st in self.state.items():
+            row = st.status(now, self.s.reporter_sync_interval_s)
+            row["pending"] = len(self.pending.get(tid, ()))
+            out[tid] = row
+        return out
+
+    async def start(self) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.s.reporter_http_timeout_s,
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
+                follow_redirects=False,
+            )
+        self._running = True
+        for tid in list(self.state):
+            self._ensure_task(tid)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._own_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # -- per-tenant loop ------------------------------------------------------------------------
+
+    def _state(self, tenant_id: str) -> SyncState:
+        st = self.state.get(tenant_id)
+        if st is None:
+            st = self.state[tenant_id] = SyncState()
+        self._ensure_task(tenant_id)
+        return st
+
+    def _ensure_task(self, tenant_id: str) -> None:
+        if not self._running:
+            return
+        t = self._tasks.get(tenant_id)
+        if t is None or t.done():
+            self._tasks[tenant_id] = asyncio.get_running_loop().create_task(
+                self._tenant_loop(tenant_id), name=f"reporter:{tenant_id}"
+            )
+
+    async def _tenant_loop(self, tenant_id: str) -> None:
+        st = self.state[tenant_id]
+        while True:
+            st.wake.clear()  # before deciding: a wake during the decision is not lost
+            try:
+                action, delay = self._decide(tenant_id, st)
+                if action is None:
+                    try:
+                        await asyncio.wait_for(st.wake.wait(), timeout=delay)
+                    except TimeoutError:
+                        pass
+                    continue
+                await self._sync_once(tenant_id, st, with_events=action == "events")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not silently stop one tenant's reporting forever
+                log.exception("reporter loop error", extra={"tenant_id": tenant_id})
+                st.failures += 1
+                st.retry_at = time.time() + backoff_delay(st.failures, cap_s=self.s.reporter_retry_max_s)
+
+    def _decide(self, tenant_id: str, st: SyncState) -> tuple[str | None, float | None]:
+        tenant = self._tenants(tenant_id)
+        url = sync_url(tenant, self.s.client_sync_path_default) if tenant else None
+        pending = len(self.pending.get(tenant_id, ()))
+        if url is None and pending and tenant_id not in self._warned:
+            self._warned.add(tenant_id)
+            log.warning(
+                "reports kept: tenant unknown or without client_base_url",
+                extra={"tenant_id": tenant_id, "pending": pending, "known": tenant is not None},
+            )
+        return next_action(
+            st,
+            time.time(),
+            pending=pending,
+            has_endpoint=url is not None,
+            active=bool(tenant and tenant.get("active", True)),
+            batch_size=self.s.reporter_batch_size,
+            linger_s=self.s.reporter_flush_ms / 1000.0,
+            interval_s=self.s.reporter_sync_interval_s,
+        )
+
+    def _auth(self, tenant: dict[str, Any]) -> tuple[dict[str, str], httpx.Auth | None]:
+        method = (tenant.get("client_auth_method") or "none").lower()
+        if method == "bearer":
+            return {"Authorization": f"Bearer {self._decrypt(tenant.get('client_auth_secret_enc')) or ''}"}, None
+        if method == "basic":
+            user = tenant.get("client_auth_user") or ""
+            return {}, httpx.BasicAuth(user, self._decrypt(tenant.get("client_auth_secret_enc")) or "")
+        return {}, None
+
+    async def _sync_once(self, tenant_id: str, st: SyncState, *, with_events: bool) -> None:
+        assert self._http is not None
+        tenant = self._tenants(tenant_id) or {}
+        url = sync_url(tenant, self.s.client_sync_path_default)
+        if url is None:
+            return
+        box = self.pending.get(tenant_id, {})
+        batch: list[tuple[str, dict[str, Any], int]] = []
+        if with_events:
+            for key, (item, part) in box.items():
+                batch.append((key, item, part))
+                if len(batch) >= self.s.reporter_batch_size:
+                    break
+        st.force = st.recall = False
+        t0 = time.perf_counter()
+        try:
+            headers, auth = self._auth(tenant)
+            resp = await self._http.post(
+                url,
+                json={"delivery_report": [item for _, item, _ in batch]},
+                headers=headers,
+                auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+            answer = parse_answer(resp.status_code, resp.content)
+        except httpx.TimeoutException:
+            answer = Answer(False, "timeout")
+        except httpx.HTTPError as exc:
+            answer = Answer(False, "conn_error")
+            log.debug("sync call failed", extra={"tenant_id": tenant_id, "error": repr(exc)})
+        except ValueError as exc:  # client secret cannot be decrypted
+            answer = Answer(False, "auth_config")
+            log.error("client auth unusable", extra={"tenant_id": tenant_id, "error": str(exc)})
+        metrics.SYNC_SECONDS.observe(time.perf_counter() - t0)
+        metrics.SYNC_CALLS.labels(tenant_id, answer.outcome).inc()
+        st.last_outcome = answer.outcome
+        now = time.time()
+        if not answer.acked:
+            st.failures += 1
+            delay = backoff_delay(st.failures, cap_s=self.s.reporter_retry_max_s)
+            st.retry_at = now + delay
+            log.warning(
+                "sync call not acknowledged, retrying later",
+                extra={"tenant_id": tenant_id, "outcome": answer.outcome, "reports": len(batch),
+                       "retry_in_s": round(delay, 2), "failures": st.failures},
+            )
+            return
+        if batch:
+            await self._ack([(key, part) for key, _, part in batch])
+            box = self.pending.get(tenant_id, {})  # the index may have been rebuilt meanwhile
+            for key, _, _ in batch:
+                box.pop(key, None)
+            metrics.PENDING.set(self.pending_count())
+            metrics.REPORTS_SENT.labels(tenant_id).inc(len(batch))
+        if answer.errors or answer.not_found:
+            log.info(
+                "client could not match some reports",
+                extra={"tenant_id": tenant_id, "error_ids": answer.errors[:20],
+                       "not_found": answer.not_found[:20]},
+            )
+        st.failures = 0
+        st.retry_at = 0.0
+        st.last_sync_ts = now
+        st.recall = answer.queued > 0
+        if answer.next_sync_after is not None:
+            st.dnd_until = answer.next_sync_after
+        if not self.pending.get(tenant_id):
+            st.pending_since = None
