@@ -4,10 +4,23 @@ stops the consumer and closes the ClickHouse client."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import uvicorn
 
 from services.common.logs import setup_logging
 from services.metrics.app import MetricsSettings, create_app
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the signal once shut down (exit status -15); a clean stop exits 0 instead
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+        yield
 
 
 def main() -> None:
@@ -23,7 +36,7 @@ def main() -> None:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run()
+    _Server(config).run()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,26 @@ CONSUMER_LAG = Gauge("postbus_metrics_consumer_lag", "Records not yet loaded, pe
 DEADLETTERS = PromCounter("postbus_metrics_deadletters_total", "Undecodable events sent to the dead-letter topic")
 
 
+class _DeadLetterProducer:
+    """Adapter for DeadLetterWriter, which expects ``send()`` to return a future (Faust style) while
+    aiokafka's ``send`` is a coroutine. Keeps the sends so a batch can wait for their delivery."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.pending: list[asyncio.Task[Any]] = []
+
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(self.producer.send(topic, value=value, key=key))
+        self.pending.append(task)
+        return task
+
+    async def drain(self) -> None:
+        """Raise unless every dead letter sent so far is acknowledged by the broker."""
+        pending, self.pending = self.pending, []
+        for task in pending:
+            await (await task)
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
@@ -71,6 +91,7 @@ class Ingestor:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.dead_letters: DeadLetterWriter | None = None
+        self._dl_producer: _DeadLetterProducer | None = None
         # partition -> next offset whose predecessors are all in ClickHouse
         self.positions: dict[int, int] = {}
         self.rows_ingested = 0
@@ -129,7 +150,8 @@ class Ingestor:
                 backoff = min(backoff * 2, 10.0)
                 continue
             self.consumer, self.producer = consumer, producer
-            self.dead_letters = DeadLetterWriter(producer)
+            self._dl_producer = _DeadLetterProducer(producer)
+            self.dead_letters = DeadLetterWriter(self._dl_producer)  # type: ignore[arg-type]
             consumer.subscribe([self.topic], listener=_Rebalance(self))
             self.connected = True
             log.info("ingest consuming", extra={"topic": self.topic, "bootstrap": self.bootstrap})
@@ -264,8 +286,8 @@ class Ingestor:
         if rows:
             await self.store.insert_events(rows)
         if dead:
-            assert self.producer is not None
-            await self.producer.flush()  # dead letters are durable before their offsets move on
+            assert self._dl_producer is not None
+            await self._dl_producer.drain()  # dead letters are durable before their offsets move on
             DEADLETTERS.inc(dead)
         if moved:
             await self.store.store_offsets(self.topic, moved)
@@ -297,7 +319,7 @@ class Ingestor:
 
     def _log_progress(self, rows: int, dead: int) -> None:
         now = time.monotonic()
-        if self.replaying and now - self._last_progress_log >= 2.0:
+        if self.replaying and not self._replay_requests and now - self._last_progress_log >= 2.0:
             self._last_progress_log = now
             log.info(
                 "replay progress",
