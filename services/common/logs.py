@@ -49,3 +49,16 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     # third-party chatter stays at WARNING unless asked for
     for noisy in ("aiokafka", "kafka", "faust", "mode", "uvicorn.access", "httpx", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def logging_dict_config(service: str, level: str = "INFO") -> dict[str, object]:
+    """The same JSON lines, as a dictConfig (for runners that configure logging themselves: faust/mode)."""
+    quiet = {name: {"level": "WARNING"} for name in ("aiokafka", "kafka", "faust", "mode", "httpx")}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "services.common.logs.JsonFormatter", "service": service}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": quiet,
+    }

@@ -1,0 +1,51 @@
+"""Faust helpers shared by the sender and the reporter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+
+def table_put(table: Any, partition: int, key: Any, value: Any) -> None:
+    """Write a table key from a background task (outside stream iteration).
+
+    Faust only allows table writes while processing an event, because it takes the changelog
+    partition from that event. Our background tasks (SMTP workers, report flushers) know the
+    partition of the tenant the key belongs to, so they write the store and the changelog with that
+    explicit partition: the same record an in-stream write would have produced."""
+    table.data[key] = value
+    table.send_changelog(partition, key, value)
+
+
+def table_delete(table: Any, partition: int, key: Any) -> None:
+    table.data.pop(key, None)
+    table.send_changelog(partition, key, None, value_serializer="raw")
+
+
+def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: Any) -> faust.App:
+    return faust.App(
+        name,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        autodiscover=False,
+        datadir=datadir,
+        topic_partitions=partitions,
+        topic_replication_factor=1,
+        table_standby_replicas=0,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_linger=0.005,
+        consumer_auto_offset_reset="earliest",
+        **extra,
+    )
+
+
+def run_worker(app: faust.App, service: str, level: str) -> None:
+    from faust import Worker
+
+    from services.common.logs import logging_dict_config
+
+    worker = Worker(app, loglevel=level, quiet=True, logging_config=logging_dict_config(service, level))
+    worker.execute_from_commandline()

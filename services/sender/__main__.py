@@ -1,0 +1,6 @@
+"""``python -m services.sender``: the Faust sender worker."""
+
+from services.sender.app import main
+
+if __name__ == "__main__":
+    main()

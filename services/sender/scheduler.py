@@ -1,0 +1,62 @@
+"""In-memory send order for each account lane: priority 0 first, FIFO within a priority (by
+acceptance sequence), messages with a future due time held until then. It is a cache of the
+``messages`` table and is rebuilt from it after every recovery or rebalance."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Lane:
+    ready: list[tuple[int, int, str]] = field(default_factory=list)  # (priority, seq, key)
+    delayed: list[tuple[int, int, int, str]] = field(default_factory=list)  # (due_ms, priority, seq, key)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, key: str, priority: int, seq: int, due_ms: int | None, now_ms: int) -> None:
+        if due_ms is not None and due_ms > now_ms:
+            heapq.heappush(self.delayed, (due_ms, priority, seq, key))
+        else:
+            heapq.heappush(self.ready, (priority, seq, key))
+        self.wake.set()
+
+    def pop(self, now_ms: int) -> str | None:
+        while self.delayed and self.delayed[0][0] <= now_ms:
+            _, priority, seq, key = heapq.heappop(self.delayed)
+            heapq.heappush(self.ready, (priority, seq, key))
+        if self.ready:
+            return heapq.heappop(self.ready)[2]
+        return None
+
+    def next_due_ms(self) -> int | None:
+        return self.delayed[0][0] if self.delayed else None
+
+    def __len__(self) -> int:
+        return len(self.ready) + len(self.delayed)
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self.lanes: dict[str, Lane] = {}
+
+    def lane(self, account: str) -> Lane:
+        lane = self.lanes.get(account)
+        if lane is None:
+            lane = self.lanes[account] = Lane()
+        return lane
+
+    def push(self, account: str, key: str, priority: int, seq: int, due_ms: int | None, now_ms: int) -> bool:
+        """Returns True when the lane is new (the caller starts its workers)."""
+        new = account not in self.lanes
+        self.lane(account).push(key, priority, seq, due_ms, now_ms)
+        return new
+
+    def clear(self) -> None:
+        for lane in self.lanes.values():
+            lane.ready.clear()
+            lane.delayed.clear()
+
+    def pending(self) -> int:
+        return sum(len(lane) for lane in self.lanes.values())
