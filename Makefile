@@ -1,0 +1,42 @@
+# The two entry points (see README.md):
+#   make up     install what is missing, run the whole system locally until Ctrl-C
+#   make test   install what is missing, lint, run unit + integration tests against real servers
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# the interpreter infra/install.sh chose (written by it; read when a recipe runs, after `install`)
+PY = $(shell cat .state/python 2>/dev/null || command -v python3)
+TEST_DIRS := $(wildcard tests/unit tests/integration)
+PYTEST_TIMEOUT ?= 300
+PYTEST_ARGS ?=
+
+.PHONY: help install up test lint unit integration stop
+
+help:
+	@echo "make up      # install what is missing, start broker + ClickHouse (embedded) + all services + SMTP sink"
+	@echo "make test    # the whole test suite: unit + integration against a real Kafka broker, SMTP and HTTP servers"
+	@echo "make lint | unit | integration | stop"
+
+install:
+	@bash infra/install.sh
+
+up: install
+	$(PY) -m infra.up
+
+lint: install
+	$(PY) -m ruff check .
+
+# pytest's exit code 5 (no tests collected) fails the target like any other failure
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(TEST_DIRS) -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest tests/unit -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
+
+integration: install
+	$(PY) -m pytest tests/integration -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
+
+# stops a broker left running by an interrupted `make up` (services stop with their supervisor)
+stop:
+	@bash infra/kafka/kafka.sh stop
