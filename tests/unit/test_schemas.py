@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import pytest
@@ -56,7 +57,7 @@ def test_every_schema_file_parses_and_round_trips() -> None:
 @pytest.mark.parametrize("name", sorted({p.name.split(".")[0] for p in SCHEMA_DIR.glob("*.avsc")}))
 def test_each_version_reads_the_previous(name: str) -> None:
     files = sorted(SCHEMA_DIR.glob(f"{name}.v*.avsc"), key=lambda p: int(p.name.split(".v")[1].split(".")[0]))
-    for old_path, new_path in zip(files, files[1:], strict=False):
+    for old_path, new_path in itertools.pairwise(files):
         old = parse_schema(json.loads(old_path.read_text()), named_schemas={})
         new = parse_schema(json.loads(new_path.read_text()), named_schemas={})
         record = EXAMPLES.get(name) or _minimal(json.loads(old_path.read_text()))
