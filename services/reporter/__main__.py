@@ -14,7 +14,10 @@ def main() -> None:
     from services.reporter.app import app
 
     # our JSON logging stays in place: the worker must not install its own handlers
-    Worker(app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False).execute_from_commandline()
+    worker = Worker(
+        app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False, quiet=True
+    )
+    worker.execute_from_commandline()
 
 
 if __name__ == "__main__":

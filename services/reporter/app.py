@@ -56,6 +56,9 @@ app = faust.App(
     store="memory://",
     topic_partitions=settings.topic_partitions,
     broker_commit_interval=COMMIT_INTERVAL_S,
+    # a worker killed with -9 holds its partitions until its session expires: keep that short
+    broker_session_timeout=15.0,
+    broker_heartbeat_interval=3.0,
     consumer_auto_offset_reset="earliest",
     producer_acks=-1,
     table_standby_replicas=0,
