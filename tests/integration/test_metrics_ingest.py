@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.common.avro import codec
 from services.common.topics import DEADLETTER, EVENTS, ensure_topics
+from services.metrics.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -207,6 +208,19 @@ async def test_ingest_restart_replay_and_sigterm(
         await wait_caught_up(c, min_rows=status["rows"])
         assert {t: await tenant_metrics(c, t) for t in (tenant, other)} == before
         assert "replay started" in service.log_path.read_text()
+        after_replay = await wait_caught_up(c)
+    assert service.terminate() == 0
+
+    # tables dropped behind the service's back: the next start rebuilds everything from offset 0
+    store = Store(f"chdb://{tmp_path / 'clickhouse'}")
+    store.reset()
+    store.close()
+    service.start()
+    await service.wait_ready()
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as c:
+        rebuilt = await wait_caught_up(c, min_rows=after_replay["rows"])
+        assert rebuilt["partitions"] == after_replay["partitions"]
+        assert {t: await tenant_metrics(c, t) for t in (tenant, other)} == before
     assert service.terminate() == 0
 
     # the poison record reached the dead-letter topic with its reason
