@@ -5,6 +5,7 @@ another tmp_path."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.metrics.app import MetricsSettings, create_app
-from services.metrics.store import Store, event_row, parse_window
+from services.metrics.store import AsyncStore, Store, event_row, parse_window
 
 HOUR = 3_600_000
 NOW = (int(time.time() * 1000) // HOUR) * HOUR  # close to the real clock: the retention TTL is real
@@ -200,6 +201,19 @@ def test_reopen_keeps_data(tmp_path: Path) -> None:
         assert counts(s, "t-a", 24)["deferred"] == 2
     finally:
         s.close()
+
+
+async def test_concurrent_calls_from_threads_are_safe(store: Store) -> None:
+    """Inserts and queries from several worker threads at once share one chdb handle safely."""
+    astore = AsyncStore(store)
+    batches = [[ev(f"c{b}-{i}", "sent", f"m{b}-{i}", NOW - HOUR) for i in range(50)] for b in range(8)]
+    await asyncio.gather(*(astore.insert_events(b) for b in batches),
+                         *(astore.tenant_counts("t-a", NOW - 24 * HOUR, NOW) for _ in range(8)))
+    results = await asyncio.gather(*(astore.tenant_counts("t-a", NOW - 24 * HOUR, NOW) for _ in range(16)),
+                                   astore.sent_ids("t-a", ["m0-0", "m7-49", "nope"]), astore.row_count())
+    assert all(r.as_dict()["sent"] == 400 for r in results[:16])
+    assert results[16] == ["m0-0", "m7-49"]
+    assert results[17] == 400
 
 
 # -- internal HTTP API (query side; ingest is tested with a broker) --------------------------------
