@@ -104,7 +104,10 @@ def main() -> int:
         env=passthrough,
         log=lambda msg: print(f"[up] {msg}", flush=True),
     )
+    # Ctrl-C even when started with SIGINT ignored (background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
     sink = None
     code = 0
     try:
@@ -148,6 +151,7 @@ def main() -> int:
         # a second Ctrl-C must not abort the clean-up half way
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         system.stop()
         if sink is not None:
             sink.stop()
