@@ -84,7 +84,7 @@ class ConfigView:
             batches = await self._consumer.getmany(timeout_ms=500, max_records=5000)
             for records in batches.values():
                 for rec in records:
-                    self._apply(rec)
+                    await self._apply(rec)
             # also advance past transaction markers / compacted gaps
             for tp in self._consumer.assignment():
                 pos = await self._consumer.position(tp)
@@ -93,7 +93,7 @@ class ConfigView:
             async with self._progress:
                 self._progress.notify_all()
 
-    def _apply(self, rec: Any) -> None:
+    async def _apply(self, rec: Any) -> None:
         self._applied[rec.partition] = rec.offset + 1
         key = rec.key.decode() if rec.key else ""
         if rec.value is None:
@@ -105,7 +105,7 @@ class ConfigView:
         except DecodeError as exc:
             log.error("undecodable config record", extra={"topic": self.topic, "offset": rec.offset})
             if self._deadletter:
-                self._deadletter.send(rec, "config_view", str(exc))
+                await self._deadletter.send(rec, "config_view", str(exc))
             return
         self.items[key] = value
         if self._on_change:

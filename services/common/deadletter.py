@@ -18,8 +18,9 @@ class DeadLetterWriter:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
 
-    def send(self, rec: Any, consumer: str, reason: str) -> None:
-        """Fire-and-forget (the producer retries; a failure is logged, never raised into the consumer)."""
+    async def send(self, rec: Any, consumer: str, reason: str) -> None:
+        """Append the record with its reason; returns once the broker has it, so the caller may
+        then move its offset past the poison record."""
         value = encode_dead_letter(
             rec.topic, rec.partition, rec.offset, consumer, reason, rec.key, rec.value
         )
@@ -27,8 +28,7 @@ class DeadLetterWriter:
             "dead-lettered record",
             extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "reason": reason},
         )
-        fut = self.producer.send(DEADLETTER, value=value, key=rec.key)
-        fut.add_done_callback(lambda f: f.exception() and log.error("dead-letter send failed"))
+        await self.producer.send_and_wait(DEADLETTER, value=value, key=rec.key)
 
 
 def encode_dead_letter(

@@ -7,7 +7,7 @@ from typing import Any
 import faust
 
 
-def table_put(table: Any, partition: int, key: Any, value: Any) -> None:
+def table_put(table: Any, partition: int, key: Any, value: Any) -> Any:
     """Write a table key from a background task (outside stream iteration).
 
     Faust only allows table writes while processing an event, because it takes the changelog
@@ -18,9 +18,9 @@ def table_put(table: Any, partition: int, key: Any, value: Any) -> None:
     table.send_changelog(partition, key, value)
 
 
-def table_delete(table: Any, partition: int, key: Any) -> None:
+def table_delete(table: Any, partition: int, key: Any) -> Any:
     table.data.pop(key, None)
-    table.send_changelog(partition, key, None, value_serializer="raw")
+    return table.send_changelog(partition, key, None, value_serializer="raw")
 
 
 def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: Any) -> faust.App:

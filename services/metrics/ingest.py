@@ -41,26 +41,6 @@ CONSUMER_LAG = Gauge("postbus_metrics_consumer_lag", "Records not yet loaded, pe
 DEADLETTERS = PromCounter("postbus_metrics_deadletters_total", "Undecodable events sent to the dead-letter topic")
 
 
-class _DeadLetterProducer:
-    """Adapter for DeadLetterWriter, which expects ``send()`` to return a future (Faust style) while
-    aiokafka's ``send`` is a coroutine. Keeps the sends so a batch can wait for their delivery."""
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self.producer = producer
-        self.pending: list[asyncio.Task[Any]] = []
-
-    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(self.producer.send(topic, value=value, key=key))
-        self.pending.append(task)
-        return task
-
-    async def drain(self) -> None:
-        """Raise unless every dead letter sent so far is acknowledged by the broker."""
-        pending, self.pending = self.pending, []
-        for task in pending:
-            await (await task)
-
-
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
@@ -91,7 +71,6 @@ class Ingestor:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.dead_letters: DeadLetterWriter | None = None
-        self._dl_producer: _DeadLetterProducer | None = None
         # partition -> next offset whose predecessors are all in ClickHouse
         self.positions: dict[int, int] = {}
         self.rows_ingested = 0
@@ -150,8 +129,7 @@ class Ingestor:
                 backoff = min(backoff * 2, 10.0)
                 continue
             self.consumer, self.producer = consumer, producer
-            self._dl_producer = _DeadLetterProducer(producer)
-            self.dead_letters = DeadLetterWriter(self._dl_producer)  # type: ignore[arg-type]
+            self.dead_letters = DeadLetterWriter(producer)
             consumer.subscribe([self.topic], listener=_Rebalance(self))
             self.connected = True
             log.info("ingest consuming", extra={"topic": self.topic, "bootstrap": self.bootstrap})
@@ -265,7 +243,7 @@ class Ingestor:
                     row = event_row(ev, tp.partition, rec.offset)
                 except (DecodeError, KeyError, TypeError, ValueError) as exc:
                     assert self.dead_letters is not None
-                    self.dead_letters.send(rec, CONSUMER_NAME, f"{type(exc).__name__}: {exc}")
+                    await self.dead_letters.send(rec, CONSUMER_NAME, f"{type(exc).__name__}: {exc}")
                     dead += 1
                     continue
                 rows.append(row)
@@ -286,9 +264,7 @@ class Ingestor:
         if rows:
             await self.store.insert_events(rows)
         if dead:
-            assert self._dl_producer is not None
-            await self._dl_producer.drain()  # dead letters are durable before their offsets move on
-            DEADLETTERS.inc(dead)
+            DEADLETTERS.inc(dead)  # each dead letter was acknowledged before its offset moves on
         if moved:
             await self.store.store_offsets(self.topic, moved)
             self.positions.update(moved)

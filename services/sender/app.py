@@ -218,7 +218,7 @@ async def _failed(key: str, value: dict[str, Any], attempt: int, failure: Failur
                     deferred_until=due)
         m.DEFERRED.labels(msg["tenant_id"], msg["account_id"]).inc()
         new = {**value, "a": attempt, "due": due}
-        table_put(messages, value["p"], key, new)
+        await table_put(messages, value["p"], key, new)
         lane.push(key, msg["priority"], value["q"], due, now_ms())
         return
     reason = failure.reason
@@ -232,8 +232,10 @@ async def _finish(key: str, value: dict[str, Any], outcome: str, attempt: int, *
     msg = value["m"]
     await _emit(msg, outcome, attempt, error=error, smtp_code=smtp_code)
     (m.SENT if outcome == "sent" else m.ERRORS).labels(msg["tenant_id"], msg["account_id"]).inc()
-    # the event is on the broker: now the table may forget the body (kept: the final state)
-    table_put(messages, value["p"], key, {"s": outcome, "p": value["p"], "ts": now_ms()})
+    # the event is on the broker: now the table may forget the body (kept: the final state). The
+    # worker waits for the changelog write, so a crash can resend at most the one message each
+    # worker has in flight.
+    await table_put(messages, value["p"], key, {"s": outcome, "p": value["p"], "ts": now_ms()})
 
 
 async def _emit(msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> None:

@@ -1,0 +1,107 @@
+"""One real system per test session: an Apache Kafka broker (KRaft) from Maven Central, the four
+services as subprocesses, a recording SMTP server (aiosmtpd) and real client applications.
+
+Tests isolate themselves by tenant id (``new_tenant`` makes a fresh tenant with its own client
+app), so they share the running system instead of paying its start-up each time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.supervisor import LocalSystem
+from tests.support.client_app import ClientApp
+from tests.support.smtp_server import RecordingSmtpServer
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "test-admin-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session")
+def system() -> Iterator[LocalSystem]:
+    state = REPO / ".test-state" / f"run-{os.getpid()}"
+    shutil.rmtree(state, ignore_errors=True)
+    sys_ = LocalSystem.with_free_ports(
+        state, admin_token=ADMIN_TOKEN, kafka_heap="320m",
+        env={"POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
+             "POSTBUS_LOG_LEVEL": "INFO"},
+    )
+    sys_.start()
+    try:
+        yield sys_
+    finally:
+        sys_.stop()
+        if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
+            shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smtp() -> Iterator[RecordingSmtpServer]:
+    with RecordingSmtpServer(replies={"reject@example.test": "550 5.1.1 <reject@example.test>: no such user"}) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def admin(system: LocalSystem) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=system.url("api"), headers={"X-API-Token": ADMIN_TOKEN}, timeout=30) as c:
+        yield c
+
+
+@dataclass
+class Tenant:
+    id: str
+    api_key: str
+    account_id: str
+    client: ClientApp
+    http: httpx.Client
+
+    def message(self, mid: str, **kw: Any) -> dict[str, Any]:
+        msg = {"id": mid, "tenant_id": self.id, "account_id": self.account_id, "from": f"app@{self.id}.test",
+               "to": ["bob@example.test"], "subject": f"Subject {mid}", "body": f"Body of {mid}"}
+        msg.update(kw)
+        return msg
+
+
+@pytest.fixture
+def new_tenant(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtpServer) -> Iterator[Callable[..., Tenant]]:
+    made: list[Tenant] = []
+
+    def make(**tenant_fields: Any) -> Tenant:
+        client = ClientApp(token="s3cret").start()
+        tid = "t" + uuid.uuid4().hex[:10]
+        body = {"id": tid, "name": f"Tenant {tid}", "client_base_url": client.url,
+                "client_auth": {"method": "bearer", "token": "s3cret"}, **tenant_fields}
+        r = admin.post("/tenant", json=body)
+        assert r.status_code == 200, r.text
+        key = r.json()["api_key"]
+        http = httpx.Client(base_url=system.url("api"), headers={"X-API-Token": key}, timeout=30)
+        r = http.post("/account", json={"id": "main", "host": smtp.host, "port": smtp.port, "use_tls": False})
+        assert r.status_code == 200, r.text
+        t = Tenant(tid, key, "main", client, http)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.client.stop()
+        t.http.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
