@@ -13,9 +13,10 @@ def table_put(table: Any, partition: int, key: Any, value: Any) -> Any:
     Faust only allows table writes while processing an event, because it takes the changelog
     partition from that event. Our background tasks (SMTP workers, report flushers) know the
     partition of the tenant the key belongs to, so they write the store and the changelog with that
-    explicit partition: the same record an in-stream write would have produced."""
+    explicit partition: the same record an in-stream write would have produced. Returns the
+    changelog future: await it where the write must be durable before going on."""
     table.data[key] = value
-    table.send_changelog(partition, key, value)
+    return table.send_changelog(partition, key, value)
 
 
 def table_delete(table: Any, partition: int, key: Any) -> Any:
@@ -38,6 +39,9 @@ def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: 
         producer_acks=-1,
         producer_linger=0.005,
         consumer_auto_offset_reset="earliest",
+        # a SIGKILLed worker holds its partitions until its session expires: keep that short
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
         **extra,
     )
 

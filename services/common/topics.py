@@ -18,6 +18,14 @@ CONFIG_ACCOUNTS = "postbus.config.accounts"
 CONFIG_APIKEYS = "postbus.config.apikeys"
 DEADLETTER = "postbus.deadletter"
 
+# Faust's own topics, named "<app id>-<table>-changelog" / "<app id>-__assignor-__leader" by Faust.
+# Created here so their partition counts match the source topics before any worker starts (Faust
+# refuses a table whose changelog and source partition counts differ).
+SENDER_APP = "postbus-sender"
+REPORTER_APP = "postbus-reporter"
+SENDER_MESSAGES_CHANGELOG = f"{SENDER_APP}-messages-changelog"
+REPORTER_PENDING_CHANGELOG = f"{REPORTER_APP}-pending_reports-changelog"
+
 FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 COMPACTED = {
     "cleanup.policy": "compact",
@@ -46,6 +54,11 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(CONFIG_ACCOUNTS, 1, COMPACTED),
         TopicSpec(CONFIG_APIKEYS, 1, COMPACTED),
         TopicSpec(DEADLETTER, 1, {"retention.ms": str(30 * 86400_000)}),
+        # table changelogs: co-partitioned with commands/events (tenant-keyed), compacted
+        TopicSpec(SENDER_MESSAGES_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(REPORTER_PENDING_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),
+        TopicSpec(f"{REPORTER_APP}-__assignor-__leader", 1, {}),
     ]
 
 

@@ -3,10 +3,11 @@ reports, and ``postbus.commands`` for run-now; the :class:`Reporter` engine does
 
 Table ``pending_reports``: key ``tenant_id + "\\x1f" + event_id`` ->
   ``{"r": report item, "p": partition}`` while pending, then
-  ``{"a": acked unix ts, "p": partition}`` (an *ack marker*) for ``MARKER_TTL_S`` after the client's
-  2xx, then a tombstone. The marker exists because the consumer commits its offset up to
-  ``broker_commit_interval`` after the event was processed: if the worker dies in that gap, the event
-  is consumed again after restart, finds the marker and is not reported a second time.
+  ``{"a": acked unix ts, "p": partition, "o": event offset}`` (an *ack marker*) after the client's
+  2xx, then a tombstone once the group's committed offset has passed the event. The marker exists
+  because Faust commits offsets later than it processes events (seconds to minutes under a backlog,
+  measured): if the worker dies in that gap the event is consumed again after restart, finds the
+  marker and is not reported a second time.
 
 Why acknowledgements write the changelog by hand: Faust only allows table writes from inside an
 agent (it takes the changelog partition from the event being processed), but acknowledgements
@@ -20,12 +21,13 @@ tenant's events.
 
 from __future__ import annotations
 
-import collections
+import heapq
 import logging
 import time
 from typing import Any
 
 import faust
+from aiokafka.admin import AIOKafkaAdminClient
 from faust.types import TP
 from prometheus_client import start_http_server
 
@@ -44,8 +46,6 @@ log = logging.getLogger("postbus.reporter")
 settings = get_settings()
 SEP = "\x1f"
 COMMIT_INTERVAL_S = 1.0
-# ack markers outlive the offset commit of their event by a wide margin
-MARKER_TTL_S = max(30.0, 30 * COMMIT_INTERVAL_S)
 RUN_NOW_MAX_AGE_S = 300.0  # an old run-now replayed after a restart wakes nobody
 
 app = faust.App(
@@ -73,7 +73,9 @@ deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer=
 pending_reports = app.Table("pending_reports", partitions=settings.topic_partitions)
 
 _view: ConfigView | None = None
-_markers: collections.deque[tuple[float, str, int]] = collections.deque()  # (acked ts, key, partition)
+# ack markers to tombstone, per partition: heap of (event offset, key)
+_markers: dict[int, list[tuple[int, str]]] = {}
+_admin: AIOKafkaAdminClient | None = None
 
 
 def _tenant(tenant_id: str) -> dict[str, Any] | None:
@@ -89,10 +91,12 @@ async def _ack(entries: list[tuple[str, int]]) -> None:
     producer so only the few ms between the client's 2xx and this flush can re-send after a crash."""
     now = time.time()
     for key, partition in entries:
-        marker = {"a": now, "p": partition}
+        old = pending_reports.data.get(key)
+        offset = old.get("o", -1) if isinstance(old, dict) else -1
+        marker = {"a": now, "p": partition, "o": offset}
         pending_reports.data[key] = marker
         pending_reports.send_changelog(partition, key, marker)
-        _markers.append((now, key, partition))
+        heapq.heappush(_markers.setdefault(partition, []), (offset, key))
     await app.producer.flush()
 
 
@@ -114,25 +118,38 @@ async def _dead_letter(message: Any, reason: str) -> None:
         log.exception("dead-letter send failed", extra={"topic": message.topic, "offset": message.offset})
 
 
+def _store_event(message: Any, ev: dict[str, Any]) -> None:
+    item = report_item(ev)
+    metrics.EVENTS_IN.labels(ev.get("type") if item is not None else "ignored").inc()
+    if item is None:
+        return
+    tenant_id = ev["tenant_id"]
+    key = tenant_id + SEP + ev["event_id"]
+    if key in pending_reports.data:
+        return  # a duplicate, or replayed after a crash and already acknowledged (marker)
+    value = {"r": item, "p": message.partition, "o": message.offset}
+    # same effect as ``pending_reports[key] = value`` inside the stream (changelog partition =
+    # the event's partition), written explicitly because a batch has no single "current event"
+    pending_reports.data[key] = value
+    pending_reports.send_changelog(message.partition, key, value)
+    reporter.add(tenant_id, key, item, message.partition)
+
+
 @app.agent(events_topic)
 async def consume_events(stream: faust.StreamT[bytes]) -> None:
-    async for event in stream.events():
-        msg = event.message
-        try:
-            _, ev = codec().decode(event.value, expect="DeliveryEvent")
-        except DecodeError as exc:
-            await _dead_letter(msg, str(exc))
-            continue
-        item = report_item(ev)
-        metrics.EVENTS_IN.labels(ev.get("type") if item is not None else "ignored").inc()
-        if item is None:
-            continue
-        tenant_id = ev["tenant_id"]
-        key = tenant_id + SEP + ev["event_id"]
-        if key in pending_reports.data:
-            continue  # a duplicate, or replayed after a crash and already acknowledged (marker)
-        pending_reports[key] = {"r": item, "p": msg.partition}
-        reporter.add(tenant_id, key, item, msg.partition)
+    # batches: per-event stream iteration costs more CPU than the whole report path. Offsets of a
+    # batch are committed only after the producer flushed its changelog writes (Faust flushes the
+    # producer before every commit), so a crash never skips an event that is not in the table.
+    async for events in stream.take_events(1000, within=0.05):
+        for event in events:
+            msg = event.message
+            try:
+                _, ev = codec().decode(event.value, expect="DeliveryEvent")
+            except DecodeError as exc:
+                await _dead_letter(msg, str(exc))
+                continue
+            _store_event(msg, ev)
+        await app.producer.buffer.wait_until_ebb()  # back-pressure on the changelog writes
 
 
 @app.agent(commands_topic)
@@ -162,17 +179,19 @@ async def _rebuild_index() -> None:
     (pending reports per tenant) and the list of ack markers to expire."""
     active = _active_partitions()
     entries: list[tuple[str, str, dict[str, Any], int]] = []
-    markers: list[tuple[float, str, int]] = []
+    markers: dict[int, list[tuple[int, str]]] = {}
     for key, value in list(pending_reports.data.items()):
         if not isinstance(value, dict) or value.get("p") not in active:
             continue
         if "r" in value:
             entries.append((key.split(SEP, 1)[0], key, value["r"], value["p"]))
         elif "a" in value:
-            markers.append((float(value["a"]), key, value["p"]))
+            markers.setdefault(value["p"], []).append((int(value.get("o", -1)), key))
     reporter.replace_all(entries)
+    for heap in markers.values():
+        heapq.heapify(heap)
     _markers.clear()
-    _markers.extend(sorted(markers))
+    _markers.update(markers)
 
 
 @app.on_partitions_revoked.connect
@@ -184,23 +203,34 @@ async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
 
 @app.timer(interval=10.0)
 async def _expire_markers() -> None:
-    """Tombstone ack markers once their events' offsets are long committed."""
-    cutoff = time.time() - MARKER_TTL_S
+    """Tombstone ack markers whose event is behind the group's committed offset: such an event
+    is never consumed again, so its marker has done its job."""
+    if _admin is None or not any(_markers.values()):
+        return
+    try:
+        committed = await _admin.list_consumer_group_offsets(app.conf.id)
+    except Exception as exc:  # the broker is briefly unavailable: try again next tick
+        log.warning("cannot read committed offsets", extra={"error": repr(exc)})
+        return
     n = 0
-    while _markers and _markers[0][0] < cutoff:
-        _, key, partition = _markers.popleft()
-        value = pending_reports.data.get(key)
-        if isinstance(value, dict) and "a" in value:
-            del pending_reports.data[key]
-            pending_reports.send_changelog(partition, key, None, value_serializer="raw")
-            n += 1
+    for tp, meta in committed.items():
+        heap = _markers.get(tp.partition)
+        if tp.topic != EVENTS or not heap:
+            continue
+        while heap and heap[0][0] < meta.offset:
+            _, key = heapq.heappop(heap)
+            value = pending_reports.data.get(key)
+            if isinstance(value, dict) and "a" in value:
+                del pending_reports.data[key]
+                pending_reports.send_changelog(tp.partition, key, None, value_serializer="raw")
+                n += 1
     if n:
         log.debug("expired ack markers", extra={"count": n})
 
 
 @app.task
 async def _start_reporter() -> None:
-    global _view
+    global _view, _admin
     try:
         start_http_server(settings.reporter_metrics_port)
     except OSError as exc:
@@ -209,6 +239,8 @@ async def _start_reporter() -> None:
         settings.kafka_bootstrap, CONFIG_TENANTS, "Tenant", on_change=reporter.on_tenant_change
     )
     await _view.start()
+    _admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await _admin.start()
     await reporter.start()
     log.info("reporter started", extra={"tenants": len(_view.items), "pending": reporter.pending_count()})
 
@@ -221,4 +253,6 @@ class _Shutdown(faust.Service):  # type: ignore[misc]
         await reporter.stop()
         if _view is not None:
             await _view.stop()
+        if _admin is not None:
+            await _admin.close()
 

@@ -23,7 +23,7 @@ from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app, table_put
 from services.common.settings import get_settings
-from services.common.topics import COMMANDS, CONFIG_ACCOUNTS, DEADLETTER, EVENTS
+from services.common.topics import COMMANDS, CONFIG_ACCOUNTS, DEADLETTER, EVENTS, SENDER_APP
 from services.sender import metrics as m
 from services.sender.mime import build_message, decode_base64_attachment, envelope_recipients, envelope_sender
 from services.sender.outcomes import Failure, classify, retry_delay_s
@@ -34,7 +34,7 @@ log = logging.getLogger("postbus.sender")
 settings = get_settings()
 box = load_secret_box(settings)
 
-app = make_app("postbus-sender", settings.kafka_bootstrap, str(settings.state_dir / "sender"),
+app = make_app(SENDER_APP, settings.kafka_bootstrap, str(settings.state_dir / "sender"),
                settings.topic_partitions)
 commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw", internal=False)
 events_topic = app.topic(EVENTS, key_serializer="raw", value_serializer="raw", internal=False)
@@ -46,6 +46,9 @@ accounts = ConfigView(settings.kafka_bootstrap, CONFIG_ACCOUNTS, "Account")
 scheduler = Scheduler()
 m.PENDING.set_function(scheduler.pending)
 _workers: dict[str, list[asyncio.Task[None]]] = {}
+# keys a worker is sending right now: a key can sit in a lane twice (a replacement, a retry), but
+# only one worker may hold it at a time
+_inflight: set[str] = set()
 FINAL = ("sent", "error")
 
 
@@ -80,16 +83,18 @@ async def ingest(stream: Any) -> None:
 
 
 def _accept(message: dict[str, Any], partition: int, seq: int) -> None:
-    key = [message["tenant_id"], message["id"]]
-    current = messages.get(_k(key))
-    if current is not None and current["s"] in FINAL:
+    key = _k([message["tenant_id"], message["id"]])
+    current = messages.get(key)
+    if current is not None:
         if current["s"] == "sent":
             m.DUPLICATE_IDS.labels(message["tenant_id"]).inc()
             log.info("ignored already-sent id", extra={"tenant_id": message["tenant_id"], "id": message["id"]})
             return
+        if current["s"] == "pending" and current["m"]["pk"] == message["pk"]:
+            return  # the same submission, re-read after a restart: already in the table and schedule
     value = {"s": "pending", "p": partition, "q": seq, "a": 0, "due": message.get("deferred_ts"), "m": message}
-    messages[_k(key)] = value  # in-stream write: changelog partition = this command's partition
-    _schedule(_k(key), value)
+    messages[key] = value  # in-stream write: changelog partition = this command's partition
+    _schedule(key, value)
 
 
 def _k(key: list[str]) -> str:
@@ -175,9 +180,21 @@ async def _worker(account_key: str, lane: Lane) -> None:
 
 
 async def _send_one(key: str, conn: Connection, lane: Lane) -> None:
+    if key in _inflight:
+        return
+    _inflight.add(key)
+    try:
+        await _send_pending(key, conn, lane)
+    finally:
+        _inflight.discard(key)
+
+
+async def _send_pending(key: str, conn: Connection, lane: Lane) -> None:
     value = messages.data.get(key)
     if value is None or value.get("s") != "pending":
         return  # replaced, sent, or removed since it was scheduled
+    if value.get("due") and value["due"] > now_ms():
+        return  # an older lane entry of a message that was deferred since: its own entry is due later
     msg = value["m"]
     attempt = value["a"] + 1
     started = time.perf_counter()
