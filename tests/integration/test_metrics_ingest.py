@@ -1,9 +1,10 @@
 """``python -m services.metrics`` against a real Kafka broker: ingest (plain and transactional
 records), dead letters for poison records, idempotent restart, replay, clean SIGTERM.
 
-Needs a broker: POSTBUS_METRICS_TEST_KAFKA (default 127.0.0.1:19192), e.g.
-    POSTBUS_STATE=/tmp/mx-state KAFKA_PORT=19192 infra/kafka/kafka.sh start
-Skipped when nothing answers there. The service reads the shared ``postbus.events`` topic, so each
+Runs against the broker at POSTBUS_METRICS_TEST_KAFKA when one answers there; otherwise it starts
+a dedicated Apache Kafka broker of its own (infra/kafka/kafka.sh, fresh state, free port), because
+this service's consumer group must not share a broker with the session's system.
+The service reads the shared ``postbus.events`` topic, so each
 run uses fresh tenant ids and asserts per-tenant counts: runs never see each other's data."""
 
 from __future__ import annotations
@@ -49,8 +50,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-if not _port_open(BOOTSTRAP):
-    pytest.skip(f"no Kafka broker at {BOOTSTRAP}", allow_module_level=True)
+@pytest.fixture(scope="module", autouse=True)
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    global BOOTSTRAP
+    if os.environ.get("POSTBUS_METRICS_TEST_KAFKA") and _port_open(BOOTSTRAP):
+        yield BOOTSTRAP
+        return
+    from infra.supervisor import free_port
+
+    port = free_port(pair=True)
+    env = {**os.environ, "POSTBUS_STATE": str(tmp_path_factory.mktemp("mx-kafka")), "KAFKA_PORT": str(port),
+           "KAFKA_HEAP": "256m"}
+    script = str(REPO / "infra" / "kafka" / "kafka.sh")
+    subprocess.run(["bash", script, "start"], env=env, check=True, timeout=180)
+    BOOTSTRAP = f"127.0.0.1:{port}"
+    try:
+        yield BOOTSTRAP
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, check=False, timeout=60)
 
 
 class MetricsProcess:
