@@ -59,6 +59,7 @@ app = faust.App(
     # a worker killed with -9 holds its partitions until its session expires: keep that short
     broker_session_timeout=15.0,
     broker_heartbeat_interval=3.0,
+    broker_rebalance_timeout=20.0,
     consumer_auto_offset_reset="earliest",
     producer_acks=-1,
     table_standby_replicas=0,
@@ -70,7 +71,17 @@ commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw
 deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer="raw")
 
 # keys and values are JSON (Faust's default for untyped tables): str keys, dict values
-pending_reports = app.Table("pending_reports", partitions=settings.topic_partitions)
+pending_reports = app.Table(
+    "pending_reports",
+    partitions=settings.topic_partitions,
+    # every report writes 3 records (pending, marker, tombstone): let compaction catch up fast so a
+    # restart does not replay them all (recovery reads the whole changelog into memory)
+    extra_topic_configs={
+        "segment.ms": "600000",
+        "min.cleanable.dirty.ratio": "0.1",
+        "delete.retention.ms": "600000",
+    },
+)
 
 _view: ConfigView | None = None
 # ack markers to tombstone, per partition: heap of (event offset, key)
