@@ -42,6 +42,19 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def sender_stages(url: str) -> dict[str, float]:
+    """Mean seconds per send stage, from the sender's Prometheus histogram."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        for suffix, into in (("_sum", sums), ("_count", counts)):
+            prefix = f"postbus_sender_stage_seconds{suffix}{{stage=\""
+            if line.startswith(prefix):
+                stage = line[len(prefix):].split('"', 1)[0]
+                into[stage] = float(line.rsplit(" ", 1)[1])
+    return {k: round(sums[k] / counts[k] * 1000, 2) for k in sums if counts.get(k)}
+
+
 def read_sink(path: Path) -> list[tuple[str, str, float]]:
     rows = []
     if path.exists():
@@ -168,6 +181,7 @@ def main() -> None:
                 "p99": round(pct(latencies, 99), 3),
                 "mean": round(statistics.fmean(latencies), 3) if latencies else None,
             },
+            "sender_stage_mean_ms": sender_stages(system.url("sender")),
             "missing_at_sink": len(missing),
             "duplicates_at_sink": duplicates,
             "missing_reports": len(unreported),

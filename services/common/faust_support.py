@@ -7,21 +7,31 @@ from typing import Any
 import faust
 
 
-def table_put(table: Any, partition: int, key: Any, value: Any) -> Any:
-    """Write a table key from a background task (outside stream iteration).
+async def table_put(table: Any, partition: int, key: Any, value: Any) -> None:
+    """Write a table key from a background task (outside stream iteration) and wait until the
+    changelog record is on the broker.
 
     Faust only allows table writes while processing an event, because it takes the changelog
     partition from that event. Our background tasks (SMTP workers, report flushers) know the
     partition of the tenant the key belongs to, so they write the store and the changelog with that
-    explicit partition: the same record an in-stream write would have produced. Returns the
-    changelog future: await it where the write must be durable before going on."""
+    explicit partition: the same record an in-stream write would have produced. The record goes
+    straight to the producer (``Topic.send``), not through Faust's send-soon buffer, which adds
+    tens of milliseconds under load."""
     table.data[key] = value
-    return table.send_changelog(partition, key, value)
+    fut = await table.changelog_topic.send(
+        key=key, value=value, partition=partition,
+        key_serializer=table.key_serializer, value_serializer=table.value_serializer, force=True,
+    )
+    await fut
 
 
-def table_delete(table: Any, partition: int, key: Any) -> Any:
+async def table_delete(table: Any, partition: int, key: Any) -> None:
     table.data.pop(key, None)
-    return table.send_changelog(partition, key, None, value_serializer="raw")
+    fut = await table.changelog_topic.send(
+        key=key, value=None, partition=partition, key_serializer=table.key_serializer,
+        value_serializer="raw", force=True,
+    )
+    await fut
 
 
 def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: Any) -> faust.App:

@@ -129,8 +129,15 @@ def _start_workers(account: str) -> None:
         tasks.append(asyncio.ensure_future(_worker(account, lane)))
 
 
-def _target(account: dict[str, Any]) -> SmtpTarget:
-    return SmtpTarget(
+_targets: dict[str, tuple[int, SmtpTarget]] = {}
+
+
+def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
+    """The account's SMTP target, decrypted once per account version (not once per message)."""
+    cached = _targets.get(account_key)
+    if cached is not None and cached[0] == account["updated_ts"]:
+        return cached[1]
+    target = SmtpTarget(
         host=account["host"],
         port=account["port"],
         user=account.get("user"),
@@ -139,6 +146,8 @@ def _target(account: dict[str, Any]) -> SmtpTarget:
         timeout_s=settings.sender_smtp_timeout_s,
         ehlo_name=settings.sender_ehlo_name,
     )
+    _targets[account_key] = (account["updated_ts"], target)
+    return target
 
 
 async def _worker(account_key: str, lane: Lane) -> None:
@@ -164,7 +173,7 @@ async def _worker(account_key: str, lane: Lane) -> None:
                     lane.push(key, value["m"]["priority"], value["q"], now_ms() + 1000, now_ms())
                 await asyncio.sleep(0.2)
                 continue
-            target = _target(account)
+            target = _target(account_key, account)
             if conn is None or conn.target != target:
                 if conn is not None:
                     await conn.close()
@@ -201,6 +210,8 @@ async def _send_pending(key: str, conn: Connection, lane: Lane) -> None:
     try:
         attachments = [(att, _fetch_attachment(att)) for att in msg.get("attachments") or []]
         data = build_message(msg, attachments)
+        t_built = time.perf_counter()
+        m.STAGE_SECONDS.labels("build").observe(t_built - started)
         await conn.send(envelope_sender(msg), envelope_recipients(msg), data)
     except _AttachmentError as exc:
         await _finish(key, value, "error", attempt, error=str(exc))
@@ -211,6 +222,7 @@ async def _send_pending(key: str, conn: Connection, lane: Lane) -> None:
         return
     finally:
         m.SMTP_SECONDS.observe(time.perf_counter() - started)
+    m.STAGE_SECONDS.labels("smtp").observe(time.perf_counter() - t_built)
     await _finish(key, value, "sent", attempt)
 
 
@@ -247,12 +259,16 @@ async def _failed(key: str, value: dict[str, Any], attempt: int, failure: Failur
 async def _finish(key: str, value: dict[str, Any], outcome: str, attempt: int, *,
                   error: str | None = None, smtp_code: int | None = None) -> None:
     msg = value["m"]
+    t0 = time.perf_counter()
     await _emit(msg, outcome, attempt, error=error, smtp_code=smtp_code)
+    t1 = time.perf_counter()
+    m.STAGE_SECONDS.labels("event_ack").observe(t1 - t0)
     (m.SENT if outcome == "sent" else m.ERRORS).labels(msg["tenant_id"], msg["account_id"]).inc()
     # the event is on the broker: now the table may forget the body (kept: the final state). The
     # worker waits for the changelog write, so a crash can resend at most the one message each
     # worker has in flight.
     await table_put(messages, value["p"], key, {"s": outcome, "p": value["p"], "ts": now_ms()})
+    m.STAGE_SECONDS.labels("state_ack").observe(time.perf_counter() - t1)
 
 
 async def _emit(msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> None:
