@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from services.api.auth import authenticate
 from services.api.deps import state_of
 from services.api.errors import ApiError
+from services.api.reputation import assess
 
 router = APIRouter(prefix="/api/v1/tenants/{tenant_id}/smtp", tags=["tenant smtp"])
 WINDOW = re.compile(r"^[1-9][0-9]{0,3}[hd]$")
@@ -36,6 +37,7 @@ async def smtp_metrics(tenant_id: str, request: Request,
     if r.status_code != 200:
         raise ApiError(503, "metrics_unavailable", "metrics are temporarily unavailable")
     m = r.json()
+    band, recommendations, _, _ = assess(m)
     data = {
         "window": window,
         "sent": m.get("sent", 0),
@@ -46,7 +48,7 @@ async def smtp_metrics(tenant_id: str, request: Request,
         "clicks": m.get("clicks", 0),
         "errors": m.get("error", 0),
         "deferred": m.get("deferred", 0),
-        "reputation_band": "healthy",
-        "recommendations": [],
+        "reputation_band": band,
+        "recommendations": recommendations,
     }
     return {"success": True, "data": data}

@@ -56,7 +56,11 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(DEADLETTER, 1, {"retention.ms": str(30 * 86400_000)}),
         # table changelogs: co-partitioned with commands/events (tenant-keyed), compacted
         TopicSpec(SENDER_MESSAGES_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
-        TopicSpec(REPORTER_PENDING_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
+        # every report writes pending, ack marker and tombstone: compact eagerly so a restart
+        # recovers a small table instead of replaying every report ever made
+        TopicSpec(REPORTER_PENDING_CHANGELOG, partitions, {
+            "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1",
+            "delete.retention.ms": "600000"}),
         TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),
         TopicSpec(f"{REPORTER_APP}-__assignor-__leader", 1, {}),
     ]

@@ -35,8 +35,9 @@ from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
+from services.common.faust_support import make_app
 from services.common.settings import get_settings
-from services.common.topics import COMMANDS, CONFIG_TENANTS, DEADLETTER, EVENTS
+from services.common.topics import COMMANDS, CONFIG_TENANTS, DEADLETTER, EVENTS, REPORTER_APP
 from services.reporter import metrics
 from services.reporter.engine import Reporter
 from services.reporter.protocol import report_item
@@ -45,43 +46,19 @@ log = logging.getLogger("postbus.reporter")
 
 settings = get_settings()
 SEP = "\x1f"
-COMMIT_INTERVAL_S = 1.0
 RUN_NOW_MAX_AGE_S = 300.0  # an old run-now replayed after a restart wakes nobody
 
-app = faust.App(
-    "postbus-reporter",
-    broker="kafka://" + settings.kafka_bootstrap,
-    web_enabled=False,
-    datadir=str(settings.state_dir / "reporter"),
-    store="memory://",
-    topic_partitions=settings.topic_partitions,
-    broker_commit_interval=COMMIT_INTERVAL_S,
-    # a worker killed with -9 holds its partitions until its session expires: keep that short
-    broker_session_timeout=15.0,
-    broker_heartbeat_interval=3.0,
-    broker_rebalance_timeout=20.0,
-    consumer_auto_offset_reset="earliest",
-    producer_acks=-1,
-    table_standby_replicas=0,
-    autodiscover=False,
-)
+app = make_app(REPORTER_APP, settings.kafka_bootstrap, str(settings.state_dir / "reporter"),
+               settings.topic_partitions)
 
 events_topic = app.topic(EVENTS, key_serializer="raw", value_serializer="raw")
 commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw")
 deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer="raw")
 
 # keys and values are JSON (Faust's default for untyped tables): str keys, dict values
-pending_reports = app.Table(
-    "pending_reports",
-    partitions=settings.topic_partitions,
-    # every report writes 3 records (pending, marker, tombstone): let compaction catch up fast so a
-    # restart does not replay them all (recovery reads the whole changelog into memory)
-    extra_topic_configs={
-        "segment.ms": "600000",
-        "min.cleanable.dirty.ratio": "0.1",
-        "delete.retention.ms": "600000",
-    },
-)
+# changelog configs (fast compaction: each report writes pending, marker, tombstone) live with the
+# topic's definition in services/common/topics.py, which creates it before any worker starts
+pending_reports = app.Table("pending_reports", partitions=settings.topic_partitions)
 
 _view: ConfigView | None = None
 # ack markers to tombstone, per partition: heap of (event offset, key)
@@ -93,8 +70,11 @@ def _tenant(tenant_id: str) -> dict[str, Any] | None:
     return _view.get(tenant_id) if _view is not None else None
 
 
+_box = load_secret_box(settings)
+
+
 def _decrypt(token: str | None) -> str | None:
-    return load_secret_box(settings).decrypt(token)
+    return _box.decrypt(token)
 
 
 async def _ack(entries: list[tuple[str, int]]) -> None:
