@@ -9,7 +9,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Histogram
 
-from services.api import routes_config, routes_core, routes_messages, routes_smtp
+from services.api import (
+    routes_admin,
+    routes_config,
+    routes_core,
+    routes_lifecycle,
+    routes_messages,
+    routes_messages_read,
+    routes_smtp,
+    routes_tenants,
+)
 from services.api.errors import install_error_handlers
 from services.api.state import ApiState
 from services.common.settings import Settings, get_settings
@@ -40,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (routes_core, routes_config, routes_messages, routes_smtp):
+    for module in (routes_core, routes_config, routes_tenants, routes_messages, routes_lifecycle,
+                   routes_messages_read, routes_admin, routes_smtp):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -17,6 +17,10 @@ CONFIG_TENANTS = "postbus.config.tenants"
 CONFIG_ACCOUNTS = "postbus.config.accounts"
 CONFIG_APIKEYS = "postbus.config.apikeys"
 DEADLETTER = "postbus.deadletter"
+CONFIG_INSTANCE = "postbus.config.instance"  # instance-wide config (key "instance")
+CONFIG_SUSPENSIONS = "postbus.config.suspensions"  # per-tenant suspended batch codes (key tenant_id)
+STATUS_SYNC = "postbus.status.sync"  # reporter's per-tenant sync status (key tenant_id)
+REPORTS = "postbus.reports"  # acknowledged delivery reports (keyed by tenant), for reported_ts
 
 # Faust's own topics, named "<app id>-<table>-changelog" / "<app id>-__assignor-__leader" by Faust.
 # Created here so their partition counts match the source topics before any worker starts (Faust
@@ -53,6 +57,10 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(CONFIG_TENANTS, 1, COMPACTED),
         TopicSpec(CONFIG_ACCOUNTS, 1, COMPACTED),
         TopicSpec(CONFIG_APIKEYS, 1, COMPACTED),
+        TopicSpec(CONFIG_INSTANCE, 1, COMPACTED),
+        TopicSpec(CONFIG_SUSPENSIONS, 1, COMPACTED),
+        TopicSpec(STATUS_SYNC, 1, COMPACTED),
+        TopicSpec(REPORTS, partitions, FOREVER),
         TopicSpec(DEADLETTER, 1, {"retention.ms": str(30 * 86400_000)}),
         # table changelogs: co-partitioned with commands/events (tenant-keyed), compacted
         TopicSpec(SENDER_MESSAGES_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
