@@ -17,7 +17,7 @@ from services.common.apikeys import pepper_from
 from services.common.config_view import ConfigView
 from services.common.crypto import SecretBox, load_secret_box
 from services.common.settings import Settings
-from services.common.topics import CONFIG_ACCOUNTS, CONFIG_APIKEYS, CONFIG_INSTANCE, CONFIG_TENANTS
+from services.common.topics import CONFIG_ACCOUNTS, CONFIG_APIKEYS, CONFIG_INSTANCE, CONFIG_SUSPENSIONS, CONFIG_TENANTS
 
 log = logging.getLogger("postbus.api")
 
@@ -53,6 +53,8 @@ class ApiState:
     started: float = field(default_factory=time.time)
     # instance-wide config (key "instance"); see routes_admin
     instance: ConfigView | None = None
+    # per-tenant suspended batches (key tenant_id); see routes_lifecycle
+    suspensions: ConfigView | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> ApiState:
@@ -70,6 +72,7 @@ class ApiState:
             apikeys=ConfigView(bootstrap, CONFIG_APIKEYS, "ApiKey"),
             metrics=httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0),
             instance=ConfigView(bootstrap, CONFIG_INSTANCE, "Instance"),
+            suspensions=ConfigView(bootstrap, CONFIG_SUSPENSIONS, "Suspension"),
         )
 
     async def start(self) -> None:
@@ -77,16 +80,21 @@ class ApiState:
         await asyncio.gather(self.tenants.start(), self.accounts.start(), self.apikeys.start())
         if self.instance is not None:
             await self.instance.start()
+        if self.suspensions is not None:
+            await self.suspensions.start()
 
     async def stop(self) -> None:
         await asyncio.gather(self.tenants.stop(), self.accounts.stop(), self.apikeys.stop(),
                              return_exceptions=True)
         if self.instance is not None:
             await self.instance.stop()
+        if self.suspensions is not None:
+            await self.suspensions.stop()
         await self.writer.stop()
         await self.metrics.aclose()
 
     async def wait_visible(self, offsets: dict[str, dict[int, int]]) -> None:
         """Read-your-writes: return once every view has applied the given records."""
-        views = {v.topic: v for v in (self.tenants, self.accounts, self.apikeys, self.instance) if v is not None}
+        views = {v.topic: v for v in (self.tenants, self.accounts, self.apikeys, self.instance,
+                                           self.suspensions) if v is not None}
         await asyncio.gather(*(views[t].wait_for(o, self.settings.write_timeout_s) for t, o in offsets.items()))
