@@ -33,6 +33,8 @@ class TenantIn(BaseModel):
     rate_limits: RateLimits | None = None
     large_file_config: dict[str, Any] | None = None
     active: bool = True
+    expires_at: int | None = Field(None, ge=0, description="API key expiry (unix seconds), on creation only")
+    expires_in_days: float | None = Field(None, gt=0, le=36500, description="API key lifetime in days")
 
 
 class TenantCreated(BaseModel):
@@ -81,3 +83,167 @@ class AddMessagesOut(BaseModel):
 class RunNowOut(BaseModel):
     ok: bool = True
     scope: str
+
+
+# --- tenants, API keys, accounts, instance, status, command log (routes_tenants / routes_admin) ---
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorOut(BaseModel):
+    ok: bool = False
+    error: ErrorBody
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the documented error statuses of a route."""
+    text = {400: "bad request", 401: "missing, invalid or expired token, or another tenant's key",
+            403: "admin token required", 404: "not found", 422: "request is not valid"}
+    return {s: {"model": ErrorOut, "description": text.get(s, "error")} for s in statuses}
+
+
+class TenantUpdate(BaseModel):
+    """PUT /tenant/{id}: every field optional; omitted fields keep their value."""
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = Field(None, max_length=200)
+    client_base_url: HttpUrl | None = None
+    client_sync_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
+    client_attachment_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
+    client_auth: ClientAuth | None = None
+    rate_limits: RateLimits | None = None
+    large_file_config: dict[str, Any] | None = None
+    active: bool | None = None
+
+
+class ClientAuthOut(BaseModel):
+    method: str
+    user: str | None = None
+    has_secret: bool
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str | None = None
+    client_base_url: str | None = None
+    client_sync_path: str | None = None
+    client_attachment_path: str | None = None
+    active: bool
+    created_at: str = Field(..., description="ISO 8601, UTC")
+    updated_at: str | None = None
+    client_auth: ClientAuthOut
+    rate_limits: RateLimits
+    large_file_config: dict[str, Any] | None = None
+
+
+class TenantList(BaseModel):
+    ok: bool = True
+    tenants: list[TenantOut]
+
+
+class ApiKeyIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    expires_at: int | None = Field(None, ge=0, description="expiry, unix seconds")
+    expires_in_days: float | None = Field(None, gt=0, le=36500)
+
+
+class ApiKeyOut(BaseModel):
+    ok: bool = True
+    api_key: str = Field(..., description="the new key: shown once")
+    expires_at: int | None = None
+
+
+class AccountOut(BaseModel):
+    id: str
+    tenant_id: str
+    host: str
+    port: int
+    user: str | None = None
+    has_password: bool
+    use_tls: bool | None = None
+    batch_size: int | None = None
+    limit_per_minute: int | None = None
+    limit_per_hour: int | None = None
+    limit_per_day: int | None = None
+    limit_behavior: str
+    created_at: str
+    updated_at: str
+
+
+class AccountList(BaseModel):
+    ok: bool = True
+    accounts: list[AccountOut]
+
+
+class StatusOut(BaseModel):
+    ok: bool = True
+    active: bool
+
+
+class BounceConfigIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    enabled: bool | None = None
+    imap_host: str | None = Field(None, max_length=253)
+    imap_port: int | None = Field(None, ge=1, le=65535)
+    imap_user: str | None = Field(None, max_length=320)
+    imap_password: str | None = Field(None, max_length=1000, description="write-only; never returned")
+    mailbox: str | None = Field(None, max_length=200)
+    poll_interval_seconds: int | None = Field(None, ge=1, le=86400)
+
+
+class InstanceIn(BaseModel):
+    """PUT /instance: partial update; omitted fields keep their value."""
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = Field(None, max_length=200)
+    active: bool | None = None
+    sync_interval_seconds: int | None = Field(None, ge=1, le=86400 * 7)
+    report_retention_seconds: int | None = Field(None, ge=0, le=10 * 365 * 86400)
+    bounce: BounceConfigIn | None = None
+
+
+class BounceConfigOut(BaseModel):
+    enabled: bool
+    imap_host: str | None = None
+    imap_port: int | None = None
+    imap_user: str | None = None
+    has_imap_password: bool
+    mailbox: str | None = None
+    poll_interval_seconds: int | None = None
+
+
+class InstanceOut(BaseModel):
+    name: str | None = None
+    active: bool
+    sync_interval_seconds: int
+    report_retention_seconds: int
+    bounce: BounceConfigOut
+    updated_at: str | None = None
+
+
+class InstanceResp(BaseModel):
+    ok: bool = True
+    instance: InstanceOut
+
+
+class CommandLogEntry(BaseModel):
+    command_id: str
+    ts: int = Field(..., description="epoch milliseconds")
+    type: str
+    tenant_id: str | None = None
+    actor: str
+    route: str | None = None
+    payload_schema: str
+    payload: Any = Field(None, description="decoded payload, secrets redacted")
+    outcome: str = Field("accepted", description="every command on the topic passed validation")
+    partition: int
+    offset: int
+
+
+class CommandLogPage(BaseModel):
+    ok: bool = True
+    entries: list[CommandLogEntry]
+    count: int
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")
