@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uvicorn
-
+from services.common.http_server import serve
 from services.common.logs import setup_logging
 from services.common.settings import get_settings
 
@@ -13,8 +12,7 @@ def main() -> None:
     setup_logging("api", settings.log_level)
     from services.api.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    serve(create_app(settings), settings.api_host, settings.api_port)
 
 
 if __name__ == "__main__":
