@@ -14,6 +14,7 @@ from services.api.commands import Actor
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.message_validation import (
+    MAX_ID_LEN,
     MAX_MESSAGES_PER_CALL,
     Rejected,
     normalize_priority,
@@ -61,10 +62,16 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
     now_ms = int(time.time() * 1000)
     accepted: dict[tuple[str, str], dict[str, Any]] = {}
     rejected: list[dict[str, Any]] = []
+    to_report: dict[str, list[dict[str, Any]]] = {}  # tenant -> rejected items reported as errors
 
-    def reject(raw: Any, reason: str) -> None:
+    def reject(raw: Any, reason: str, report: bool = True) -> None:
         mid = raw.get("id") if isinstance(raw, dict) else None
         rejected.append({"id": str(mid) if mid not in (None, "") else None, "reason": reason})
+        tenant_id = _attributable_tenant(st, actor, raw) if report else None
+        if tenant_id is not None:
+            account = raw.get("account_id")
+            to_report.setdefault(tenant_id, []).append(
+                {"id": str(mid), "reason": reason, "account_id": account if isinstance(account, str) else None})
 
     for raw in body.messages:
         try:
@@ -80,7 +87,7 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
             continue
         key = (msg["tenant_id"], msg["id"])
         if key in accepted:
-            reject(raw, "duplicate id in this request")
+            reject(raw, "duplicate id in this request", report=False)  # the first one is queued
             continue
         accepted[key] = msg
 
@@ -96,6 +103,7 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
             by_tenant[tenant_id] = [m for m in msgs if m["id"] not in sent]
 
     queued = sum(len(m) for m in by_tenant.values())
+    await _append_rejections(st, actor, to_report)
     if body.messages and queued == 0:
         return JSONResponse(
             {"ok": False, "queued": 0, "rejected": rejected,
@@ -112,5 +120,34 @@ async def _append(st: ApiState, actor: Actor, by_tenant: dict[str, list[dict[str
         for i in range(0, len(msgs), COMMAND_CHUNK):
             items.append(("messages.add", tenant_id, actor, "POST /commands/add-messages", "AddMessages",
                           {"messages": msgs[i:i + COMMAND_CHUNK]}))
+    if items:
+        await st.writer.append_many(items)
+
+
+def _attributable_tenant(st: ApiState, actor: Actor, raw: Any) -> str | None:
+    """The tenant a rejected message can be reported to: a tenant key's own tenant, or (admin) the
+    message's tenant_id when that tenant exists. None when the id is not a usable message id."""
+    if not isinstance(raw, dict):
+        return None
+    mid = raw.get("id")
+    if isinstance(mid, bool) or not isinstance(mid, str | int) or mid == "":
+        return None
+    mid = str(mid)
+    if len(mid) > MAX_ID_LEN or any(c in mid for c in "\r\n\x00\x1f"):
+        return None
+    if actor.kind == "tenant":
+        return actor.tenant_id
+    tenant_id = raw.get("tenant_id")
+    if isinstance(tenant_id, str) and st.tenants.get(tenant_id) is not None:
+        return tenant_id
+    return None
+
+
+async def _append_rejections(st: ApiState, actor: Actor, to_report: dict[str, list[dict[str, Any]]]) -> None:
+    """One messages.reject command per tenant: the sender turns each item into a "rejected" event,
+    which the reporter delivers to the tenant as an error."""
+    items = [("messages.reject", tenant_id, actor, "POST /commands/add-messages", "RejectMessages",
+              {"tenant_id": tenant_id, "items": rejections[i:i + COMMAND_CHUNK]})
+             for tenant_id, rejections in to_report.items() for i in range(0, len(rejections), COMMAND_CHUNK)]
     if items:
         await st.writer.append_many(items)
