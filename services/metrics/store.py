@@ -28,6 +28,8 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from services.metrics import messages as msgs
+
 log = logging.getLogger("postbus.metrics.store")
 
 # event types that the query API reports; later schema issues add bounce/complaint/open/click
@@ -110,6 +112,7 @@ def _ddl(retention_days: int) -> list[str]:
         ENGINE = ReplacingMergeTree(next_offset)
         ORDER BY (topic, partition)
         """,
+        *msgs.DDL,
     ]
 
 
@@ -118,6 +121,7 @@ DROP = [
     "DROP TABLE IF EXISTS events",
     "DROP TABLE IF EXISTS sent_ids",
     "DROP TABLE IF EXISTS ingest_offsets",
+    *msgs.DROP,
 ]
 
 
@@ -189,6 +193,12 @@ class Store:
             return
         with self._lock:
             self._client.insert("events", rows, column_names=list(EVENT_COLUMNS))
+
+    def insert_rows(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self._client.insert(table, rows, column_names=list(columns))
 
     def store_offsets(self, topic: str, offsets: dict[int, int]) -> None:
         if not offsets:
@@ -280,6 +290,18 @@ class AsyncStore:
 
     async def insert_events(self, rows: Sequence[Sequence[Any]]) -> None:
         await self.run(self.sync.insert_events, rows)
+
+    async def insert_rows(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        await self.run(self.sync.insert_rows, table, rows, columns)
+
+    async def list_messages(self, tenant_id: str, **kw: Any) -> dict[str, Any]:
+        return await self.run(msgs.list_messages, self.sync, tenant_id, **kw)
+
+    async def lookup(self, tenant_id: str, ids: list[str]) -> dict[str, list[str]]:
+        return await self.run(msgs.lookup, self.sync, tenant_id, ids)
+
+    async def cleanup_ids(self, tenant_id: str, older_than_seconds: float) -> list[str]:
+        return await self.run(msgs.cleanup_ids, self.sync, tenant_id, older_than_seconds)
 
     async def store_offsets(self, topic: str, offsets: dict[int, int]) -> None:
         await self.run(self.sync.store_offsets, topic, offsets)

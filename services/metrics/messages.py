@@ -1,0 +1,360 @@
+"""Message projection: every accepted message (from ``messages.add`` commands), combined at query
+time with its delivery events, the acknowledgements of its reports (``postbus.reports``) and the
+lifecycle marks of delete / cleanup / tenant-delete commands.
+
+Why query-time aggregation: every table is append-only and keyed so that a re-loaded batch (crash
+between insert and offset store) only duplicates rows, and every query aggregates with functions a
+duplicate cannot change (argMax by sequence, max, DISTINCT event ids). No merge, mutation or FINAL
+is needed for exact answers, and a replay from offset 0 rebuilds the same state.
+
+Ordering: commands are keyed by tenant, so one tenant's commands share a partition and their
+offsets order them. ``seq = offset * SEQ_STRIDE + index in the command`` orders submissions; a mark
+hides the submissions with a smaller seq (a message re-submitted after a delete is visible again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.metrics.store import Store
+
+SEQ_STRIDE = 100_000  # > messages per command record
+REPORTABLE = ("sent", "error", "deferred", "rejected")  # the types the reporter sends to clients
+FINAL = ("sent", "error", "rejected")
+ACTIVE = ("pending", "deferred")
+
+MESSAGE_COLUMNS: tuple[str, ...] = (
+    "tenant_id", "id", "pk", "account_id", "priority", "batch_code", "deferred_ms", "accepted_ms",
+    "subject", "from_addr", "to_addrs", "seq",
+)
+MARK_COLUMNS: tuple[str, ...] = ("tenant_id", "id", "kind", "seq", "ts_ms")
+REPORTED_COLUMNS: tuple[str, ...] = ("tenant_id", "event_id", "message_id", "ts_ms")
+
+DDL = [
+    # one row per submission; a re-sent pending id is a new submission (new pk, higher seq)
+    """
+    CREATE TABLE IF NOT EXISTS messages (
+        tenant_id String,
+        id String,
+        pk String,
+        account_id String,
+        priority Int8,
+        batch_code String,
+        deferred_ms Int64,
+        accepted_ms Int64,
+        subject String,
+        from_addr String,
+        to_addrs Array(String),
+        seq UInt64,
+        INDEX idx_id id TYPE bloom_filter(0.01) GRANULARITY 4
+    )
+    ENGINE = ReplacingMergeTree
+    ORDER BY (tenant_id, id, pk)
+    """,
+    # delete / cleanup marks per id; tenant deletion is a mark with id ''
+    """
+    CREATE TABLE IF NOT EXISTS message_marks (
+        tenant_id String,
+        id String,
+        kind LowCardinality(String),
+        seq UInt64,
+        ts_ms Int64
+    )
+    ENGINE = ReplacingMergeTree
+    ORDER BY (tenant_id, id, kind, seq)
+    """,
+    # one row per acknowledged report (event) of a tenant
+    """
+    CREATE TABLE IF NOT EXISTS reported (
+        tenant_id String,
+        event_id String,
+        message_id String,
+        ts_ms Int64
+    )
+    ENGINE = ReplacingMergeTree
+    ORDER BY (tenant_id, message_id, event_id)
+    """,
+]
+DROP = ["DROP TABLE IF EXISTS messages", "DROP TABLE IF EXISTS message_marks", "DROP TABLE IF EXISTS reported"]
+
+
+# -- rows from records ----------------------------------------------------------------------------
+
+def message_rows(add: dict[str, Any], offset: int) -> list[list[Any]]:
+    """An AddMessages payload read at ``offset`` of the commands topic -> ``messages`` rows."""
+    rows = []
+    for i, m in enumerate(add["messages"]):
+        rows.append([
+            m["tenant_id"], m["id"], m["pk"], m.get("account_id") or "", int(m.get("priority", 2)),
+            m.get("batch_code") or "", int(m.get("deferred_ts") or 0), int(m["accepted_ts"]),
+            m.get("subject") or "", m.get("from_addr") or "", list(m.get("to") or []),
+            offset * SEQ_STRIDE + i,
+        ])
+    return rows
+
+
+def mark_rows(tenant_id: str, ids: Iterable[str], kind: str, offset: int, ts_ms: int) -> list[list[Any]]:
+    # the mark sorts after every submission of earlier commands (their seq < offset * stride)
+    return [[tenant_id, i, kind, offset * SEQ_STRIDE, ts_ms] for i in dict.fromkeys(ids)]
+
+
+def reported_rows(ack: dict[str, Any]) -> list[list[Any]]:
+    mids = list(ack.get("message_ids") or [])
+    return [
+        [ack["tenant_id"], eid, mids[i] if i < len(mids) else "", int(ack["ts"])]
+        for i, eid in enumerate(ack.get("event_ids") or [])
+    ]
+
+
+# -- state ----------------------------------------------------------------------------------------
+
+def _sec(ms: int | None) -> float | None:
+    return None if not ms else round(ms / 1000.0, 3)
+
+
+@dataclass
+class MessageState:
+    id: str
+    pk: str
+    tenant_id: str
+    sub: dict[str, Any] | None  # latest submission, None for ids only known from events
+    status: str
+    seq: int
+    sent_ms: int = 0
+    error_ms: int = 0
+    error: str | None = None
+    reported_ms: int = 0
+    last_event_ms: int = 0
+    n_reportable: int = 0
+    n_reported: int = 0
+
+    @property
+    def sort_key(self) -> tuple[int, int, str]:
+        return (self.sub["accepted_ms"] if self.sub else self.last_event_ms, self.seq, self.id)
+
+    @property
+    def fully_reported(self) -> bool:
+        return self.n_reportable > 0 and self.n_reported >= self.n_reportable
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.sub or {}
+        out = {
+            "pk": self.pk or None,
+            "id": self.id,
+            "tenant_id": self.tenant_id,
+            "account_id": s.get("account_id") or None,
+            "priority": s.get("priority", 2) if s else None,
+            "batch_code": s.get("batch_code") or None,
+            "deferred_ts": _sec(s.get("deferred_ms")),
+            "sent_ts": _sec(self.sent_ms),
+            "smtp_ts": _sec(self.sent_ms),  # the seed's name for the send time
+            "error_ts": _sec(self.error_ms),
+            "error": self.error,
+            "reported_ts": _sec(self.reported_ms),
+            "status": self.status,
+            "subject": s.get("subject"),
+            "accepted_ts": _sec(s.get("accepted_ms")),
+        }
+        out["payload"] = {"id": self.id, "from": s.get("from_addr"), "to": s.get("to_addrs") or [],
+                          "subject": s.get("subject"), "account_id": out["account_id"],
+                          "priority": out["priority"], "batch_code": out["batch_code"],
+                          "deferred_ts": out["deferred_ts"]} if s else None
+        return out
+
+
+def _ids_filter(column: str, ids: Sequence[str] | None) -> str:
+    return f" AND {column} IN {{ids:Array(String)}}" if ids is not None else ""
+
+
+def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = None,
+                   now_ms: int | None = None) -> list[MessageState]:
+    """Every visible (not deleted, not cleaned) message of the tenant, or only those in ``ids``."""
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    params: dict[str, Any] = {"t": tenant_id, "ids": list(ids or []), "rep": list(REPORTABLE)}
+    subs_sql = f"""
+        SELECT id, argMax(pk, seq), argMax(account_id, seq), argMax(priority, seq), argMax(batch_code, seq),
+               argMax(deferred_ms, seq), argMax(accepted_ms, seq), argMax(subject, seq),
+               argMax(from_addr, seq), argMax(to_addrs, seq), max(seq)
+        FROM messages WHERE tenant_id = {{t:String}}{_ids_filter("id", ids)}
+        GROUP BY id
+    """
+    # events deduplicated by event_id, joined with their acknowledgement, aggregated per submission
+    events_sql = f"""
+        SELECT e.mid, e.epk,
+               maxIf(e.ms, e.etype = 'sent'),
+               maxIf(e.ms, e.etype IN ('error', 'rejected')),
+               argMaxIf(e.err, e.ms, e.etype IN ('error', 'rejected')),
+               argMax(e.etype, e.ms),
+               max(e.ms),
+               countIf(e.etype IN {{rep:Array(String)}}),
+               countIf(e.etype IN {{rep:Array(String)}} AND r.rms > 0),
+               max(r.rms),
+               countIf(e.etype = 'sent'), countIf(e.etype = 'error'), countIf(e.etype = 'rejected'),
+               countIf(e.etype = 'deleted')
+        FROM (
+            SELECT event_id, any(message_id) AS mid, any(pk) AS epk, any(type) AS etype,
+                   toUnixTimestamp64Milli(any(ts)) AS ms, any(error) AS err
+            FROM events WHERE tenant_id = {{t:String}}{_ids_filter("message_id", ids)}
+            GROUP BY event_id
+        ) AS e
+        LEFT JOIN (
+            SELECT event_id, max(ts_ms) AS rms FROM reported
+            WHERE tenant_id = {{t:String}}{_ids_filter("message_id", ids)}
+            GROUP BY event_id
+        ) AS r ON e.event_id = r.event_id
+        GROUP BY e.mid, e.epk
+    """
+    marks_sql = f"""
+        SELECT id, max(seq), max(ts_ms) FROM message_marks
+        WHERE tenant_id = {{t:String}} AND (id = ''{" OR id IN {ids:Array(String)}" if ids is not None else " OR 1"})
+        GROUP BY id
+    """
+    with store._lock:
+        subs = store._client.query(subs_sql, parameters=params).result_rows
+        evs = store._client.query(events_sql, parameters=params).result_rows
+        marks = store._client.query(marks_sql, parameters=params).result_rows
+    mark_by_id = {r[0]: (int(r[1]), int(r[2])) for r in marks}
+    tenant_mark = mark_by_id.pop("", (-1, -1))
+    groups: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for row in evs:
+        groups.setdefault(row[0], {})[row[1]] = row
+
+    out: list[MessageState] = []
+    for r in subs:
+        mid, seq = r[0], int(r[10])
+        sub = {"pk": r[1], "account_id": r[2], "priority": int(r[3]), "batch_code": r[4],
+               "deferred_ms": int(r[5]), "accepted_ms": int(r[6]), "subject": r[7], "from_addr": r[8],
+               "to_addrs": list(r[9])}
+        mark_seq = max(mark_by_id.get(mid, (-1, -1))[0], tenant_mark[0])
+        if mark_seq > seq:
+            continue
+        st = MessageState(mid, sub["pk"], tenant_id, sub, "pending", seq)
+        ev = groups.get(mid, {}).get(sub["pk"])
+        if ev is None and sub["deferred_ms"] > now_ms:
+            st.status = "deferred"  # not sent before deferred_ts
+        _apply_events(st, ev)
+        if st.status != "deleted":
+            out.append(st)
+    known = {s.id for s in out} | {r[0] for r in subs}
+    # ids known only from events (rejected at the API, submission never appended)
+    for mid, by_pk in groups.items():
+        if mid in known:
+            continue
+        ev = max(by_pk.values(), key=lambda row: row[6])
+        mark_ms = max(mark_by_id.get(mid, (-1, -1))[1], tenant_mark[1])
+        if mark_ms >= int(ev[6]):
+            continue
+        st = MessageState(mid, ev[1], tenant_id, None, "pending", 0)
+        _apply_events(st, ev)
+        if st.status != "deleted":
+            out.append(st)
+    out.sort(key=lambda s: s.sort_key)
+    return out
+
+
+def _apply_events(st: MessageState, ev: tuple[Any, ...] | None) -> None:
+    if ev is None:
+        return
+    (_, _, sent_ms, err_ms, err, last_type, last_ms, n_rep, n_done, rep_ms,
+     n_sent, n_error, n_rejected, n_deleted) = ev
+    st.sent_ms, st.error_ms, st.last_event_ms = int(sent_ms), int(err_ms), int(last_ms)
+    st.error = err or None if err_ms else None
+    st.n_reportable, st.n_reported, st.reported_ms = int(n_rep), int(n_done), int(rep_ms or 0)
+    # final outcomes win over the event order (a late duplicate deferred cannot reopen a sent message)
+    if n_deleted:
+        st.status = "deleted"
+    elif n_sent:
+        st.status = "sent"
+    elif n_error:
+        st.status = "error"
+    elif n_rejected:
+        st.status = "rejected"
+    elif last_type == "deferred":
+        st.status = "deferred"
+
+
+def message_history(store: Store, tenant_id: str, states: Sequence[MessageState]) -> dict[str, list[dict[str, Any]]]:
+    """Events of each listed message (its current submission), in event order."""
+    if not states:
+        return {}
+    pk_of = {s.id: s.pk for s in states}
+    with store._lock:
+        rows = store._client.query(
+            """
+            SELECT e.mid, e.epk, e.event_id, e.etype, e.ms, e.err, e.code, e.du, e.reason, e.att, r.rms
+            FROM (
+                SELECT event_id, any(message_id) AS mid, any(pk) AS epk, any(type) AS etype,
+                       toUnixTimestamp64Milli(any(ts)) AS ms, any(error) AS err, any(smtp_code) AS code,
+                       toUnixTimestamp64Milli(any(deferred_until)) AS du, any(deferred_reason) AS reason,
+                       any(attempt) AS att, min(kafka_partition) AS kp, min(kafka_offset) AS ko
+                FROM events WHERE tenant_id = {t:String} AND message_id IN {ids:Array(String)}
+                GROUP BY event_id
+            ) AS e
+            LEFT JOIN (
+                SELECT event_id, max(ts_ms) AS rms FROM reported
+                WHERE tenant_id = {t:String} AND message_id IN {ids:Array(String)}
+                GROUP BY event_id
+            ) AS r ON e.event_id = r.event_id
+            ORDER BY e.ms, e.kp, e.ko, e.event_id
+            """,
+            parameters={"t": tenant_id, "ids": list(pk_of)},
+        ).result_rows
+    out: dict[str, list[dict[str, Any]]] = {s.id: [] for s in states}
+    for mid, pk, eid, type_, ms, error, code, du, reason, attempt, rms in rows:
+        if pk_of.get(mid) not in (pk, ""):
+            continue  # an earlier, replaced submission of the same id
+        out[mid].append({
+            "event_id": eid, "type": type_, "ts": _sec(ms), "error": error or None, "smtp_code": code,
+            "deferred_until": _sec(du), "deferred_reason": reason or None, "attempt": int(attempt),
+            "reported_ts": _sec(rms),
+        })
+    return out
+
+
+def other_tenant_ids(store: Store, tenant_id: str, ids: Sequence[str]) -> list[str]:
+    if not ids:
+        return []
+    with store._lock:
+        rows = store._client.query(
+            "SELECT DISTINCT id FROM messages WHERE id IN {ids:Array(String)} AND tenant_id != {t:String}",
+            parameters={"t": tenant_id, "ids": list(ids)},
+        ).result_rows
+    return [r[0] for r in rows]
+
+
+def list_messages(store: Store, tenant_id: str, *, active_only: bool = False, include_history: bool = False,
+                  limit: int = 1000, offset: int = 0) -> dict[str, Any]:
+    states = message_states(store, tenant_id)
+    if active_only:
+        states = [s for s in states if s.status in ACTIVE]
+    page = states[offset:offset + limit]
+    items = [s.as_dict() for s in page]
+    if include_history:
+        hist = message_history(store, tenant_id, page)
+        for item in items:
+            item["history"] = hist.get(item["id"], [])
+    return {"messages": items, "total": len(states)}
+
+
+def lookup(store: Store, tenant_id: str, ids: Sequence[str]) -> dict[str, list[str]]:
+    wanted = list(dict.fromkeys(ids))
+    states = {s.id: s for s in message_states(store, tenant_id, wanted)}
+    pending = [i for i in wanted if i in states and states[i].status in ACTIVE]
+    final = [i for i in wanted if i in states and states[i].status in FINAL]
+    missing = [i for i in wanted if i not in states]
+    foreign = set(other_tenant_ids(store, tenant_id, missing))
+    return {"pending": pending, "final": final, "other_tenants": [i for i in missing if i in foreign]}
+
+
+def cleanup_ids(store: Store, tenant_id: str, older_than_seconds: float, now_ms: int | None = None) -> list[str]:
+    """Final messages whose every reportable event was acknowledged, last event older than the threshold."""
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    cutoff = now_ms - int(older_than_seconds * 1000)
+    return [
+        s.id for s in message_states(store, tenant_id, now_ms=now_ms)
+        if s.status in FINAL and s.fully_reported and s.last_event_ms <= cutoff
+    ]
