@@ -23,8 +23,9 @@ from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app, table_put
 from services.common.settings import get_settings
-from services.common.topics import COMMANDS, CONFIG_ACCOUNTS, DEADLETTER, EVENTS, SENDER_APP
+from services.common.topics import COMMANDS, CONFIG_ACCOUNTS, CONFIG_SUSPENSIONS, DEADLETTER, EVENTS, SENDER_APP
 from services.sender import metrics as m
+from services.sender import suspension
 from services.sender.mime import build_message, decode_base64_attachment, envelope_recipients, envelope_sender
 from services.sender.outcomes import Failure, classify, retry_delay_s
 from services.sender.scheduler import Lane, Scheduler
@@ -42,9 +43,33 @@ deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer=
 # keys and values are JSON (faust's default for untyped tables)
 messages = app.Table("messages", partitions=settings.topic_partitions)
 
-accounts = ConfigView(settings.kafka_bootstrap, CONFIG_ACCOUNTS, "Account")
 scheduler = Scheduler()
-m.PENDING.set_function(scheduler.pending)
+# suspended batches per tenant, learnt from the command stream (in order with the tenant's messages)
+# and from the compacted config topic (the state after a restart); the newest record wins
+_suspensions: dict[str, dict[str, Any]] = {}
+# pending keys a worker found suspended, per tenant: out of their lane until the tenant's
+# suspension changes, then pushed back with their original priority and sequence
+_held: dict[str, set[str]] = {}
+
+
+def _on_account(key: str, value: dict[str, Any] | None) -> None:
+    tenant_id, _, account_id = key.partition("/")
+    m.init_account(tenant_id, account_id, present=value is not None)
+
+
+def _on_suspension(key: str, value: dict[str, Any] | None) -> None:
+    if value is None:
+        _suspensions.pop(key, None)
+    elif suspension.newer(_suspensions.get(key), value):
+        _suspensions[key] = value
+    else:
+        return
+    _release(key)
+
+
+accounts = ConfigView(settings.kafka_bootstrap, CONFIG_ACCOUNTS, "Account", on_change=_on_account)
+suspensions_view = ConfigView(settings.kafka_bootstrap, CONFIG_SUSPENSIONS, "Suspension", on_change=_on_suspension)
+m.PENDING.set_function(lambda: scheduler.pending() + sum(len(keys) for keys in _held.values()))
 _workers: dict[str, list[asyncio.Task[None]]] = {}
 # keys a worker is sending right now: a key can sit in a lane twice (a replacement, a retry), but
 # only one worker may hold it at a time
@@ -68,9 +93,12 @@ async def ingest(stream: Any) -> None:
         msg = event.message
         try:
             _, env = codec().decode(event.value, expect="CommandEnvelope")
-            if env["type"] != "messages.add":
-                continue  # config commands reach the sender through the compacted config topics
-            _, payload = codec().decode(env["payload"], expect="AddMessages")
+            handler = _HANDLERS.get(env["type"])
+            if handler is None:
+                continue  # other config commands reach the sender through the compacted config topics
+            schema, payload = codec().decode(env["payload"])
+            if env["type"] == "messages.add" and schema != "AddMessages":
+                raise DecodeError(f"messages.add carries a {schema} payload")
         except DecodeError as exc:
             m.DEADLETTERS.inc()
             log.error("dead-lettered command", extra={"partition": msg.partition, "offset": msg.offset,
@@ -78,8 +106,18 @@ async def ingest(stream: Any) -> None:
             await deadletter_topic.send(key=event.key, value=encode_dead_letter(
                 msg.topic, msg.partition, msg.offset, "sender", str(exc), event.key, event.value))
             continue
-        for i, message in enumerate(payload["messages"]):
-            _accept(message, msg.partition, msg.offset * 1000 + i)
+        if handler is _add:
+            for i, message in enumerate(payload["messages"]):
+                _accept(message, msg.partition, msg.offset * 1000 + i)
+            continue
+        try:
+            await handler(env, payload)
+        except (KeyError, TypeError, ValueError) as exc:  # a payload of an unexpected shape
+            m.DEADLETTERS.inc()
+            log.error("dead-lettered command", extra={"type": env["type"], "offset": msg.offset, "reason": repr(exc)})
+            await deadletter_topic.send(key=event.key, value=encode_dead_letter(
+                msg.topic, msg.partition, msg.offset, "sender", f"bad {env['type']} payload: {exc!r}",
+                event.key, event.value))
 
 
 def _accept(message: dict[str, Any], partition: int, seq: int) -> None:
@@ -112,12 +150,145 @@ def _schedule(key: str, value: dict[str, Any]) -> None:
 @messages.on_recover
 async def _rebuild_schedule() -> None:
     scheduler.clear()
+    _held.clear()
     count = 0
     for key, value in list(messages.data.items()):
         if value.get("s") == "pending":
             _schedule(key, value)
             count += 1
     log.info("schedule rebuilt from table", extra={"pending": count})
+
+
+# --- lifecycle commands: suspend/activate, delete, cleanup, reject, tenant/account deletion ----------
+
+def _hold_if_suspended(key: str) -> bool:
+    value = messages.data.get(key)
+    if value is None or value.get("s") != "pending":
+        return False
+    msg = value["m"]
+    if not suspension.is_held(_suspensions.get(msg["tenant_id"]), msg.get("batch_code")):
+        return False
+    _held.setdefault(msg["tenant_id"], set()).add(key)
+    return True
+
+
+def _release(tenant_id: str) -> None:
+    """Push back the held messages the tenant's current suspension no longer covers."""
+    held = _held.get(tenant_id)
+    if not held:
+        return
+    rec = _suspensions.get(tenant_id)
+    for key in list(held):
+        value = messages.data.get(key)
+        if value is None or value.get("s") != "pending":
+            held.discard(key)
+        elif not suspension.is_held(rec, value["m"].get("batch_code")):
+            held.discard(key)
+            _schedule(key, value)
+    if not held:
+        _held.pop(tenant_id, None)
+
+
+async def _add(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    raise AssertionError("messages.add is handled inline")  # marker in _HANDLERS
+
+
+async def _suspension_changed(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    _on_suspension(payload["tenant_id"], payload)
+
+
+def _tenant_keys(tenant_id: str) -> list[str]:
+    prefix = _k([tenant_id, ""])
+    return [key for key in list(messages.data.keys()) if key.startswith(prefix)]
+
+
+async def _delete(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Still-pending messages leave the table (a ``deleted`` event each); sent ones stay sent."""
+    victims = []
+    for mid in payload["ids"]:
+        key = _k([payload["tenant_id"], mid])
+        value = messages.get(key)
+        if value is not None and value.get("s") == "pending" and key not in _inflight:
+            victims.append((key, value))
+    await _emit_all([(value["m"], "deleted", value["a"], {}) for _, value in victims])
+    for key, _ in victims:
+        del messages[key]
+        _held.get(payload["tenant_id"], set()).discard(key)
+
+
+async def _cleanup(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Fully reported final messages are forgotten, except that a sent id stays known as sent (so it
+    is never sent again): its marker shrinks to ``{"s": "sent"}``."""
+    for mid in payload["ids"]:
+        key = _k([payload["tenant_id"], mid])
+        value = messages.get(key)
+        if value is None:
+            continue
+        if value.get("s") == "sent" and value != SENT_MARKER:
+            messages[key] = SENT_MARKER
+        elif value.get("s") == "error":
+            del messages[key]
+
+
+async def _reject(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Messages add-messages refused: reported to the tenant as errors (``rejected`` events). An id
+    that was already sent keeps its real outcome."""
+    tenant_id = payload["tenant_id"]
+    out = []
+    for item in payload["items"]:
+        current = messages.get(_k([tenant_id, item["id"]]))
+        if current is not None and current.get("s") == "sent":
+            continue
+        out.append(_event(tenant_id, item.get("account_id"), item["id"], str(uuid.uuid4()), "rejected",
+                          attempt=0, accepted_ts=env["ts"], error=item["reason"]))
+    await _send_events(tenant_id, out)
+
+
+async def _tenant_deleted(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Every message of the tenant goes (pending ones with a ``deleted`` event), its lanes stop."""
+    tenant_id = payload["tenant_id"]
+    keys = _tenant_keys(tenant_id)
+    pending = [(key, messages.data.get(key)) for key in keys]
+    await _emit_all([(v["m"], "deleted", v["a"], {}) for _, v in pending if v and v.get("s") == "pending"])
+    for key in keys:
+        del messages[key]
+    _held.pop(tenant_id, None)
+    for account in [a for a in scheduler.lanes if a.startswith(f"{tenant_id}/")]:
+        _stop_lane(account)
+    log.info("tenant deleted: messages dropped", extra={"tenant_id": tenant_id, "messages": len(keys)})
+
+
+async def _account_deleted(env: dict[str, Any], payload: dict[str, Any]) -> None:
+    """The account's pending messages can no longer be sent: each ends with an ``error`` event."""
+    tenant_id = payload["tenant_id"]
+    account_id = payload.get("account_id") or payload.get("id")
+    if not account_id:
+        return
+    victims = [(key, v) for key in _tenant_keys(tenant_id)
+               if (v := messages.data.get(key)) and v.get("s") == "pending" and v["m"]["account_id"] == account_id]
+    await _emit_all([(v["m"], "error", v["a"], {"error": "account deleted"}) for _, v in victims])
+    for key, v in victims:
+        messages[key] = {"s": "error", "p": v["p"], "ts": now_ms()}
+        _held.get(tenant_id, set()).discard(key)
+    _stop_lane(_account_key(tenant_id, account_id))
+
+
+def _stop_lane(account: str) -> None:
+    scheduler.drop(account)
+    _workers.pop(account, None)  # the workers see the closed lane and exit
+
+
+_HANDLERS = {
+    "messages.add": _add,
+    "messages.suspend": _suspension_changed,
+    "messages.activate": _suspension_changed,
+    "messages.delete": _delete,
+    "messages.cleanup": _cleanup,
+    "messages.reject": _reject,
+    "tenant.delete": _tenant_deleted,
+    "account.delete": _account_deleted,
+}
+SENT_MARKER = {"s": "sent"}
 
 
 # --- SMTP workers ---------------------------------------------------------------------------------
@@ -152,7 +323,8 @@ def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
 
 async def _worker(account_key: str, lane: Lane) -> None:
     conn: Connection | None = None
-    while True:
+    await suspensions_view.ready.wait()  # never send before knowing what is suspended
+    while not lane.closed:
         try:
             key = lane.pop(now_ms())
             if key is None:
@@ -165,11 +337,13 @@ async def _worker(account_key: str, lane: Lane) -> None:
                     if conn is not None and due is None:
                         await conn.close()  # idle lane: free the SMTP session
                 continue
+            if _hold_if_suspended(key):
+                continue
             account = accounts.get(account_key)
             if account is None:
                 # the account record has not reached this process yet (or was deleted): hold the message
                 value = messages.data.get(key)
-                if value is not None:
+                if value is not None and value.get("s") == "pending":
                     lane.push(key, value["m"]["priority"], value["q"], now_ms() + 1000, now_ms())
                 await asyncio.sleep(0.2)
                 continue
@@ -186,6 +360,8 @@ async def _worker(account_key: str, lane: Lane) -> None:
         except Exception:
             log.exception("sender worker error", extra={"account": account_key})
             await asyncio.sleep(1.0)
+    if conn is not None:
+        await conn.close()
 
 
 async def _send_one(key: str, conn: Connection, lane: Lane) -> None:
@@ -271,34 +447,59 @@ async def _finish(key: str, value: dict[str, Any], outcome: str, attempt: int, *
     m.STAGE_SECONDS.labels("state_ack").observe(time.perf_counter() - t1)
 
 
-async def _emit(msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> None:
-    event = {
+def _event(tenant_id: str, account_id: str | None, message_id: str, pk: str | None, etype: str, *,
+           attempt: int, accepted_ts: int | None, msg: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    return {
         "event_id": uuid.uuid4().hex,
         "type": etype,
-        "tenant_id": msg["tenant_id"],
-        "account_id": msg["account_id"],
-        "message_id": msg["id"],
-        "pk": msg["pk"],
+        "tenant_id": tenant_id,
+        "account_id": account_id,
+        "message_id": message_id,
+        "pk": pk,
         "ts": now_ms(),
-        "accepted_ts": msg["accepted_ts"],
+        "accepted_ts": accepted_ts,
         "attempt": attempt,
         "smtp_code": fields.get("smtp_code"),
         "error": fields.get("error"),
         "deferred_reason": fields.get("deferred_reason"),
         "deferred_until": fields.get("deferred_until"),
-        "batch_code": msg.get("batch_code"),
-        "sender_domain": msg["from_addr"].rpartition("@")[2].rstrip(">").lower() or None,
-        "recipients": len(msg["to"]) + len(msg["cc"]) + len(msg["bcc"]),
+        "batch_code": msg.get("batch_code") if msg else None,
+        "sender_domain": (msg["from_addr"].rpartition("@")[2].rstrip(">").lower() or None) if msg else None,
+        "recipients": len(msg["to"]) + len(msg["cc"]) + len(msg["bcc"]) if msg else 0,
     }
+
+
+def _message_event(msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> dict[str, Any]:
+    return _event(msg["tenant_id"], msg["account_id"], msg["id"], msg["pk"], etype, attempt=attempt,
+                  accepted_ts=msg["accepted_ts"], msg=msg, **fields)
+
+
+async def _emit(msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> None:
+    event = _message_event(msg, etype, attempt, **fields)
     fut = await events_topic.send(key=msg["tenant_id"].encode(), value=codec().encode("DeliveryEvent", event))
     await fut  # acknowledged by the broker (acks=all) before the table moves on
+
+
+async def _emit_all(items: list[tuple[dict[str, Any], str, int, dict[str, Any]]]) -> None:
+    """Several message events, sent together and all acknowledged on return."""
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for msg, etype, attempt, fields in items:
+        by_tenant.setdefault(msg["tenant_id"], []).append(_message_event(msg, etype, attempt, **fields))
+    for tenant_id, events in by_tenant.items():
+        await _send_events(tenant_id, events)
+
+
+async def _send_events(tenant_id: str, events: list[dict[str, Any]]) -> None:
+    futures = [await events_topic.send(key=tenant_id.encode(), value=codec().encode("DeliveryEvent", e))
+               for e in events]
+    await asyncio.gather(*futures)
 
 
 # --- lifecycle ------------------------------------------------------------------------------------
 
 @app.task
 async def _start_views() -> None:
-    await accounts.start()
+    await asyncio.gather(accounts.start(), suspensions_view.start())
 
 
 @app.on_before_shutdown.connect  # type: ignore[misc]
@@ -307,7 +508,7 @@ async def _shutdown(app: Any, **kwargs: Any) -> None:
         for task in tasks:
             task.cancel()
     await asyncio.gather(*(t for ts in _workers.values() for t in ts), return_exceptions=True)
-    await accounts.stop()
+    await asyncio.gather(accounts.stop(), suspensions_view.stop(), return_exceptions=True)
 
 
 def main() -> None:

@@ -14,3 +14,18 @@ DEADLETTERS = Counter("postbus_sender_deadletters_total", "Undecodable command r
 STAGE_SECONDS = Histogram("postbus_sender_stage_seconds", "Time per stage of one send: build (MIME), smtp, "
                           "event_ack (outcome event on the broker), state_ack (table changelog on the broker)",
                           ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+
+PER_ACCOUNT = (SENT, ERRORS, DEFERRED, RATE_LIMITED)
+
+
+def init_account(tenant_id: str, account_id: str, *, present: bool) -> None:
+    """Every configured account shows in every gmp_* counter, at zero until something happens;
+    a deleted account's series go away."""
+    for counter in PER_ACCOUNT:
+        if present:
+            counter.labels(tenant_id, account_id)
+        else:
+            try:
+                counter.remove(tenant_id, account_id)
+            except KeyError:
+                pass

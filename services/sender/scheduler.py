@@ -14,6 +14,7 @@ class Lane:
     ready: list[tuple[int, int, str]] = field(default_factory=list)  # (priority, seq, key)
     delayed: list[tuple[int, int, int, str]] = field(default_factory=list)  # (due_ms, priority, seq, key)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False  # set when the account/tenant is deleted: its workers exit
 
     def push(self, key: str, priority: int, seq: int, due_ms: int | None, now_ms: int) -> None:
         if due_ms is not None and due_ms > now_ms:
@@ -52,6 +53,16 @@ class Scheduler:
         new = account not in self.lanes
         self.lane(account).push(key, priority, seq, due_ms, now_ms)
         return new
+
+    def drop(self, account: str) -> Lane | None:
+        """Forget an account's lane and tell its workers to stop."""
+        lane = self.lanes.pop(account, None)
+        if lane is not None:
+            lane.closed = True
+            lane.ready.clear()
+            lane.delayed.clear()
+            lane.wake.set()
+        return lane
 
     def clear(self) -> None:
         for lane in self.lanes.values():
