@@ -21,13 +21,17 @@ from services.common.topics import COMMANDS
 
 @dataclass(frozen=True)
 class Actor:
-    kind: str  # "admin" | "tenant"
+    kind: str  # "admin" | "tenant" | "support"
     tenant_id: str | None = None
-    key_id: str | None = None
+    key_id: str | None = None  # the API key id; for "support", the principal's name
 
     @property
     def label(self) -> str:
-        return "admin" if self.kind == "admin" else f"tenant:{self.tenant_id}/key:{self.key_id}"
+        if self.kind == "admin":
+            return "admin"
+        if self.kind == "support":
+            return f"support:{self.key_id}"
+        return f"tenant:{self.tenant_id}/key:{self.key_id}"
 
 
 @dataclass(frozen=True)

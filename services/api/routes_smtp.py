@@ -7,25 +7,17 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from services.api.auth import authenticate
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.reputation import assess
+from services.api.smtp_access import authorize
+from services.api.state import ApiState
 
 router = APIRouter(prefix="/api/v1/tenants/{tenant_id}/smtp", tags=["tenant smtp"])
 WINDOW = re.compile(r"^[1-9][0-9]{0,3}[hd]$")
 
 
-@router.get("/metrics")
-async def smtp_metrics(tenant_id: str, request: Request,
-                       window: str = Query("24h", description="Nh or Nd, e.g. 24h, 7d, 30d")) -> dict[str, Any]:
-    st = state_of(request)
-    actor = authenticate(request, st)
-    if actor.kind == "tenant" and actor.tenant_id != tenant_id:
-        # same answer as for a tenant that does not exist: no probing of other tenants' ids
-        raise ApiError(404, "not_found", "tenant not found")
-    if st.tenants.get(tenant_id) is None:
-        raise ApiError(404, "not_found", "tenant not found")
+async def _window_counts(st: ApiState, tenant_id: str, window: str) -> dict[str, Any]:
     if not WINDOW.match(window):
         raise ApiError(400, "validation_error", "window must look like 24h, 7d or 30d")
     try:
@@ -36,7 +28,15 @@ async def smtp_metrics(tenant_id: str, request: Request,
         raise ApiError(400, "validation_error", "window is out of range")
     if r.status_code != 200:
         raise ApiError(503, "metrics_unavailable", "metrics are temporarily unavailable")
-    m = r.json()
+    return r.json()  # type: ignore[no-any-return]
+
+
+@router.get("/metrics", summary="Aggregated deliverability metrics over a window")
+async def smtp_metrics(tenant_id: str, request: Request,
+                       window: str = Query("24h", description="Nh or Nd, e.g. 24h, 7d, 30d")) -> dict[str, Any]:
+    st = state_of(request)
+    await authorize(request, st, tenant_id, {"smtp:read"})
+    m = await _window_counts(st, tenant_id, window)
     band, recommendations, _, _ = assess(m)
     data = {
         "window": window,
@@ -52,3 +52,48 @@ async def smtp_metrics(tenant_id: str, request: Request,
         "recommendations": recommendations,
     }
     return {"success": True, "data": data}
+
+
+@router.get("/status", summary="Operational health of the tenant's sending (last 24 hours)")
+async def smtp_status(tenant_id: str, request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    await authorize(request, st, tenant_id, {"smtp:read"})
+    m = await _window_counts(st, tenant_id, "24h")
+    band, recommendations, bounce_rate, complaint_rate = assess(m)
+    tenant = st.tenants.get(tenant_id) or {}
+    notes = "; ".join(r["message"] for r in recommendations if r["severity"] != "info") or None
+    return {"success": True, "data": {
+        "sending_enabled": bool(tenant.get("active", True)),
+        "recent_bounce_rate": round(bounce_rate, 6),
+        "recent_complaint_rate": round(complaint_rate, 6),
+        "reputation_band": band,
+        "enforcement": {"throttled": False, "notes": notes},
+    }}
+
+
+def _sum_limit(values: list[int | None]) -> int | None:
+    """A tenant-wide limit is the sum over its accounts; one unlimited account makes it unlimited."""
+    if not values or any(v is None or v == 0 for v in values):
+        return None
+    return sum(v for v in values if v is not None)
+
+
+@router.get("/config", summary="Effective SMTP configuration visible to the tenant")
+async def smtp_config(tenant_id: str, request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    await authorize(request, st, tenant_id, {"smtp:read", "tenant:read"})
+    accounts = [a for a in st.accounts.items.values() if a["tenant_id"] == tenant_id]
+    if not accounts:
+        raise ApiError(404, "not_found", "the tenant has no SMTP configuration")
+    tenant = st.tenants.get(tenant_id) or {}
+    hourly = tenant.get("rate_limit_hourly")
+    return {"success": True, "data": {
+        "tenant_id": tenant_id,
+        # sending domains with DKIM/SPF/DMARC status come with domain verification (outbound domain API)
+        "from_domains": [],
+        "default_from": None,
+        "rate_limits": {
+            "max_per_minute": _sum_limit([a.get("limit_per_minute") for a in accounts]),
+            "max_per_hour": hourly or _sum_limit([a.get("limit_per_hour") for a in accounts]),
+        },
+    }}

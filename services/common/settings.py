@@ -53,6 +53,10 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # tenant SMTP API: internal support principals, JSON list of
+    # {"name": ..., "token_sha256": <hex sha256 of the token>, "scopes": ["smtp:read", "tenant:read"]}
+    support_principals_json: str = "[]"
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

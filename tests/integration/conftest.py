@@ -6,6 +6,8 @@ app), so they share the running system instead of paying its start-up each time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -24,6 +26,14 @@ from tests.support.smtp_server import RecordingSmtpServer
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "test-admin-" + uuid.uuid4().hex
+SUPPORT_TOKEN = "support-" + uuid.uuid4().hex  # scopes smtp:read + tenant:read
+SUPPORT_NARROW_TOKEN = "support-narrow-" + uuid.uuid4().hex  # scope smtp:read only
+SUPPORT_PRINCIPALS = json.dumps([
+    {"name": "alice", "token_sha256": hashlib.sha256(SUPPORT_TOKEN.encode()).hexdigest(),
+     "scopes": ["smtp:read", "tenant:read"]},
+    {"name": "bob", "token_sha256": hashlib.sha256(SUPPORT_NARROW_TOKEN.encode()).hexdigest(),
+     "scopes": ["smtp:read"]},
+])
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +43,7 @@ def system() -> Iterator[LocalSystem]:
     sys_ = LocalSystem.with_free_ports(
         state, admin_token=ADMIN_TOKEN, kafka_heap="320m",
         env={"POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
+             "POSTBUS_SUPPORT_PRINCIPALS_JSON": SUPPORT_PRINCIPALS,
              "POSTBUS_LOG_LEVEL": "INFO"},
     )
     sys_.start()

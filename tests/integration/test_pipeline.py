@@ -118,9 +118,9 @@ def test_tenant_isolation(new_tenant, admin: httpx.Client) -> None:
     # ... nor use b's account through its own tenant id
     r = a.http.post("/commands/add-messages", json={"messages": [a.message("x", account_id="evil")]})
     assert r.status_code == 400 and r.json()["rejected"][0]["reason"] == "account not found for tenant"
-    # ... nor read b's metrics (same answer as a tenant that does not exist)
+    # ... nor read b's SMTP metrics
     r = a.http.get(f"/api/v1/tenants/{b.id}/smtp/metrics", headers={"Authorization": f"Bearer {a.api_key}"})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert r.status_code == 403 and r.json()["error"]["code"] == "INSUFFICIENT_PERMISSIONS"
     # admin-only routes answer 403 to a tenant key
     r = a.http.post("/tenant", json={"id": "newco"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
