@@ -5,6 +5,9 @@
     GET  /internal/tenants/{tenant_id}/metrics     distinct messages per outcome over ?window=24h|7d|...
     GET  /internal/tenants/{tenant_id}/messages/{message_id}/events   one message's event history
     POST /internal/sent-ids                        which of these ids were already sent
+    GET  /internal/messages                        message projection of one tenant (GET /messages)
+    POST /internal/messages/lookup                 pending / final / other-tenant ids (delete-messages)
+    POST /internal/messages/cleanup                fully reported final messages older than N s
     GET  /internal/ingest-status                   per-partition next offset, caught_up, rows
     POST /internal/replay                          drop tables, re-read the events topic from 0
 """
@@ -17,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,6 +47,16 @@ class MetricsSettings(Settings):
 class SentIdsRequest(BaseModel):
     tenant_id: str = Field(min_length=1)
     ids: list[str] = Field(max_length=MAX_IDS)
+
+
+class LookupRequest(BaseModel):
+    tenant_id: str = Field(min_length=1)
+    ids: list[str] = Field(max_length=MAX_IDS)
+
+
+class CleanupRequest(BaseModel):
+    tenant_id: str = Field(min_length=1)
+    older_than_seconds: float = Field(ge=0)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -126,6 +139,26 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
     @app.post("/internal/sent-ids")
     async def sent_ids(request: Request, body: SentIdsRequest) -> dict[str, list[str]]:
         return {"sent": await request.app.state.store.sent_ids(body.tenant_id, body.ids)}
+
+    @app.get("/internal/messages")
+    async def messages(
+        request: Request,
+        tenant_id: str = Query(min_length=1),
+        active_only: bool = False,
+        include_history: bool = False,
+        limit: int = Query(1000, ge=1, le=100_000),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        return await request.app.state.store.list_messages(
+            tenant_id, active_only=active_only, include_history=include_history, limit=limit, offset=offset)
+
+    @app.post("/internal/messages/lookup")
+    async def lookup(request: Request, body: LookupRequest) -> dict[str, list[str]]:
+        return await request.app.state.store.lookup(body.tenant_id, body.ids)
+
+    @app.post("/internal/messages/cleanup")
+    async def cleanup(request: Request, body: CleanupRequest) -> dict[str, list[str]]:
+        return {"ids": await request.app.state.store.cleanup_ids(body.tenant_id, body.older_than_seconds)}
 
     @app.get("/internal/ingest-status")
     async def ingest_status(request: Request) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Kafka -> ClickHouse loader for ``postbus.events``.
+"""Kafka -> ClickHouse loader for ``postbus.events`` (delivery events), ``postbus.commands`` (the
+message projection: submissions, delete / cleanup / tenant-delete marks) and ``postbus.reports``
+(acknowledged reports -> reported_ts). One consumer reads all three, so a replay rewinds them
+together.
 
 Offsets live in ClickHouse, next to the rows they describe: on every partition assignment the
 consumer seeks to the offset stored there (or to the beginning when there is none), so dropping the
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -23,7 +27,8 @@ from prometheus_client import Gauge, Histogram
 
 from services.common.avro import DecodeError, codec
 from services.common.deadletter import DeadLetterWriter
-from services.common.topics import EVENTS
+from services.common.topics import COMMANDS, EVENTS, REPORTS
+from services.metrics import messages as mp
 from services.metrics.store import AsyncStore, event_row
 
 log = logging.getLogger("postbus.metrics.ingest")
@@ -37,7 +42,12 @@ BATCH_SECONDS = Histogram(
     "postbus_metrics_ingest_batch_seconds", "Decode + insert + offset store of one batch",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-CONSUMER_LAG = Gauge("postbus_metrics_consumer_lag", "Records not yet loaded, per partition", ["partition"])
+CONSUMER_LAG = Gauge("postbus_metrics_consumer_lag", "Records not yet loaded, per partition", ["topic", "partition"])
+COMMANDS_INGESTED = PromCounter(
+    "postbus_metrics_commands_ingested_total", "Commands applied to the message projection", ["type"]
+)
+MARK_KINDS = {"messages.delete": "deleted", "messages.cleanup": "cleaned", "tenant.delete": "tenant_deleted"}
+TP = tuple[str, int]
 DEADLETTERS = PromCounter("postbus_metrics_deadletters_total", "Undecodable events sent to the dead-letter topic")
 
 
@@ -57,22 +67,22 @@ class Ingestor:
         self,
         store: AsyncStore,
         bootstrap: str,
-        topic: str = EVENTS,
+        topics: Sequence[str] = (EVENTS, COMMANDS, REPORTS),
         batch_rows: int = 5000,
         batch_ms: int = 200,
         group_id: str = CONSUMER_NAME,
     ) -> None:
         self.store = store
         self.bootstrap = bootstrap
-        self.topic = topic
+        self.topics = tuple(topics)
         self.batch_rows = batch_rows
         self.batch_ms = batch_ms
         self.group_id = group_id
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.dead_letters: DeadLetterWriter | None = None
-        # partition -> next offset whose predecessors are all in ClickHouse
-        self.positions: dict[int, int] = {}
+        # (topic, partition) -> next offset whose predecessors are all in ClickHouse
+        self.positions: dict[TP, int] = {}
         self.rows_ingested = 0
         self.connected = False
         self.replaying = False
@@ -83,8 +93,17 @@ class Ingestor:
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
+    async def _load_positions(self) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        for topic in self.topics:
+            out.update({(topic, p): o for p, o in (await self.store.load_offsets(topic)).items()})
+        return out
+
+    def offsets_of(self, topic: str) -> dict[int, int]:
+        return {p: o for (t, p), o in self.positions.items() if t == topic}
+
     async def start(self) -> None:
-        self.positions = await self.store.load_offsets(self.topic)
+        self.positions = await self._load_positions()
         self._task = asyncio.create_task(self._run(), name="metrics-ingest")
 
     async def stop(self) -> None:
@@ -130,9 +149,9 @@ class Ingestor:
                 continue
             self.consumer, self.producer = consumer, producer
             self.dead_letters = DeadLetterWriter(producer)
-            consumer.subscribe([self.topic], listener=_Rebalance(self))
+            consumer.subscribe(list(self.topics), listener=_Rebalance(self))
             self.connected = True
-            log.info("ingest consuming", extra={"topic": self.topic, "bootstrap": self.bootstrap})
+            log.info("ingest consuming", extra={"topics": self.topics, "bootstrap": self.bootstrap})
             return
 
     async def _seek_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -142,7 +161,7 @@ class Ingestor:
         backoff = 0.5
         while True:
             try:
-                stored = await self.store.load_offsets(self.topic)
+                stored = await self._load_positions()
                 break
             except Exception as exc:
                 log.error("cannot read stored offsets, retrying", extra={"error": str(exc)})
@@ -150,17 +169,19 @@ class Ingestor:
                 backoff = min(backoff * 2, 10.0)
         fresh = []
         for tp in assigned:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
-                self.positions[tp.partition] = stored[tp.partition]
+            key = (tp.topic, tp.partition)
+            if key in stored:
+                self.consumer.seek(tp, stored[key])
+                self.positions[key] = stored[key]
             else:
                 fresh.append(tp)
-                self.positions[tp.partition] = 0
+                self.positions[key] = 0
         if fresh:
             await self.consumer.seek_to_beginning(*fresh)
         log.info(
             "partitions assigned",
-            extra={"partitions": sorted(tp.partition for tp in assigned), "stored": stored},
+            extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+                   "stored": {f"{t}:{p}": o for (t, p), o in stored.items()}},
         )
 
     # -- replay ----------------------------------------------------------------------------------
@@ -179,7 +200,7 @@ class Ingestor:
     async def _do_replay(self) -> None:
         requests, self._replay_requests = self._replay_requests, []
         try:
-            log.info("replay started: dropping metrics tables", extra={"topic": self.topic})
+            log.info("replay started: dropping metrics tables", extra={"topics": self.topics})
             await self.store.reset()
             self.positions = {p: 0 for p in self.positions}
             self.rows_ingested = 0
@@ -225,29 +246,39 @@ class Ingestor:
         if self.consumer is None:
             return
         for tp in self.consumer.assignment():
-            if tp.partition in self.positions:
+            if (tp.topic, tp.partition) in self.positions:
                 with contextlib.suppress(Exception):
-                    self.consumer.seek(tp, self.positions[tp.partition])
+                    self.consumer.seek(tp, self.positions[(tp.topic, tp.partition)])
 
     async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
         assert self.consumer is not None
         t0 = time.perf_counter()
         rows: list[list[Any]] = []
+        tables: dict[str, list[list[Any]]] = {"messages": [], "message_marks": [], "reported": []}
         types: Counter[str] = Counter()
+        commands: Counter[str] = Counter()
         dead = 0
         dec = codec()
         for tp, records in batch.items():
             for rec in records:
                 try:
-                    _, ev = dec.decode(rec.value, expect="DeliveryEvent")
-                    row = event_row(ev, tp.partition, rec.offset)
+                    if tp.topic == EVENTS:
+                        _, ev = dec.decode(rec.value, expect="DeliveryEvent")
+                        row = event_row(ev, tp.partition, rec.offset)
+                        rows.append(row)
+                        types[row[1]] += 1
+                    elif tp.topic == COMMANDS:
+                        ctype = self._command_rows(dec, rec, tables)
+                        if ctype:
+                            commands[ctype] += 1
+                    elif tp.topic == REPORTS:
+                        _, ack = dec.decode(rec.value, expect="ReportAck")
+                        tables["reported"].extend(mp.reported_rows(ack))
                 except (DecodeError, KeyError, TypeError, ValueError) as exc:
                     assert self.dead_letters is not None
                     await self.dead_letters.send(rec, CONSUMER_NAME, f"{type(exc).__name__}: {exc}")
                     dead += 1
                     continue
-                rows.append(row)
-                types[row[1]] += 1
 
         # positions of every assigned partition: also moves past transaction markers
         moved: dict[int, int] = {}
@@ -258,24 +289,31 @@ class Ingestor:
                 continue
             if records := batch.get(tp):
                 pos = max(pos, records[-1].offset + 1)
-            if pos != self.positions.get(tp.partition):
-                moved[tp.partition] = pos
+            if pos != self.positions.get((tp.topic, tp.partition)):
+                moved[(tp.topic, tp.partition)] = pos
 
         if rows:
             await self.store.insert_events(rows)
+        for table, columns in (("messages", mp.MESSAGE_COLUMNS), ("message_marks", mp.MARK_COLUMNS),
+                               ("reported", mp.REPORTED_COLUMNS)):
+            if tables[table]:
+                await self.store.insert_rows(table, tables[table], columns)
         if dead:
             DEADLETTERS.inc(dead)  # each dead letter was acknowledged before its offset moves on
         if moved:
-            await self.store.store_offsets(self.topic, moved)
+            for topic in {t for t, _ in moved}:
+                await self.store.store_offsets(topic, {p: o for (t, p), o in moved.items() if t == topic})
             self.positions.update(moved)
             try:
                 await self.consumer.commit(
-                    {TopicPartition(self.topic, p): OffsetAndMetadata(o, "") for p, o in moved.items()}
+                    {TopicPartition(t, p): OffsetAndMetadata(o, "") for (t, p), o in moved.items()}
                 )
             except Exception as exc:  # lag monitoring only; ClickHouse holds the real offsets
                 log.warning("kafka offset commit failed", extra={"error": str(exc)})
         for type_, n in types.items():
             EVENTS_INGESTED.labels(type=type_).inc(n)
+        for ctype, n in commands.items():
+            COMMANDS_INGESTED.labels(type=ctype).inc(n)
         self.rows_ingested += len(rows)
         if batch:
             BATCH_SECONDS.observe(time.perf_counter() - t0)
@@ -289,8 +327,8 @@ class Ingestor:
             if end is None:
                 end = self.consumer.highwater(tp)
             if end is not None:
-                CONSUMER_LAG.labels(partition=str(tp.partition)).set(
-                    max(0, end - self.positions.get(tp.partition, 0))
+                CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, end - self.positions.get((tp.topic, tp.partition), 0))
                 )
 
     def _log_progress(self, rows: int, dead: int) -> None:
@@ -299,7 +337,8 @@ class Ingestor:
             self._last_progress_log = now
             log.info(
                 "replay progress",
-                extra={"rows": self.rows_ingested, "positions": dict(sorted(self.positions.items()))},
+                extra={"rows": self.rows_ingested,
+                       "positions": {f"{t}:{p}": o for (t, p), o in sorted(self.positions.items())}},
             )
         elif rows or dead:
             log.debug("batch ingested", extra={"rows": rows, "dead_letters": dead})
@@ -317,7 +356,7 @@ class Ingestor:
             ends = await asyncio.wait_for(consumer.end_offsets(assigned), timeout_s)
         except Exception:
             return False
-        done = all(self.positions.get(tp.partition, 0) >= end for tp, end in ends.items())
+        done = all(self.positions.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items())
         if done and self.replaying:
             self.replaying = False
             log.info(
@@ -329,8 +368,30 @@ class Ingestor:
     async def status(self) -> dict[str, Any]:
         caught_up = await self.caught_up()
         return {
-            "partitions": {str(p): o for p, o in sorted(self.positions.items())},
+            "partitions": {str(p): o for p, o in sorted(self.offsets_of(EVENTS).items())},
+            "topics": {t: {str(p): o for p, o in sorted(self.offsets_of(t).items())} for t in self.topics},
             "caught_up": caught_up,
             "replaying": self.replaying,
             "connected": self.connected,
         }
+
+    @staticmethod
+    def _command_rows(dec: Any, rec: Any, tables: dict[str, list[list[Any]]]) -> str | None:
+        """Rows of one command record for the message projection; other command types are skipped."""
+        _, env = dec.decode(rec.value, expect="CommandEnvelope")
+        ctype = env["type"]
+        if ctype == "messages.add":
+            _, add = dec.decode(env["payload"], expect="AddMessages")
+            tables["messages"].extend(mp.message_rows(add, rec.offset))
+            return ctype
+        kind = MARK_KINDS.get(ctype)
+        if kind is None:
+            return None
+        # payload schema owned by the command's writer: read it by name, use tenant_id / ids
+        _, payload = dec.decode(env["payload"])
+        tenant_id = payload.get("tenant_id") or env.get("tenant_id")
+        if not tenant_id:
+            raise ValueError(f"{ctype} without tenant_id")
+        ids = [""] if kind == "tenant_deleted" else [str(i) for i in payload.get("ids") or []]
+        tables["message_marks"].extend(mp.mark_rows(tenant_id, ids, kind, rec.offset, int(env["ts"])))
+        return ctype

@@ -127,8 +127,31 @@ def test_reported_ts_and_cleanup_only_fully_reported_old_messages(store: Store) 
     assert got["m1"]["reported_ts"] == (NOW - 25 * S) / 1000
     assert [h["reported_ts"] for h in got["m1"]["history"]] == [(NOW - 45 * S) / 1000, (NOW - 25 * S) / 1000]
     assert mp.cleanup_ids(store, "t-a", 0) == ["m1", "m2"]
-    assert mp.cleanup_ids(store, "t-a", 25) == ["m1"]  # m2's last event is 20 s old
+    assert mp.cleanup_ids(store, "t-a", 25, now_ms=NOW) == ["m1"]  # m2's last event is 20 s old
     assert mp.cleanup_ids(store, "t-b", 0) == []
     store.insert_rows("message_marks", mp.mark_rows("t-a", ["m1", "m2"], "cleaned", 9, NOW), mp.MARK_COLUMNS)
     assert set(by_id(store)) == {"m3", "m4", "r1"}
     assert mp.cleanup_ids(store, "t-a", 0) == []
+
+
+def test_internal_api_contracts(store: Store) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.metrics.app import MetricsSettings, create_app
+
+    scenario(store)
+    app = create_app(MetricsSettings(metrics_ingest=False), store=store)
+    with TestClient(app) as client:
+        r = client.get("/internal/messages", params={"tenant_id": "t-a", "include_history": "true"})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["total"] == 5 and {m["id"] for m in body["messages"]} == {"m1", "m2", "m3", "m4", "r1"}
+        assert all("history" in m for m in body["messages"])
+        r = client.get("/internal/messages", params={"tenant_id": "t-a", "active_only": "true", "limit": 1})
+        assert r.json()["total"] == 2 and len(r.json()["messages"]) == 1
+        assert client.get("/internal/messages").status_code == 422
+        r = client.post("/internal/messages/lookup", json={"tenant_id": "t-b", "ids": ["o1", "m1", "zz"]})
+        assert r.json() == {"pending": ["o1"], "final": [], "other_tenants": ["m1"]}
+        r = client.post("/internal/messages/cleanup", json={"tenant_id": "t-a", "older_than_seconds": 0})
+        assert r.json() == {"ids": []}
+        assert client.post("/internal/messages/cleanup", json={"tenant_id": "t-a"}).status_code == 422
