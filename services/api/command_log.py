@@ -42,6 +42,10 @@ class InvalidCursor(ValueError):
     pass
 
 
+class CommandLogUnavailable(RuntimeError):
+    pass
+
+
 def is_secret(name: str) -> bool:
     low = name.lower()
     return any(m in low for m in SECRET_MARKERS)
@@ -175,13 +179,13 @@ class CommandLogReader:
         assert self.consumer is not None
         parts: set[int] | None = None
         for _ in range(50):
-            await self.consumer.topics()  # refreshes metadata
-            parts = self.consumer.partitions_for_topic(COMMANDS)
+            cluster = await self.consumer._client.fetch_all_metadata()
+            parts = cluster.partitions_for_topic(COMMANDS)
             if parts:
                 break
             await asyncio.sleep(0.1)
         if not parts:
-            raise RuntimeError(f"topic {COMMANDS} does not exist")
+            raise CommandLogUnavailable(f"topic {COMMANDS} does not exist")
         if self.filters.tenant_id is not None:
             parts = {partition_for(self.filters.tenant_id, len(parts))}
         tps = [TopicPartition(COMMANDS, p) for p in sorted(parts)]
@@ -265,8 +269,17 @@ async def read_page(bootstrap: str, filters: Filters, cursor: str | None,
         return out, None if reader.exhausted() else encode_cursor(reader.next_offsets)
 
 
-async def export_lines(bootstrap: str, filters: Filters) -> AsyncIterator[bytes]:
-    """Every matching entry as one JSON line, in merged topic order."""
-    async with CommandLogReader(bootstrap, filters) as reader, aclosing(reader.entries()) as entries:
-        async for entry in entries:
-            yield (json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+async def open_export(bootstrap: str, filters: Filters) -> AsyncIterator[bytes]:
+    """Opens the snapshot now (so errors surface before the response starts) and returns the
+    stream of every matching entry as one JSON line, in merged topic order."""
+    reader = await CommandLogReader(bootstrap, filters).__aenter__()
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async with aclosing(reader.entries()) as entries:
+                async for entry in entries:
+                    yield (json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        finally:
+            await reader.__aexit__(None, None, None)
+
+    return lines()

@@ -2,6 +2,183 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import math
+import time
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from services.api import command_log
+from services.api.auth import authenticate, require_admin
+from services.api.commands import ConfigRecord
+from services.api.deps import state_of
+from services.api.errors import ApiError
+from services.api.models import (
+    BounceConfigOut,
+    CommandLogEntry,
+    CommandLogPage,
+    InstanceIn,
+    InstanceOut,
+    InstanceResp,
+    Ok,
+    StatusOut,
+    errors,
+)
+from services.api.routes_tenants import iso
+from services.api.state import ApiState
+from services.common.topics import CONFIG_INSTANCE
 
 router = APIRouter()
+
+INSTANCE_KEY = "instance"
+DEFAULT_RETENTION_S = 7 * 86400
+_BOUNCE_FIELDS = ("imap_host", "imap_port", "imap_user", "mailbox", "poll_interval_seconds")
+
+
+def instance_record(st: ApiState) -> dict[str, Any]:
+    """The stored instance config, or the defaults when none was ever written."""
+    stored = st.instance.get(INSTANCE_KEY) if st.instance is not None else None
+    if stored is not None:
+        return dict(stored)
+    return {"name": None, "active": True, "sync_interval_seconds": None,
+            "report_retention_seconds": DEFAULT_RETENTION_S, "bounce_enabled": False, "bounce_imap_host": None,
+            "bounce_imap_port": None, "bounce_imap_user": None, "bounce_imap_password_enc": None,
+            "bounce_mailbox": None, "bounce_poll_interval_seconds": None, "updated_ts": 0}
+
+
+def instance_out(st: ApiState, rec: dict[str, Any]) -> InstanceOut:
+    return InstanceOut(
+        name=rec.get("name"),
+        active=rec.get("active", True),
+        sync_interval_seconds=rec.get("sync_interval_seconds") or int(st.settings.reporter_sync_interval_s),
+        report_retention_seconds=rec.get("report_retention_seconds", DEFAULT_RETENTION_S),
+        bounce=BounceConfigOut(
+            enabled=rec.get("bounce_enabled", False),
+            has_imap_password=bool(rec.get("bounce_imap_password_enc")),
+            **{f: rec.get(f"bounce_{f}") for f in _BOUNCE_FIELDS},
+        ),
+        updated_at=iso(rec.get("updated_ts")) if rec.get("updated_ts") else None,
+    )
+
+
+@router.get("/status", tags=["core"], response_model=StatusOut, summary="Scheduler state (any valid token)",
+            responses=errors(401))
+async def status(request: Request) -> StatusOut:
+    st = state_of(request)
+    authenticate(request, st)
+    return StatusOut(active=instance_record(st).get("active", True))
+
+
+@router.get("/instance", tags=["instance"], response_model=InstanceResp, summary="Instance configuration (admin)",
+            responses=errors(401, 403))
+async def get_instance(request: Request) -> InstanceResp:
+    st = state_of(request)
+    require_admin(authenticate(request, st))
+    return InstanceResp(instance=instance_out(st, instance_record(st)))
+
+
+@router.put("/instance", tags=["instance"], response_model=InstanceResp,
+            summary="Update the instance configuration (admin; partial, secrets write-only)",
+            responses=errors(401, 403, 422))
+async def put_instance(body: InstanceIn, request: Request) -> InstanceResp:
+    st = state_of(request)
+    actor = authenticate(request, st)
+    require_admin(actor)
+    rec = instance_record(st)
+    given = body.model_fields_set
+    if "name" in given:
+        rec["name"] = body.name
+    for f in ("active", "sync_interval_seconds", "report_retention_seconds"):
+        if f in given and getattr(body, f) is not None:
+            rec[f] = getattr(body, f)
+    if body.bounce is not None:
+        b = body.bounce
+        bgiven = b.model_fields_set
+        if b.enabled is not None:
+            rec["bounce_enabled"] = b.enabled
+        for f in _BOUNCE_FIELDS:
+            if f in bgiven:
+                rec[f"bounce_{f}"] = getattr(b, f)
+        if "imap_password" in bgiven:  # null or "" clears it
+            rec["bounce_imap_password_enc"] = st.box.encrypt(b.imap_password)
+    rec["updated_ts"] = int(time.time() * 1000)
+    offsets = await st.writer.append_config(
+        "instance.update", None, actor, "PUT /instance", "Instance", rec,
+        [ConfigRecord(CONFIG_INSTANCE, INSTANCE_KEY, "Instance", rec)])
+    await st.wait_visible(offsets)
+    return InstanceResp(instance=instance_out(st, rec))
+
+
+@router.post("/instance/reload-bounce", tags=["instance"], response_model=Ok,
+             summary="Reload bounce-processing configuration and rules (admin)", responses=errors(401, 403))
+async def reload_bounce(request: Request) -> Ok:
+    st = state_of(request)
+    actor = authenticate(request, st)
+    require_admin(actor)
+    await st.writer.append("bounce.reload", None, actor, "POST /instance/reload-bounce", "BounceReload",
+                           {"requested_ts": int(time.time() * 1000)})
+    return Ok()
+
+
+def _filters(tenant_id: str | None, since: float | None, until: float | None, route: str | None,
+             ctype: str | None) -> command_log.Filters:
+    for name, v in (("since", since), ("until", until)):
+        if v is not None and not math.isfinite(v):
+            raise ApiError(400, "invalid_time", f"{name} must be a finite number")
+    return command_log.Filters(tenant_id=tenant_id or None, since_ms=command_log.to_ms(since),
+                               until_ms=command_log.to_ms(until), route=route or None, type=ctype or None)
+
+
+_TIME_DOC = "unix seconds (values above 1e11 are read as milliseconds)"
+
+
+@router.get("/command-log", tags=["command log"], response_model=CommandLogPage,
+            summary="Audit of accepted state-changing commands, from the command topic (admin)",
+            responses=errors(400, 401, 403, 422))
+async def get_command_log(
+    request: Request,
+    tenant_id: str | None = Query(None),
+    since: float | None = Query(None, ge=0, le=1e14, description=_TIME_DOC),
+    until: float | None = Query(None, ge=0, le=1e14, description=_TIME_DOC),
+    route: str | None = Query(None, description='e.g. "POST /tenant" or "/tenant"'),
+    type: str | None = Query(None, description="command type, e.g. tenant.create"),
+    limit: int = Query(command_log.DEFAULT_LIMIT, ge=1, description="at most 1000"),
+    cursor: str | None = Query(None, max_length=10000, description="next_cursor of the previous page"),
+) -> CommandLogPage:
+    st = state_of(request)
+    require_admin(authenticate(request, st))
+    filters = _filters(tenant_id, since, until, route, type)
+    try:
+        entries, next_cursor = await command_log.read_page(st.settings.kafka_bootstrap, filters, cursor, limit)
+    except command_log.InvalidCursor as exc:
+        raise ApiError(400, "invalid_cursor", str(exc)) from exc
+    except (KafkaError, command_log.CommandLogUnavailable) as exc:
+        raise ApiError(503, "command_log_unavailable", f"the command topic cannot be read: {exc}") from exc
+    return CommandLogPage(entries=[CommandLogEntry(**e) for e in entries], count=len(entries),
+                          next_cursor=next_cursor)
+
+
+@router.get("/command-log/export", tags=["command log"], response_class=StreamingResponse,
+            summary="Export the command log as JSON lines, in order, secrets redacted (admin)",
+            responses={200: {"description": "one redacted command envelope per line",
+                             "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                       **errors(400, 401, 403, 422)})
+async def export_command_log(
+    request: Request,
+    tenant_id: str | None = Query(None),
+    since: float | None = Query(None, ge=0, le=1e14, description=_TIME_DOC),
+    until: float | None = Query(None, ge=0, le=1e14, description=_TIME_DOC),
+    route: str | None = Query(None),
+    type: str | None = Query(None),
+) -> StreamingResponse:
+    st = state_of(request)
+    require_admin(authenticate(request, st))
+    filters = _filters(tenant_id, since, until, route, type)
+    try:
+        lines = await command_log.open_export(st.settings.kafka_bootstrap, filters)
+    except (KafkaError, command_log.CommandLogUnavailable) as exc:
+        raise ApiError(503, "command_log_unavailable", f"the command topic cannot be read: {exc}") from exc
+    return StreamingResponse(lines, media_type="application/x-ndjson",
+                             headers={"Content-Disposition": 'attachment; filename="command-log.ndjson"'})

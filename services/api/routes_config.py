@@ -11,34 +11,54 @@ from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.commands import ConfigRecord
 from services.api.deps import state_of
 from services.api.errors import ApiError
-from services.api.models import AccountIn, Ok, TenantCreated, TenantIn
+from services.api.models import AccountIn, ClientAuth, Ok, TenantCreated, TenantIn, errors
 from services.api.state import account_key
 from services.common.apikeys import new_api_key
+from services.common.crypto import SecretBox
 from services.common.topics import CONFIG_ACCOUNTS, CONFIG_APIKEYS, CONFIG_TENANTS
 
 router = APIRouter()
 
 
-def _client_auth(body: TenantIn, st_box, previous: dict | None) -> tuple[str, str | None, str | None]:
-    """(method, user, encrypted secret). Omitting client_auth on an update keeps the stored one."""
-    if body.client_auth is None:
-        if previous:
-            return (previous["client_auth_method"], previous.get("client_auth_user"),
-                    previous.get("client_auth_secret_enc"))
+def client_auth_fields(auth: ClientAuth | None, box: SecretBox) -> tuple[str, str | None, str | None]:
+    """(method, user, encrypted secret) of a client_auth object; secrets are encrypted before any topic."""
+    if auth is None or auth.method == "none":
         return "none", None, None
-    auth = body.client_auth
     if auth.method == "bearer":
         if not auth.token:
             raise ApiError(400, "invalid_client_auth", "client_auth.method=bearer needs a token")
-        return "bearer", None, st_box.encrypt(auth.token)
-    if auth.method == "basic":
-        if not auth.user or auth.password is None:
-            raise ApiError(400, "invalid_client_auth", "client_auth.method=basic needs user and password")
-        return "basic", auth.user, st_box.encrypt(auth.password)
-    return "none", None, None
+        return "bearer", None, box.encrypt(auth.token)
+    if not auth.user or auth.password is None:
+        raise ApiError(400, "invalid_client_auth", "client_auth.method=basic needs user and password")
+    return "basic", auth.user, box.encrypt(auth.password)
 
 
-@router.post("/tenant", tags=["tenants"], response_model=TenantCreated)
+def _client_auth(body: TenantIn, box: SecretBox, previous: dict | None) -> tuple[str, str | None, str | None]:
+    """Omitting client_auth on a re-POST keeps the stored one."""
+    if body.client_auth is None and previous:
+        return (previous["client_auth_method"], previous.get("client_auth_user"),
+                previous.get("client_auth_secret_enc"))
+    return client_auth_fields(body.client_auth, box)
+
+
+def key_expiry(expires_at: int | None, expires_in_days: float | None, now_ms: int) -> int | None:
+    """API key expiry in epoch ms from ``expires_at`` (unix seconds) or ``expires_in_days``."""
+    if expires_at is not None and expires_in_days is not None:
+        raise ApiError(400, "invalid_expiry", "give expires_at or expires_in_days, not both")
+    if expires_in_days is not None:
+        return now_ms + int(expires_in_days * 86_400_000)
+    if expires_at is not None:
+        if expires_at * 1000 <= now_ms:
+            raise ApiError(400, "invalid_expiry", "expires_at is in the past")
+        if expires_at > 253402300799:  # year 9999
+            raise ApiError(400, "invalid_expiry", "expires_at is too far in the future")
+        return expires_at * 1000
+    return None
+
+
+@router.post("/tenant", tags=["tenants"], response_model=TenantCreated,
+             summary="Create (or update) a tenant (admin); the API key is returned once, on creation",
+             responses=errors(400, 401, 403, 422))
 async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
     st = state_of(request)
     actor = authenticate(request, st)
@@ -65,9 +85,11 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
     records = [ConfigRecord(CONFIG_TENANTS, body.id, "Tenant", tenant)]
     api_key = None
     if previous is None:
+        expires_ts = key_expiry(body.expires_at, body.expires_in_days, now)
         api_key, key_id, key_hash = new_api_key(st.pepper)
         records.append(ConfigRecord(CONFIG_APIKEYS, key_id, "ApiKey", {
-            "key_id": key_id, "tenant_id": body.id, "key_hash": key_hash, "created_ts": now, "expires_ts": None,
+            "key_id": key_id, "tenant_id": body.id, "key_hash": key_hash, "created_ts": now,
+            "expires_ts": expires_ts,
         }))
     offsets = await st.writer.append_config(
         "tenant.create" if previous is None else "tenant.update", body.id, actor, "POST /tenant",
@@ -77,7 +99,8 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
     return TenantCreated(tenant_id=body.id, created=previous is None, api_key=api_key)
 
 
-@router.post("/account", tags=["accounts"], response_model=Ok)
+@router.post("/account", tags=["accounts"], response_model=Ok, summary="Add or update an SMTP account",
+             responses=errors(400, 401, 404, 422))
 async def upsert_account(body: AccountIn, request: Request) -> Ok:
     st = state_of(request)
     actor = authenticate(request, st)
