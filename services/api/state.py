@@ -17,7 +17,14 @@ from services.common.apikeys import pepper_from
 from services.common.config_view import ConfigView
 from services.common.crypto import SecretBox, load_secret_box
 from services.common.settings import Settings
-from services.common.topics import CONFIG_ACCOUNTS, CONFIG_APIKEYS, CONFIG_INSTANCE, CONFIG_SUSPENSIONS, CONFIG_TENANTS
+from services.common.topics import (
+    CONFIG_ACCOUNTS,
+    CONFIG_APIKEYS,
+    CONFIG_INSTANCE,
+    CONFIG_SUSPENSIONS,
+    CONFIG_TENANTS,
+    STATUS_SYNC,
+)
 
 log = logging.getLogger("postbus.api")
 
@@ -55,6 +62,8 @@ class ApiState:
     instance: ConfigView | None = None
     # per-tenant suspended batches (key tenant_id); see routes_lifecycle
     suspensions: ConfigView | None = None
+    # reporter's per-tenant sync status (key tenant_id); see routes_messages_read
+    sync_status: ConfigView | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> ApiState:
@@ -73,6 +82,7 @@ class ApiState:
             metrics=httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0),
             instance=ConfigView(bootstrap, CONFIG_INSTANCE, "Instance"),
             suspensions=ConfigView(bootstrap, CONFIG_SUSPENSIONS, "Suspension"),
+            sync_status=ConfigView(bootstrap, STATUS_SYNC, "SyncStatus"),
         )
 
     async def start(self) -> None:
@@ -82,6 +92,8 @@ class ApiState:
             await self.instance.start()
         if self.suspensions is not None:
             await self.suspensions.start()
+        if self.sync_status is not None:
+            await self.sync_status.start()
 
     async def stop(self) -> None:
         await asyncio.gather(self.tenants.stop(), self.accounts.stop(), self.apikeys.stop(),
@@ -90,6 +102,8 @@ class ApiState:
             await self.instance.stop()
         if self.suspensions is not None:
             await self.suspensions.stop()
+        if self.sync_status is not None:
+            await self.sync_status.stop()
         await self.writer.stop()
         await self.metrics.aclose()
 

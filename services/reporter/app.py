@@ -37,7 +37,15 @@ from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app
 from services.common.settings import get_settings
-from services.common.topics import COMMANDS, CONFIG_TENANTS, DEADLETTER, EVENTS, REPORTER_APP
+from services.common.topics import (
+    COMMANDS,
+    CONFIG_TENANTS,
+    DEADLETTER,
+    EVENTS,
+    REPORTER_APP,
+    REPORTS,
+    STATUS_SYNC,
+)
 from services.reporter import metrics
 from services.reporter.engine import Reporter
 from services.reporter.protocol import report_item
@@ -54,6 +62,8 @@ app = make_app(REPORTER_APP, settings.kafka_bootstrap, str(settings.state_dir / 
 events_topic = app.topic(EVENTS, key_serializer="raw", value_serializer="raw")
 commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw")
 deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer="raw")
+reports_topic = app.topic(REPORTS, key_serializer="raw", value_serializer="raw")
+status_topic = app.topic(STATUS_SYNC, key_serializer="raw", value_serializer="raw")
 
 # keys and values are JSON (Faust's default for untyped tables): str keys, dict values
 # changelog configs (fast compaction: each report writes pending, marker, tombstone) live with the
@@ -81,13 +91,23 @@ async def _ack(entries: list[tuple[str, int]]) -> None:
     """Make an acknowledgement durable: marker in the store and in the changelog, then flush the
     producer so only the few ms between the client's 2xx and this flush can re-send after a crash."""
     now = time.time()
+    acked: dict[str, tuple[list[str], list[str]]] = {}  # tenant -> (event ids, message ids)
     for key, partition in entries:
         old = pending_reports.data.get(key)
         offset = old.get("o", -1) if isinstance(old, dict) else -1
+        if isinstance(old, dict) and "r" in old:
+            tenant_id, _, event_id = key.partition(SEP)
+            eids, mids = acked.setdefault(tenant_id, ([], []))
+            eids.append(event_id)
+            mids.append(str(old["r"].get("id", "")))
         marker = {"a": now, "p": partition, "o": offset}
         pending_reports.data[key] = marker
         pending_reports.send_changelog(partition, key, marker)
         heapq.heappush(_markers.setdefault(partition, []), (offset, key))
+    # what was reported, for the message projection's reported_ts (metrics service)
+    for tenant_id, (eids, mids) in acked.items():
+        await reports_topic.send(key=tenant_id.encode(), value=codec().encode("ReportAck", {
+            "tenant_id": tenant_id, "event_ids": eids, "message_ids": mids, "ts": int(now * 1000)}))
     await app.producer.flush()
 
 
@@ -219,6 +239,33 @@ async def _expire_markers() -> None:
         log.debug("expired ack markers", extra={"count": n})
 
 
+@app.timer(interval=1.0)
+async def _publish_sync_status() -> None:
+    """Changed sync states -> compacted STATUS_SYNC (at most once per second per tenant)."""
+    for tenant_id in reporter.take_dirty():
+        st = reporter.state.get(tenant_id)
+        if st is None:
+            continue
+        try:
+            await status_topic.send(key=tenant_id.encode(), value=codec().encode("SyncStatus", {
+                "tenant_id": tenant_id, "last_sync_ts": st.last_sync_ts or None, "dnd_until": st.dnd_until or None,
+                "failures": st.failures, "last_outcome": st.last_outcome, "updated_ts": int(time.time() * 1000)}))
+        except Exception as exc:  # the next change publishes again; status is informational
+            log.warning("sync status not published", extra={"tenant_id": tenant_id, "error": repr(exc)})
+
+
+async def _restore_sync_status() -> None:
+    view = ConfigView(settings.kafka_bootstrap, STATUS_SYNC, "SyncStatus")
+    try:
+        await view.start()
+        for tenant_id, rec in view.items.items():
+            reporter.restore(tenant_id, rec.get("last_sync_ts"), rec.get("dnd_until"))
+    except Exception as exc:  # without it every tenant just gets an early sync call
+        log.warning("sync status not restored", extra={"error": repr(exc)})
+    finally:
+        await view.stop()
+
+
 @app.task
 async def _start_reporter() -> None:
     global _view, _admin
@@ -232,6 +279,7 @@ async def _start_reporter() -> None:
     await _view.start()
     _admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await _admin.start()
+    await _restore_sync_status()  # before the flusher starts: no early calls during a DND
     await reporter.start()
     log.info("reporter started", extra={"tenants": len(_view.items), "pending": reporter.pending_count()})
 

@@ -48,6 +48,8 @@ class Reporter:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._warned: set[str] = set()
         self._running = False
+        # tenants whose sync state changed since it was last published (STATUS_SYNC, debounced)
+        self.dirty: set[str] = set()
 
     # -- feeding --------------------------------------------------------------------------------
 
@@ -93,6 +95,7 @@ class Reporter:
             st = self._state(tid)
             if override_dnd and tenant_id:
                 st.dnd_until = 0.0
+                self.dirty.add(tid)
             st.force = True
             st.wake.set()
 
@@ -100,6 +103,18 @@ class Reporter:
         self._warned.discard(tenant_id)
         if tenant is not None or tenant_id in self.state:
             self._state(tenant_id).wake.set()
+
+    def restore(self, tenant_id: str, last_sync_ts: float | None, dnd_until: float | None) -> None:
+        """Seed a tenant's state from its last published status (a restart keeps DND and the
+        interval instead of calling every tenant at once)."""
+        st = self._state(tenant_id)
+        st.last_sync_ts = max(st.last_sync_ts, last_sync_ts or 0.0)
+        st.dnd_until = max(st.dnd_until, dnd_until or 0.0)
+        st.wake.set()
+
+    def take_dirty(self) -> list[str]:
+        out, self.dirty = sorted(self.dirty), set()
+        return out
 
     def sync_status(self) -> dict[str, dict[str, object]]:
         now = time.time()
@@ -235,6 +250,7 @@ class Reporter:
         metrics.SYNC_SECONDS.observe(time.perf_counter() - t0)
         metrics.SYNC_CALLS.labels(tenant_id, answer.outcome).inc()
         st.last_outcome = answer.outcome
+        self.dirty.add(tenant_id)
         now = time.time()
         if not answer.acked:
             st.failures += 1
