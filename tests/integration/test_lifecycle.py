@@ -198,3 +198,17 @@ def test_sender_exports_gmp_counters_at_zero_for_every_account(system, new_tenan
     for name in ("gmp_sent_total", "gmp_errors_total", "gmp_deferred_total", "gmp_rate_limited_total"):
         assert got[name] == 0.0, name
     assert "gmp_pending_messages" in got
+
+
+def test_deleting_an_account_ends_its_pending_mail_as_errors(new_tenant, smtp: RecordingSmtpServer) -> None:
+    t: Tenant = new_tenant()
+    assert t.http.post("/commands/suspend").status_code == 200
+    _add(t, t.message("orphan", subject="orphan-1"))
+    time.sleep(1.0)  # let the sender take the message in (held by the suspension)
+    r = t.http.delete(f"/account/{t.account_id}")
+    assert r.status_code == 200, r.text
+    report = t.client.wait_for_report(lambda x: x["id"] == "orphan" and "error_ts" in x)
+    assert report["error"] == "account deleted"
+    assert t.http.post("/commands/activate").status_code == 200
+    time.sleep(HOLD_WAIT_S / 2)
+    assert _subjects(smtp, t.id) == []
