@@ -113,13 +113,11 @@ async def list_messages(
         r = await st.metrics.get("/internal/messages", params={
             "tenant_id": tid, "active_only": str(active_only).lower(),
             "include_history": str(include_history).lower(), "limit": limit, "offset": offset})
+        r.raise_for_status()
+        body = r.json()
     except Exception as exc:
-        log.warning("metrics service unreachable", extra={"error": repr(exc)})
+        log.warning("message projection unavailable", extra={"error": repr(exc)})
         raise _unavailable() from exc
-    if r.status_code != 200:
-        log.warning("metrics service error", extra={"status": r.status_code})
-        raise _unavailable()
-    body = r.json()
     tenant = st.tenants.get(tid) or {}
     messages = body.get("messages", [])
     for m in messages:
