@@ -1,0 +1,153 @@
+"""Authorization matrix: every route of /openapi.json x {no token, bad token, another tenant's key,
+the target tenant's own key, admin}, with the expected status from the table below.
+
+The route list comes from the running API, so a route missing from ``ROUTES`` (or a stale row)
+fails ``test_every_route_is_in_the_table``: a new route cannot be forgotten."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ADMIN_TOKEN
+
+IDENTITIES = ("none", "bad", "other", "own", "admin")
+# auth level -> expected status per identity ("ok" = the route's success status)
+LEVELS: dict[str, dict[str, int | str]] = {
+    "public": dict.fromkeys(IDENTITIES, "ok"),
+    "any": {"none": 401, "bad": 401, "other": "ok", "own": "ok", "admin": "ok"},
+    # a tenant key naming another tenant: 401 tenant_mismatch (mail-proxy surface)
+    "tenant": {"none": 401, "bad": 401, "other": 401, "own": "ok", "admin": "ok"},
+    "admin": {"none": 401, "bad": 401, "other": 403, "own": 403, "admin": "ok"},
+    # tenant SMTP API seed: another tenant's token is 403 INSUFFICIENT_PERMISSIONS
+    "smtp": {"none": 401, "bad": 401, "other": 403, "own": "ok", "admin": "ok"},
+}
+FAR_FUTURE = 4102444800
+
+
+@dataclass(frozen=True)
+class Route:
+    level: str
+    query: dict[str, str] = field(default_factory=dict)  # "{tenant}" is replaced by the target tenant
+    body: Any = None
+    ok: int = 200
+    victim: bool = False  # the admin call destroys the target: use a throwaway tenant
+    overrides: dict[str, int] = field(default_factory=dict)
+    setup_account: bool = False  # (re)create account "authz-del" of the target before each call
+
+
+T = {"tenant_id": "{tenant}"}
+ROUTES: dict[tuple[str, str], Route] = {
+    ("GET", "/health"): Route("public"),
+    ("GET", "/metrics"): Route("public"),
+    ("GET", "/status"): Route("any"),
+    # run-now names no tenant: another tenant's key simply acts on its own tenant
+    ("POST", "/commands/run-now"): Route("tenant", overrides={"other": 200}),
+    ("POST", "/commands/add-messages"): Route("tenant", body={"messages": [{
+        "id": "authz-1", "tenant_id": "{tenant}", "account_id": "main", "from": "app@authz.test",
+        "to": ["bob@example.test"], "subject": "authz", "body": "b", "deferred_ts": FAR_FUTURE}]}),
+    ("POST", "/commands/suspend"): Route("tenant", query={**T, "batch_code": "authz-batch"}),
+    ("POST", "/commands/activate"): Route("tenant", query={**T, "batch_code": "authz-batch"}),
+    ("POST", "/commands/delete-messages"): Route("tenant", query=T, body={"ids": ["authz-none"]}),
+    ("POST", "/commands/cleanup-messages"): Route("tenant", query=T, body={}),
+    ("GET", "/messages"): Route("tenant", query=T),
+    ("POST", "/account"): Route("tenant", body={"id": "authz", "tenant_id": "{tenant}", "host": "smtp.example.test"}),
+    ("GET", "/accounts"): Route("tenant", query=T),
+    ("DELETE", "/account/{account_id}"): Route("tenant", query=T, setup_account=True),
+    ("POST", "/tenant"): Route("admin", body={"id": "authz-" + uuid.uuid4().hex[:8]}),
+    ("GET", "/tenants"): Route("admin"),
+    ("GET", "/tenants/sync-status"): Route("admin"),
+    ("GET", "/tenant/{tenant_id}"): Route("tenant"),
+    ("PUT", "/tenant/{tenant_id}"): Route("tenant", body={"name": "authz"}),
+    ("DELETE", "/tenant/{tenant_id}"): Route("admin", victim=True),
+    ("POST", "/tenant/{tenant_id}/api-key"): Route("admin", victim=True),
+    ("DELETE", "/tenant/{tenant_id}/api-key"): Route("admin", victim=True),
+    ("GET", "/instance"): Route("admin"),
+    ("PUT", "/instance"): Route("admin", body={}),
+    ("POST", "/instance/reload-bounce"): Route("admin"),
+    ("GET", "/command-log"): Route("admin", query={"limit": "1"}),
+    ("GET", "/command-log/export"): Route("admin", query=T),
+    ("GET", "/api/v1/tenants/{tenant_id}/smtp/metrics"): Route("smtp"),
+    ("GET", "/api/v1/tenants/{tenant_id}/smtp/status"): Route("smtp"),
+    ("GET", "/api/v1/tenants/{tenant_id}/smtp/config"): Route("smtp"),
+}
+
+
+@dataclass
+class Principal:
+    id: str
+    key: str
+
+
+@pytest.fixture(scope="module")
+def principals(system, admin: httpx.Client, smtp) -> Iterator[dict[str, Principal]]:
+    out = {}
+    for name in ("target", "other"):
+        tid = "az" + uuid.uuid4().hex[:10]
+        r = admin.post("/tenant", json={"id": tid, "name": tid})
+        assert r.status_code == 200, r.text
+        key = r.json()["api_key"]
+        r = admin.post("/account", json={"id": "main", "tenant_id": tid, "host": smtp.host, "port": smtp.port,
+                                         "use_tls": False})
+        assert r.status_code == 200, r.text
+        out[name] = Principal(tid, key)
+    yield out
+
+
+def _fill(value: Any, tenant: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{tenant}", tenant)
+    if isinstance(value, dict):
+        return {k: _fill(v, tenant) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, tenant) for v in value]
+    return value
+
+
+def test_every_route_is_in_the_table(admin: httpx.Client) -> None:
+    spec = admin.get("/openapi.json").json()
+    served = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops
+              if m in ("get", "post", "put", "delete", "patch")}
+    missing = served - set(ROUTES)
+    stale = set(ROUTES) - served
+    assert not missing, f"routes without an authorization row: {sorted(missing)}"
+    assert not stale, f"rows for routes the API does not serve: {sorted(stale)}"
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(ROUTES), ids=[f"{m} {p}" for m, p in sorted(ROUTES)])
+def test_authorization(method: str, path: str, system, admin: httpx.Client,
+                       principals: dict[str, Principal]) -> None:
+    route = ROUTES[(method, path)]
+    target = principals["target"]
+    if route.victim:
+        r = admin.post("/tenant", json={"id": "azv" + uuid.uuid4().hex[:10]})
+        assert r.status_code == 200, r.text
+        target = Principal(r.json()["tenant_id"], r.json()["api_key"])
+    tokens = {"none": None, "bad": "pbk_0123456789abcdef_not-a-real-secret", "other": principals["other"].key,
+              "own": target.key, "admin": ADMIN_TOKEN}
+    url = path.replace("{tenant_id}", target.id).replace("{account_id}", "authz-del")
+    failures = []
+    with httpx.Client(base_url=system.url("api"), timeout=30) as http:
+        for who in IDENTITIES:
+            if route.setup_account:
+                r = admin.post("/account", json={"id": "authz-del", "tenant_id": target.id,
+                                                 "host": "smtp.example.test"})
+                assert r.status_code == 200, r.text
+            expected = route.overrides.get(who, LEVELS[route.level][who])
+            expected = route.ok if expected == "ok" else expected
+            headers = {"X-API-Token": tokens[who]} if tokens[who] else {}
+            kwargs: dict[str, Any] = {"params": _fill(route.query, target.id), "headers": headers}
+            if route.body is not None:
+                kwargs["json"] = _fill(route.body, target.id)
+            r = http.request(method, url, **kwargs)
+            if r.status_code != expected:
+                failures.append(f"{who}: expected {expected}, got {r.status_code} {r.text[:200]}")
+            elif r.status_code in (401, 403) and not path.startswith("/api/v1/"):
+                err = r.json()["error"]
+                assert r.json()["ok"] is False and err["code"] and err["message"]
+    assert not failures, f"{method} {path}:\n" + "\n".join(failures)
