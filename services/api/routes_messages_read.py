@@ -108,7 +108,7 @@ async def list_messages(
     actor = authenticate(request, st)
     tid = scope_tenant(actor, tenant_id or None)
     if not tid:
-        raise ApiError(400, "tenant_id_required", "tenant_id is required with the admin token")
+        raise ApiError(400, "missing_tenant_id", "tenant_id is required with the admin token")
     try:
         r = await st.metrics.get("/internal/messages", params={
             "tenant_id": tid, "active_only": str(active_only).lower(),

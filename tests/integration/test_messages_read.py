@@ -86,7 +86,7 @@ def test_listing_is_tenant_scoped(new_tenant, admin: httpx.Client) -> None:
     assert r.status_code == 401 and r.json()["error"]["code"] == "tenant_mismatch"
     # the admin must name the tenant, and sees exactly that tenant's messages
     r = admin.get("/messages")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "tenant_id_required"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_tenant_id"
     r = wait_until(lambda: (x := admin.get("/messages", params={"tenant_id": b.id})).json()["messages"] and x,
                    what="b-1 listed for the admin")
     assert [m["id"] for m in r.json()["messages"]] == ["b-1"]
