@@ -212,3 +212,17 @@ def test_deleting_an_account_ends_its_pending_mail_as_errors(new_tenant, smtp: R
     assert t.http.post("/commands/activate").status_code == 200
     time.sleep(HOLD_WAIT_S / 2)
     assert _subjects(smtp, t.id) == []
+
+
+def test_held_mail_stays_held_across_a_sender_kill(system, new_tenant, smtp: RecordingSmtpServer) -> None:
+    t: Tenant = new_tenant()
+    assert t.http.post("/commands/suspend", params={"batch_code": "night"}).status_code == 200
+    _add(t, t.message("n-1", subject="night-1", batch_code="night"), t.message("d-1", subject="day-1"))
+    wait_until(lambda: _arrived(smtp, t.id, "day-1"), what="the unsuspended message")
+    system.kill_service("sender")
+    system.start_service("sender")
+    time.sleep(HOLD_WAIT_S)  # the restarted sender knows the suspension before it sends anything
+    assert "night-1" not in _subjects(smtp, t.id)
+    assert t.http.post("/commands/activate", params={"batch_code": "night"}).status_code == 200
+    wait_until(lambda: _arrived(smtp, t.id, "night-1"), timeout=60, what="held mail after the restart")
+    assert _subjects(smtp, t.id).count("night-1") == 1
