@@ -1,0 +1,105 @@
+"""What the outbound domain routes hold: the domains config view, the ledger's status view, and a
+follower of the ledger's results topic that hands each answer to the request waiting for it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.common.avro import DecodeError, codec
+from services.common.config_view import ConfigView
+from services.common.settings import Settings
+from services.common.topics import CONFIG_DOMAINS, DOMAIN_RESULTS, STATUS_DOMAINS
+
+log = logging.getLogger("postbus.api.domains")
+
+
+@dataclass
+class _Wait:
+    expected: int
+    results: list[dict[str, Any]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ResultFollower:
+    """Reads ``postbus.domain.results`` from its end at start-up (no consumer group: every API
+    process sees every result); a request registers its id before appending its command."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._waiting: dict[str, _Wait] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                          auto_offset_reset="latest", fetch_max_wait_ms=20)
+        await self._consumer.start()
+        parts = None
+        for _ in range(100):
+            parts = (await self._consumer._client.fetch_all_metadata()).partitions_for_topic(DOMAIN_RESULTS)
+            if parts:
+                break
+            await asyncio.sleep(0.1)
+        if not parts:
+            raise RuntimeError(f"topic {DOMAIN_RESULTS} does not exist (run the topic bootstrap)")
+        tps = [TopicPartition(DOMAIN_RESULTS, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the (lazy) seek now: results appended after start-up are all seen
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run(), name="domain-results")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer:
+            await self._consumer.stop()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+            for records in batches.values():
+                for rec in records:
+                    try:
+                        _, result = codec().decode(rec.value, expect="DomainResult")
+                    except DecodeError:
+                        continue
+                    wait = self._waiting.get(result["request_id"])
+                    if wait is not None:
+                        wait.results.append(result)
+                        if len(wait.results) >= wait.expected:
+                            wait.done.set()
+
+    def expect(self, request_id: str, count: int = 1) -> _Wait:
+        wait = _Wait(count)
+        self._waiting[request_id] = wait
+        return wait
+
+    def forget(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+
+
+@dataclass
+class DomainRuntime:
+    domains: ConfigView
+    status: ConfigView
+    results: ResultFollower
+
+    @classmethod
+    def build(cls, settings: Settings) -> DomainRuntime:
+        bootstrap = settings.kafka_bootstrap
+        return cls(ConfigView(bootstrap, CONFIG_DOMAINS, "Domain"),
+                   ConfigView(bootstrap, STATUS_DOMAINS, "DomainStatus"), ResultFollower(bootstrap))
+
+    async def start(self) -> None:
+        await asyncio.gather(self.domains.start(), self.status.start(), self.results.start())
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.domains.stop(), self.status.stop(), self.results.stop(), return_exceptions=True)

@@ -1,0 +1,362 @@
+"""Outbound domain API (seed: outbound-email-domain-api): limits, exact counters, native verification.
+
+A domain belongs to the tenant that registers it (``PUT /domains/{name}/outbound`` with its key;
+the admin names ``tenant_id``). Its config is a ``Domain`` record on ``postbus.config.domains``
+written with its command; counters live in the sender's outbound ledger, which applies the
+``domain.*`` commands in partition order and answers on ``postbus.domain.results``. Another
+tenant's domain is answered 404, as if it did not exist."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, Field
+
+from services.api.auth import authenticate, require_admin, scope_tenant
+from services.api.commands import Actor, CommandWriter, ConfigRecord
+from services.api.deps import state_of
+from services.api.domain_runtime import DomainRuntime
+from services.api.errors import ApiError
+from services.api.state import ApiState
+from services.common import dns_check
+from services.common import domain_quota as q
+from services.common.dkim_keys import dkim_txt_value, generate_dkim_key, verification_token
+from services.common.topics import COMMANDS, CONFIG_DOMAINS
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime = DomainRuntime.build(app.state.postbus.settings)
+    await runtime.start()
+    app.state.postbus_domains = runtime
+    try:
+        yield
+    finally:
+        await runtime.stop()
+
+
+router = APIRouter(tags=["outbound domains"], lifespan=_lifespan)
+
+_NAME = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid_domain, missing_tenant_id"},
+    401: {"description": "missing/invalid token, or tenant_mismatch"},
+    404: {"description": "domain_not_found (also for another tenant's domain), tenant_not_found"},
+    503: {"description": "ledger_unavailable: the outbound ledger did not answer in time"},
+}
+_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing/invalid token"},
+    403: {"description": "admin_required: needs the master (admin) token"},
+    503: {"description": "ledger_unavailable"},
+}
+
+
+class OutboundOut(BaseModel):
+    name: str = Field(..., description="Domain name")
+    outbound_tier: Literal["shared", "dedicated"]
+    outbound_status: Literal["active", "suspended"]
+    outbound_daily_limit: int = Field(..., description="Max emails/day (0 = unlimited)")
+    outbound_monthly_limit: int = Field(..., description="Max emails/month (0 = unlimited)")
+    outbound_sent_today: int = Field(..., description="Emails sent today (UTC)")
+    outbound_sent_month: int = Field(..., description="Emails sent this month (UTC)")
+    outbound_enforcement: Literal["soft", "hard"] = Field(..., description="soft (allow + bill) or hard (reject)")
+    bounce_count: int = Field(..., description="Bounces this period")
+    complaint_count: int = Field(..., description="Complaints this period")
+    bounce_rate: float = Field(..., description="Bounce rate (%) of this month's sent mail")
+    complaint_rate: float = Field(..., description="Complaint rate (%) of this month's sent mail")
+    ses_verified: bool = Field(..., description="Whether the domain's verification and DKIM records are verified")
+
+
+class OutboundUpdate(BaseModel):
+    outbound_daily_limit: int | None = Field(None, ge=0, le=2**62, description="Max emails/day (0 = unlimited)")
+    outbound_monthly_limit: int | None = Field(None, ge=0, le=2**62, description="Max emails/month (0 = unlimited)")
+    outbound_tier: Literal["shared", "dedicated"] | None = None
+    outbound_enforcement: Literal["soft", "hard"] | None = None
+    outbound_status: Literal["active", "suspended"] | None = None
+    tenant_id: str | None = Field(None, description="owner when the admin registers a new domain")
+
+
+class IncrementOut(BaseModel):
+    name: str
+    outbound_sent_today: int = Field(..., description="Updated daily counter")
+    outbound_sent_month: int = Field(..., description="Updated monthly counter")
+    allowed: bool = Field(..., description="Whether the email is allowed")
+    reason: str | None = Field(None, description="outbound_suspended[_soft], daily_limit_exceeded[_soft], "
+                                                 "monthly_limit_exceeded[_soft]; null when within limits")
+
+
+class DnsRecord(BaseModel):
+    type: Literal["TXT", "CNAME"]
+    name: str
+    value: str
+
+
+class SesVerifyOut(BaseModel):
+    name: str
+    ses_verification_token: str = Field(..., description="TXT record value for the verification record")
+    ses_dkim_tokens: list[str] = Field(..., description="DKIM selector(s) to publish under <selector>._domainkey")
+    ses_verified: bool
+    dns_records: list[DnsRecord]
+
+
+class SesStatusOut(BaseModel):
+    name: str
+    ses_verified: bool
+    verification_status: Literal["Pending", "Success", "Failed", "TemporaryFailure", "NotStarted"]
+    dkim_status: Literal["Pending", "Success", "Failed", "TemporaryFailure", "NotStarted"]
+
+
+class ResetDailyOut(BaseModel):
+    reset_count: int = Field(..., description="Number of domains reset")
+
+
+class FrozenOut(BaseModel):
+    name: str
+    partner_ref: str = Field(..., description="the owning tenant id")
+    outbound_sent_month: int
+    outbound_monthly_limit: int
+    bounce_count: int
+    complaint_count: int
+    bounce_rate: float
+    complaint_rate: float
+
+
+class ResetMonthlyOut(BaseModel):
+    frozen: list[FrozenOut] = Field(..., description="Per-domain frozen values before reset")
+    reset_count: int = Field(..., description="Number of domains reset")
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _runtime(request: Request) -> DomainRuntime:
+    return request.app.state.postbus_domains  # type: ignore[no-any-return]
+
+
+def _domain_name(name: str) -> str:
+    norm = name.strip().rstrip(".").lower()
+    if not _NAME.match(norm):
+        raise ApiError(400, "invalid_domain", "not a valid domain name")
+    return norm
+
+
+def _owned(actor: Actor, rt: DomainRuntime, name: str) -> dict[str, Any]:
+    rec = rt.domains.get(name)
+    if rec is None or (actor.kind != "admin" and rec["tenant_id"] != actor.tenant_id):
+        raise ApiError(404, "domain_not_found", f"domain {name!r} is not registered")
+    return rec
+
+
+def _new_record(st: ApiState, actor: Actor, name: str, tenant_id: str | None) -> dict[str, Any]:
+    """The default record of a domain a caller registers (a tenant key: for its own tenant)."""
+    tid = scope_tenant(actor, tenant_id)
+    if not tid:
+        raise ApiError(400, "missing_tenant_id", "tenant_id is required to register a domain with the admin token")
+    if st.tenants.get(tid) is None:
+        raise ApiError(404, "tenant_not_found", f"tenant {tid!r} does not exist")
+    now = q.now_ms()
+    return {"name": name, "tenant_id": tid, "tier": "shared", "status": "active", "daily_limit": 0,
+            "monthly_limit": 0, "enforcement": "soft", "verification_token": None, "dkim_selector": None,
+            "dkim_public_key": None, "dkim_private_key_enc": None, "verified": False,
+            "verification_status": dns_check.NOT_STARTED, "dkim_status": dns_check.NOT_STARTED,
+            "created_ts": now, "updated_ts": now}
+
+
+async def _save(st: ApiState, rt: DomainRuntime, actor: Actor, ctype: str, route: str, rec: dict[str, Any]) -> None:
+    """The command and the domain's new record in one transaction; returns once readable here."""
+    payload = {"request_id": uuid.uuid4().hex, "name": rec["name"], "tenant_id": rec["tenant_id"],
+               "status": rec["status"], "daily_limit": rec["daily_limit"], "monthly_limit": rec["monthly_limit"],
+               "enforcement": rec["enforcement"]}
+    offsets = await st.writer.append_config(ctype, rec["tenant_id"], actor, route, "DomainCommand", payload,
+                                            [ConfigRecord(CONFIG_DOMAINS, rec["name"], "Domain", rec)])
+    await rt.domains.wait_for(offsets[CONFIG_DOMAINS], st.settings.write_timeout_s)
+
+
+async def _wait_status(st: ApiState, rt: DomainRuntime, offset: int) -> None:
+    """Read-your-writes for GET after an increment/reset: the ledger's snapshot is applied here."""
+    if offset >= 0:
+        try:
+            await rt.status.wait_for({0: offset}, st.settings.write_timeout_s)
+        except TimeoutError:
+            pass  # the answer itself is exact; a GET may briefly show the previous snapshot
+
+
+def _outbound(rt: DomainRuntime, rec: dict[str, Any]) -> dict[str, Any]:
+    status = rt.status.get(rec["name"])
+    if status is not None and status["tenant_id"] != rec["tenant_id"]:
+        status = None
+    c = q.counters_at(status, q.now_ms())
+    return {
+        "name": rec["name"], "outbound_tier": rec["tier"], "outbound_status": rec["status"],
+        "outbound_daily_limit": rec["daily_limit"], "outbound_monthly_limit": rec["monthly_limit"],
+        "outbound_sent_today": c["sent_today"], "outbound_sent_month": c["sent_month"],
+        "outbound_enforcement": rec["enforcement"], "bounce_count": c["bounce_count"],
+        "complaint_count": c["complaint_count"], "bounce_rate": q.rate(c["bounce_count"], c["sent_month"]),
+        "complaint_rate": q.rate(c["complaint_count"], c["sent_month"]), "ses_verified": rec["verified"],
+    }
+
+
+async def _ledger_results(st: ApiState, rt: DomainRuntime, request_id: str, count: int,
+                          send: Any) -> list[dict[str, Any]]:
+    wait = rt.results.expect(request_id, count)
+    try:
+        await send()
+        try:
+            await asyncio.wait_for(wait.done.wait(), st.settings.domain_result_timeout_s)
+        except TimeoutError:
+            raise ApiError(503, "ledger_unavailable", "the outbound ledger did not answer in time; the request "
+                           "is queued and may still be applied") from None
+        return wait.results
+    finally:
+        rt.results.forget(request_id)
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+@router.get("/domains/{name}/outbound", response_model=OutboundOut, responses=_ERRORS,
+            summary="Outbound configuration and counters of a domain")
+async def get_outbound(name: str, request: Request) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    return _outbound(rt, _owned(actor, rt, _domain_name(name)))
+
+
+@router.put("/domains/{name}/outbound", response_model=OutboundOut, responses=_ERRORS,
+            summary="Update limits, tier, enforcement or status (registers an unknown domain)")
+async def put_outbound(name: str, request: Request, body: OutboundUpdate | None = None) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    name = _domain_name(name)
+    body = body or OutboundUpdate()
+    existing = rt.domains.get(name)
+    if existing is None:
+        rec = _new_record(st, actor, name, body.tenant_id)
+    else:
+        rec = dict(_owned(actor, rt, name))
+        if body.tenant_id is not None and body.tenant_id != rec["tenant_id"]:
+            scope_tenant(actor, body.tenant_id)  # a tenant key naming another tenant: 401 tenant_mismatch
+            raise ApiError(409, "domain_tenant_conflict", "the domain is registered to another tenant")
+    for field, key in (("outbound_daily_limit", "daily_limit"), ("outbound_monthly_limit", "monthly_limit"),
+                       ("outbound_tier", "tier"), ("outbound_enforcement", "enforcement"),
+                       ("outbound_status", "status")):
+        value = getattr(body, field)
+        if value is not None:
+            rec[key] = value
+    rec["updated_ts"] = q.now_ms()
+    await _save(st, rt, actor, "domain.update", "PUT /domains/{name}/outbound", rec)
+    return _outbound(rt, rec)
+
+
+@router.post("/domains/{name}/outbound/increment", response_model=IncrementOut, responses=_ERRORS,
+             summary="Check quotas and count one outgoing email (atomic, exact under concurrency)")
+async def increment(name: str, request: Request) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    rec = _owned(actor, rt, _domain_name(name))
+    request_id = uuid.uuid4().hex
+    payload = {"request_id": request_id, "name": rec["name"], "tenant_id": rec["tenant_id"]}
+
+    async def send() -> None:
+        await st.writer.append("domain.increment", rec["tenant_id"], actor, "POST /domains/{name}/outbound/increment",
+                               "DomainCommand", payload)
+
+    (result,) = await _ledger_results(st, rt, request_id, 1, send)
+    if not result["found"]:
+        raise ApiError(404, "domain_not_found", f"domain {rec['name']!r} is not registered")
+    await _wait_status(st, rt, result["status_offset"])
+    return {"name": rec["name"], "outbound_sent_today": result["sent_today"],
+            "outbound_sent_month": result["sent_month"], "allowed": result["allowed"], "reason": result["reason"]}
+
+
+async def _reset(request: Request, ctype: str, route: str) -> list[dict[str, Any]]:
+    """One reset command per partition of the command log (the ledger is partitioned by tenant);
+    returns every partition's answer."""
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    require_admin(actor)
+    request_id = uuid.uuid4().hex
+    partitions = sorted(await st.writer.producer.partitions_for(COMMANDS))
+
+    async def send() -> None:
+        futures = []
+        for p in partitions:
+            _, value = CommandWriter.envelope(ctype, None, actor, route, "DomainCommand", {"request_id": request_id})
+            futures.append(await st.writer.producer.send(COMMANDS, value=value, key=b"", partition=p))
+        await asyncio.gather(*futures)
+
+    results = await _ledger_results(st, rt, request_id, len(partitions), send)
+    await _wait_status(st, rt, max(r["status_offset"] for r in results))
+    return results
+
+
+@router.post("/outbound/reset-daily", response_model=ResetDailyOut, responses=_ADMIN_ERRORS,
+             summary="Reset every domain's daily counter (master token)")
+async def reset_daily(request: Request) -> dict[str, Any]:
+    results = await _reset(request, "domain.reset_daily", "POST /outbound/reset-daily")
+    return {"reset_count": sum(r["reset_count"] for r in results)}
+
+
+@router.post("/outbound/reset-monthly", response_model=ResetMonthlyOut, responses=_ADMIN_ERRORS,
+             summary="Freeze monthly counters for billing, then reset them (master token)")
+async def reset_monthly(request: Request) -> dict[str, Any]:
+    results = await _reset(request, "domain.reset_monthly", "POST /outbound/reset-monthly")
+    frozen = sorted((f for r in results for f in r["frozen"]), key=lambda f: f["name"])
+    return {"frozen": frozen, "reset_count": sum(r["reset_count"] for r in results)}
+
+
+def _dns_records(prefix: str, rec: dict[str, Any]) -> list[dict[str, str]]:
+    return [
+        {"type": "TXT", "name": f"{prefix}.{rec['name']}", "value": rec["verification_token"]},
+        {"type": "TXT", "name": f"{rec['dkim_selector']}._domainkey.{rec['name']}",
+         "value": dkim_txt_value(rec["dkim_public_key"])},
+    ]
+
+
+@router.post("/domains/{name}/ses-verify", response_model=SesVerifyOut, responses=_ERRORS,
+             summary="Start verification: a TXT token and an RSA-2048 DKIM key; returns the DNS records")
+async def ses_verify(name: str, request: Request) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    name = _domain_name(name)
+    existing = rt.domains.get(name)
+    if existing is None and actor.kind == "admin":
+        raise ApiError(404, "domain_not_found", f"domain {name!r} is not registered")
+    rec = dict(_owned(actor, rt, name)) if existing is not None else _new_record(st, actor, name, None)
+    if not (rec.get("verification_token") and rec.get("dkim_public_key")):
+        key = await asyncio.to_thread(generate_dkim_key)
+        rec.update(verification_token=verification_token(), dkim_selector=key.selector,
+                   dkim_public_key=key.public_key_b64, dkim_private_key_enc=st.box.encrypt(key.private_key_pem),
+                   verification_status=dns_check.PENDING, dkim_status=dns_check.PENDING, updated_ts=q.now_ms())
+        # a new domain's first command must be domain.update: it creates the ledger entry
+        ctype = "domain.update" if existing is None else "domain.verify"
+        await _save(st, rt, actor, ctype, "POST /domains/{name}/ses-verify", rec)
+    return {"name": name, "ses_verification_token": rec["verification_token"],
+            "ses_dkim_tokens": [rec["dkim_selector"]], "ses_verified": rec["verified"],
+            "dns_records": _dns_records(st.settings.domain_verification_prefix, rec)}
+
+
+@router.get("/domains/{name}/ses-status", response_model=SesStatusOut, responses=_ERRORS,
+            summary="Check the published DNS records; marks the domain verified once both match")
+async def ses_status(name: str, request: Request) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    rec = _owned(actor, rt, _domain_name(name))
+    if not rec.get("verification_token") or not rec.get("dkim_public_key"):
+        return {"name": rec["name"], "ses_verified": rec["verified"], "verification_status": dns_check.NOT_STARTED,
+                "dkim_status": dns_check.NOT_STARTED}
+    resolver = dns_check.make_resolver(st.settings.dns_resolvers, st.settings.dns_timeout_s)
+    prefix = st.settings.domain_verification_prefix
+    vstatus, dstatus = await asyncio.gather(
+        dns_check.check_token(resolver, f"{prefix}.{rec['name']}", rec["verification_token"]),
+        dns_check.check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]))
+    verified = rec["verified"] or (vstatus == dstatus == dns_check.SUCCESS)
+    if (verified, vstatus, dstatus) != (rec["verified"], rec["verification_status"], rec["dkim_status"]):
+        new = {**rec, "verified": verified, "verification_status": vstatus, "dkim_status": dstatus,
+               "updated_ts": q.now_ms()}
+        await _save(st, rt, actor, "domain.verification", "GET /domains/{name}/ses-status", new)
+    return {"name": rec["name"], "ses_verified": verified, "verification_status": vstatus, "dkim_status": dstatus}

@@ -1,0 +1,158 @@
+"""The outbound ledger: exact per-domain counters, decided in command order.
+
+A second agent on ``postbus.commands`` (next to the sender's ingest) applies the ``domain.*``
+commands. They are keyed by the domain's tenant, so all commands of a domain are serialised on one
+partition and the check-and-count of ``domain.increment`` needs no lock. State lives in the
+changelog-backed table ``domain_ledger`` (key = domain name, written on the command's partition).
+Each change is published as a ``DomainStatus`` snapshot (compacted, read by the API) and each
+request is answered with a ``DomainResult`` the API is waiting for. An entry remembers the offset
+of the last command applied to it, so a command re-read after a crash is answered again but never
+counted twice. Resets are appended once per partition and touch the domains of that partition."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from services.common import domain_quota as q
+from services.common.avro import DecodeError, codec
+from services.common.topics import BILLING, DOMAIN_RESULTS, STATUS_DOMAINS
+from services.sender.app import app, commands_topic, settings
+
+log = logging.getLogger("postbus.sender.domains")
+
+ledger = app.Table("domain_ledger", partitions=settings.topic_partitions)
+results_topic = app.topic(DOMAIN_RESULTS, key_serializer="raw", value_serializer="raw", internal=False)
+status_topic = app.topic(STATUS_DOMAINS, key_serializer="raw", value_serializer="raw", internal=False)
+billing_topic = app.topic(BILLING, key_serializer="raw", value_serializer="raw", internal=False)
+
+ROLLOVER_INTERVAL_S = 60.0
+# the domain commands that change counters or limits (others, e.g. verification, are config only)
+LEDGER_COMMANDS = frozenset({"domain.update", "domain.increment", "domain.feedback", "domain.reset_daily",
+                             "domain.reset_monthly"})
+
+
+@app.agent(commands_topic)
+async def domain_commands(stream: Any) -> None:
+    async for event in stream.events():
+        try:
+            _, env = codec().decode(event.value, expect="CommandEnvelope")
+            if env["type"] not in LEDGER_COMMANDS:
+                continue
+            _, cmd = codec().decode(env["payload"], expect="DomainCommand")
+        except DecodeError:
+            continue  # the ingest agent dead-letters undecodable commands
+        try:
+            await _apply(env, cmd, event.message.partition, event.message.offset)
+        except Exception:
+            log.exception("domain command failed", extra={"type": env["type"], "offset": event.message.offset})
+
+
+async def _apply(env: dict[str, Any], cmd: dict[str, Any], partition: int, offset: int) -> None:
+    ctype, ts = env["type"], int(env["ts"])
+    if ctype in ("domain.reset_daily", "domain.reset_monthly"):
+        await _reset(cmd, ctype == "domain.reset_monthly", partition, offset, ts)
+        return
+    name, tenant_id = cmd["name"], cmd["tenant_id"] or env.get("tenant_id") or ""
+    current = ledger.data.get(name)
+    if current is not None and current["tenant"] != tenant_id:
+        log.warning("domain command for another tenant's domain ignored", extra={"domain": name})
+        await _answer(cmd, tenant_id, found=False)
+        return
+    if current is None and ctype != "domain.update":
+        await _answer(cmd, tenant_id, found=False)
+        return
+    entry = dict(current) if current is not None else q.new_entry(name, tenant_id, partition, ts)
+    billing = q.roll(entry, ts)
+    fresh = offset > entry["off"]
+    if ctype == "domain.update":
+        for field, key in (("status", "status"), ("daily_limit", "daily"), ("monthly_limit", "monthly"),
+                           ("enforcement", "enf")):
+            if cmd.get(field) is not None:
+                entry[key] = cmd[field]
+    elif ctype == "domain.increment" and fresh:
+        allowed, reason = q.decide(entry)
+        entry["res"] = [allowed, reason]
+    elif ctype == "domain.feedback" and fresh:
+        entry["bounce"] += cmd["bounces"]
+        entry["compl"] += cmd["complaints"]
+    entry["off"] = max(entry["off"], offset)
+    status_offset = await _write([(entry, billing)], ts)
+    allowed, reason = entry["res"] if ctype == "domain.increment" else (True, None)
+    await _answer(cmd, tenant_id, allowed=allowed, reason=reason, sent_today=entry["today"],
+                  sent_month=entry["msent"], status_offset=status_offset)
+
+
+async def _reset(cmd: dict[str, Any], monthly: bool, partition: int, offset: int, ts: int) -> None:
+    """Every domain of this partition: the daily (or monthly) counters go to zero; the monthly
+    reset freezes the month's counters into a billing record first."""
+    changes: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    frozen: list[dict[str, Any]] = []
+    for name, current in list(ledger.data.items()):
+        if current.get("p") != partition:
+            continue
+        entry = dict(current)
+        billing = q.roll(entry, ts)
+        if offset > entry["off"]:  # not already reset by this very command (replay)
+            if monthly:
+                record = q.frozen(entry, "reset", ts)
+                frozen.append(record)
+                if billing is None:
+                    billing = record
+                else:  # the rollover froze the ended month; the reset freezes the (empty) new one
+                    changes.append((dict(entry), billing))
+                    billing = record
+                q.reset_month(entry, entry["month"])
+            else:
+                entry["today"] = 0
+            entry["off"] = offset
+        changes.append((entry, billing))
+        log.debug("domain reset", extra={"domain": name, "monthly": monthly})
+    status_offset = await _write(changes, ts)
+    await _answer(cmd, cmd.get("tenant_id") or "", reset_count=len({e["name"] for e, _ in changes}),
+                  frozen=frozen, status_offset=status_offset)
+
+
+async def _write(changes: list[tuple[dict[str, Any], dict[str, Any] | None]], ts: int) -> int:
+    """Table (changelog), status snapshots and billing records, all acknowledged on return.
+    Returns the offset of the last status snapshot (-1 if none)."""
+    c = codec()
+    futures = []
+    status_futures = []
+    for entry, billing in changes:
+        name = entry["name"]
+        ledger.data[name] = entry
+        futures.append(await ledger.changelog_topic.send(
+            key=name, value=entry, partition=entry["p"], key_serializer=ledger.key_serializer,
+            value_serializer=ledger.value_serializer, force=True))
+        status_futures.append(await status_topic.send(
+            key=name.encode(), value=c.encode("DomainStatus", q.status_record(entry, ts))))
+        if billing is not None:
+            futures.append(await billing_topic.send(key=name.encode(), value=c.encode("BillingRecord", billing)))
+    await asyncio.gather(*futures)
+    metas = await asyncio.gather(*status_futures)
+    return max((md.offset for md in metas), default=-1)
+
+
+async def _answer(cmd: dict[str, Any], tenant_id: str, *, found: bool = True, allowed: bool = False,
+                  reason: str | None = None, sent_today: int = 0, sent_month: int = 0, reset_count: int = 0,
+                  frozen: list[dict[str, Any]] | None = None, status_offset: int = -1) -> None:
+    result = {"request_id": cmd["request_id"], "name": cmd.get("name"), "found": found, "allowed": allowed,
+              "reason": reason, "sent_today": sent_today, "sent_month": sent_month, "reset_count": reset_count,
+              "frozen": frozen or [], "status_offset": status_offset}
+    fut = await results_topic.send(key=tenant_id.encode(), value=codec().encode("DomainResult", result))
+    await fut
+
+
+@app.timer(ROLLOVER_INTERVAL_S)
+async def _rollover() -> None:
+    """Day and month roll over at UTC midnight even for a domain that sends nothing: the ended
+    month's counters go to billing, the snapshots the API reads go to zero. Idempotent (state-based)."""
+    ts = q.now_ms()
+    day, month = q.period(ts)
+    stale = [dict(e) for e in list(ledger.data.values()) if e["day"] < day or e["month"] < month]
+    changes = [(entry, q.roll(entry, ts)) for entry in stale]
+    if changes:
+        await _write(changes, ts)
+        log.info("outbound counters rolled over", extra={"domains": len(changes), "day": day})

@@ -1,0 +1,319 @@
+"""Outbound domain API (seed: outbound-email-domain-api) over HTTP against the running system:
+registration, limits with every documented reason, exact counters under concurrency, resets with
+frozen billing values, tenant isolation, and native verification checked against a DNS server on
+loopback that the test controls."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from dnslib import QTYPE, RR, TXT
+from dnslib.server import BaseResolver, DNSServer
+
+from infra.supervisor import LocalSystem, free_port
+from tests.integration.conftest import Tenant, wait_until
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+OUTBOUND_FIELDS = {"name", "outbound_tier", "outbound_status", "outbound_daily_limit", "outbound_monthly_limit",
+                   "outbound_sent_today", "outbound_sent_month", "outbound_enforcement", "bounce_count",
+                   "complaint_count", "bounce_rate", "complaint_rate", "ses_verified"}
+
+
+def domain() -> str:
+    return f"d{uuid.uuid4().hex[:10]}.example.test"
+
+
+def register(t: Tenant, name: str, **fields: Any) -> dict[str, Any]:
+    r = t.http.put(f"/domains/{name}/outbound", json=fields)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def inc(client: httpx.Client, name: str) -> dict[str, Any]:
+    r = client.post(f"/domains/{name}/outbound/increment")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_register_defaults_and_partial_update(new_tenant: Callable[..., Tenant], admin: httpx.Client) -> None:
+    t = new_tenant()
+    name = domain()
+    assert t.http.get(f"/domains/{name}/outbound").status_code == 404
+    created = register(t, name)
+    assert set(created) == OUTBOUND_FIELDS
+    assert created == {"name": name, "outbound_tier": "shared", "outbound_status": "active",
+                       "outbound_daily_limit": 0, "outbound_monthly_limit": 0, "outbound_sent_today": 0,
+                       "outbound_sent_month": 0, "outbound_enforcement": "soft", "bounce_count": 0,
+                       "complaint_count": 0, "bounce_rate": 0.0, "complaint_rate": 0.0, "ses_verified": False}
+    updated = register(t, name, outbound_daily_limit=500, outbound_monthly_limit=10000)
+    assert (updated["outbound_daily_limit"], updated["outbound_monthly_limit"]) == (500, 10000)
+    updated = register(t, name, outbound_tier="dedicated", outbound_enforcement="hard")
+    assert updated["outbound_daily_limit"] == 500  # untouched by a partial update
+    assert (updated["outbound_tier"], updated["outbound_enforcement"]) == ("dedicated", "hard")
+    assert t.http.get(f"/domains/{name.upper()}/outbound").json() == updated  # names are case-insensitive
+    assert admin.get(f"/domains/{name}/outbound").json() == updated
+
+    for bad in ({"outbound_tier": "gold"}, {"outbound_daily_limit": -1}, {"outbound_enforcement": "maybe"},
+                {"outbound_status": "paused"}):
+        r = t.http.put(f"/domains/{name}/outbound", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["ok"] is False
+    r = t.http.get("/domains/not_a_domain/outbound")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_domain"
+
+    # the admin registers for a named tenant only
+    other = domain()
+    r = admin.put(f"/domains/{other}/outbound", json={})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_tenant_id"
+    r = admin.put(f"/domains/{other}/outbound", json={"tenant_id": "no-such-tenant"})
+    assert r.status_code == 404
+    r = admin.put(f"/domains/{other}/outbound", json={"tenant_id": t.id, "outbound_daily_limit": 7})
+    assert r.status_code == 200 and r.json()["outbound_daily_limit"] == 7
+    assert t.http.get(f"/domains/{other}/outbound").json()["outbound_daily_limit"] == 7
+
+
+def test_tenant_isolation(new_tenant: Callable[..., Tenant]) -> None:
+    a, b = new_tenant(), new_tenant()
+    name = domain()
+    register(a, name, outbound_daily_limit=5)
+    inc(a.http, name)
+    for method, path in (("GET", "outbound"), ("PUT", "outbound"), ("POST", "outbound/increment"),
+                         ("POST", "ses-verify"), ("GET", "ses-status")):
+        r = b.http.request(method, f"/domains/{name}/{path}", json={} if method == "PUT" else None)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"]["code"] == "domain_not_found"
+    r = b.http.put(f"/domains/{domain()}/outbound", json={"tenant_id": a.id})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "tenant_mismatch"
+    for path in ("/outbound/reset-daily", "/outbound/reset-monthly"):
+        assert a.http.post(path).status_code == 403
+    assert httpx.post(f"{str(a.http.base_url).rstrip('/')}/domains/{name}/outbound/increment").status_code == 401
+    after = a.http.get(f"/domains/{name}/outbound").json()
+    assert (after["outbound_sent_today"], after["outbound_daily_limit"]) == (1, 5)  # nothing B did counted
+
+
+@pytest.mark.parametrize("enforcement", ["hard", "soft"])
+def test_limits_and_reasons(new_tenant: Callable[..., Tenant], enforcement: str) -> None:
+    t = new_tenant()
+    name = domain()
+    register(t, name, outbound_daily_limit=2, outbound_enforcement=enforcement)
+    assert inc(t.http, name) == {"name": name, "outbound_sent_today": 1, "outbound_sent_month": 1,
+                                 "allowed": True, "reason": None}
+    assert inc(t.http, name)["reason"] is None
+    third = inc(t.http, name)
+    sent = 2 if enforcement == "hard" else 3
+    if enforcement == "hard":
+        assert (third["allowed"], third["reason"]) == (False, "daily_limit_exceeded")
+    else:
+        assert (third["allowed"], third["reason"]) == (True, "daily_limit_exceeded_soft")
+    assert (third["outbound_sent_today"], third["outbound_sent_month"]) == (sent, sent)
+
+    register(t, name, outbound_daily_limit=0, outbound_monthly_limit=sent + 1)
+    assert inc(t.http, name)["reason"] is None
+    fourth = inc(t.http, name)
+    if enforcement == "hard":
+        assert (fourth["allowed"], fourth["reason"], fourth["outbound_sent_month"]) == (
+            False, "monthly_limit_exceeded", sent + 1)
+    else:
+        assert (fourth["allowed"], fourth["reason"], fourth["outbound_sent_month"]) == (
+            True, "monthly_limit_exceeded_soft", sent + 2)
+
+    register(t, name, outbound_monthly_limit=0, outbound_status="suspended")
+    fifth = inc(t.http, name)
+    expected = (False, "outbound_suspended") if enforcement == "hard" else (True, "outbound_suspended_soft")
+    assert (fifth["allowed"], fifth["reason"]) == expected
+    got = t.http.get(f"/domains/{name}/outbound").json()
+    assert got["outbound_sent_today"] == fifth["outbound_sent_today"]
+    assert got["outbound_sent_month"] == fifth["outbound_sent_month"]
+    register(t, name, outbound_status="active")
+    assert inc(t.http, name)["reason"] is None
+
+
+def test_concurrent_increments_are_exact(new_tenant: Callable[..., Tenant]) -> None:
+    t = new_tenant()
+    name = domain()
+    register(t, name, outbound_daily_limit=30, outbound_enforcement="hard")
+
+    async def burst() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=str(t.http.base_url), headers={"X-API-Token": t.api_key},
+                                     timeout=60) as c:
+            responses = await asyncio.gather(*(c.post(f"/domains/{name}/outbound/increment") for _ in range(50)))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        return [r.json() for r in responses]
+
+    results = asyncio.run(burst())
+    allowed = [r for r in results if r["allowed"]]
+    assert len(allowed) == 30
+    # every allowed call saw its own count: no lost or double increments
+    assert sorted(r["outbound_sent_today"] for r in allowed) == list(range(1, 31))
+    assert all(r["reason"] == "daily_limit_exceeded" and r["outbound_sent_today"] == 30
+               for r in results if not r["allowed"])
+    got = t.http.get(f"/domains/{name}/outbound").json()
+    assert (got["outbound_sent_today"], got["outbound_sent_month"]) == (30, 30)
+
+
+def test_reset_daily_and_monthly(new_tenant: Callable[..., Tenant], admin: httpx.Client) -> None:
+    a, b = new_tenant(), new_tenant()
+    da, db = domain(), domain()
+    register(a, da, outbound_monthly_limit=100)
+    register(b, db)
+    for _ in range(3):
+        inc(a.http, da)
+    inc(b.http, db)
+
+    r = admin.post("/outbound/reset-daily")
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"reset_count"} and r.json()["reset_count"] >= 2
+    got = a.http.get(f"/domains/{da}/outbound").json()
+    assert (got["outbound_sent_today"], got["outbound_sent_month"]) == (0, 3)
+    assert inc(a.http, da)["outbound_sent_today"] == 1
+
+    r = admin.post("/outbound/reset-monthly")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"frozen", "reset_count"} and body["reset_count"] >= 2
+    frozen = {f["name"]: f for f in body["frozen"]}
+    assert frozen[da] == {"name": da, "partner_ref": a.id, "outbound_sent_month": 4, "outbound_monthly_limit": 100,
+                          "bounce_count": 0, "complaint_count": 0, "bounce_rate": 0.0, "complaint_rate": 0.0}
+    assert frozen[db]["outbound_sent_month"] == 1 and frozen[db]["partner_ref"] == b.id
+    # the monthly reset zeroes the month's counters; the day's counter is the daily reset's business
+    got = a.http.get(f"/domains/{da}/outbound").json()
+    assert (got["outbound_sent_today"], got["outbound_sent_month"], got["bounce_count"]) == (1, 0, 0)
+    assert b.http.get(f"/domains/{db}/outbound").json()["outbound_sent_month"] == 0
+    assert inc(a.http, da)["outbound_sent_month"] == 1
+
+
+def test_ses_verify_shape(new_tenant: Callable[..., Tenant]) -> None:
+    t = new_tenant()
+    name = domain()  # ses-verify with a tenant key registers the domain if needed
+    r = t.http.post(f"/domains/{name}/ses-verify")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"name", "ses_verification_token", "ses_dkim_tokens", "ses_verified", "dns_records"}
+    assert body["name"] == name and body["ses_verified"] is False and len(body["ses_dkim_tokens"]) == 1
+    selector = body["ses_dkim_tokens"][0]
+    records = {rec["name"]: rec for rec in body["dns_records"]}
+    assert records[f"_amazonses.{name}"] == {"type": "TXT", "name": f"_amazonses.{name}",
+                                              "value": body["ses_verification_token"]}
+    dkim = records[f"{selector}._domainkey.{name}"]
+    assert dkim["type"] == "TXT" and dkim["value"].startswith("v=DKIM1; k=rsa; p=")
+    key = load_der_public_key(base64.b64decode(dkim["value"].split("p=", 1)[1]))
+    assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048
+    assert "PRIVATE" not in r.text
+    again = t.http.post(f"/domains/{name}/ses-verify").json()
+    assert again == body  # the same material until it is rotated
+    assert t.http.get(f"/domains/{name}/outbound").json()["ses_verified"] is False
+
+
+# --- verification against a DNS server on loopback -------------------------------------------------
+
+class _Zone(BaseResolver):
+    """TXT records the test publishes; everything else is NXDOMAIN."""
+
+    def __init__(self) -> None:
+        self.txt: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        reply = request.reply()
+        qname = str(request.q.qname).rstrip(".").lower()
+        with self.lock:
+            values = list(self.txt.get(qname, []))
+        if not values:
+            reply.header.rcode = 3  # NXDOMAIN
+            return reply
+        if request.q.qtype == QTYPE.TXT:
+            for v in values:
+                chunks = [v[i:i + 255] for i in range(0, len(v), 255)]  # TXT strings are at most 255 bytes
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(chunks), ttl=1))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def dns_api(system: LocalSystem) -> Iterator[tuple[str, _Zone]]:
+    """A DNS server on loopback, and a second API process that resolves through it."""
+    zone = _Zone()
+    port = free_port()
+    server = DNSServer(zone, port=port, address="127.0.0.1", tcp=False)
+    server.start_thread()
+    api_port = free_port()
+    env = system.service_env()
+    env.update(POSTBUS_API_PORT=str(api_port), POSTBUS_DNS_RESOLVERS=f"127.0.0.1:{port}", POSTBUS_DNS_TIMEOUT_S="2")
+    log = (system.logs_dir / "api-dns.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "services.api"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{api_port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, "the DNS-checking API exited"
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, timeout=90, what="second API")
+        yield url, zone
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        server.stop()
+
+
+def test_ses_status_against_published_records(new_tenant: Callable[..., Tenant],
+                                               dns_api: tuple[str, _Zone]) -> None:
+    url, zone = dns_api
+    t = new_tenant()
+    name = domain()
+    with httpx.Client(base_url=url, headers={"X-API-Token": t.api_key}, timeout=30) as http:
+        assert http.put(f"/domains/{name}/outbound", json={}).status_code == 200
+        r = http.get(f"/domains/{name}/ses-status")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"name": name, "ses_verified": False, "verification_status": "NotStarted",
+                            "dkim_status": "NotStarted"}
+        body = http.post(f"/domains/{name}/ses-verify").json()
+        records = {rec["name"]: rec["value"] for rec in body["dns_records"]}
+        token_name = f"_amazonses.{name}"
+        dkim_name = next(n for n in records if n != token_name)
+
+        def status() -> dict[str, Any]:
+            r = http.get(f"/domains/{name}/ses-status")
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert status() == {"name": name, "ses_verified": False, "verification_status": "Pending",
+                            "dkim_status": "Pending"}
+        with zone.lock:  # wrong values published: Failed
+            zone.txt[token_name] = ["not-the-token"]
+            zone.txt[dkim_name] = ["v=DKIM1; k=rsa; p=AAAA"]
+        got = status()
+        assert (got["verification_status"], got["dkim_status"], got["ses_verified"]) == ("Failed", "Failed", False)
+        with zone.lock:  # the token only: still not verified
+            zone.txt[token_name] = [records[token_name]]
+        got = status()
+        assert (got["verification_status"], got["dkim_status"], got["ses_verified"]) == ("Success", "Failed", False)
+        with zone.lock:
+            zone.txt[dkim_name] = [records[dkim_name]]
+        assert status() == {"name": name, "ses_verified": True, "verification_status": "Success",
+                            "dkim_status": "Success"}
+        assert http.get(f"/domains/{name}/outbound").json()["ses_verified"] is True
+    # the record is shared: the main API sees the domain verified too
+    wait_until(lambda: t.http.get(f"/domains/{name}/outbound").json()["ses_verified"], timeout=10,
+               what="verified on the main API")
