@@ -13,6 +13,7 @@ from services.api import (
     routes_admin,
     routes_config,
     routes_core,
+    routes_domains,
     routes_lifecycle,
     routes_messages,
     routes_messages_read,
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     for module in (routes_core, routes_config, routes_tenants, routes_messages, routes_lifecycle,
-                   routes_messages_read, routes_admin, routes_smtp):
+                   routes_messages_read, routes_admin, routes_smtp, routes_domains):
         app.include_router(module.router)
 
     @app.middleware("http")

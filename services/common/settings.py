@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     # {"name": ..., "token_sha256": <hex sha256 of the token>, "scopes": ["smtp:read", "tenant:read"]}
     support_principals_json: str = "[]"
 
+    # outbound domains (routes_domains, sender/domain_ledger): resolvers for ses-status checks as
+    # "ip[:port],..." (empty = the system's), the verification TXT prefix, the ledger answer timeout
+    dns_resolvers: str = ""
+    dns_timeout_s: float = 3.0
+    domain_verification_prefix: str = "_amazonses"
+    domain_result_timeout_s: float = 10.0
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

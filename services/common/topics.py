@@ -21,6 +21,11 @@ CONFIG_INSTANCE = "postbus.config.instance"  # instance-wide config (key "instan
 CONFIG_SUSPENSIONS = "postbus.config.suspensions"  # per-tenant suspended batch codes (key tenant_id)
 STATUS_SYNC = "postbus.status.sync"  # reporter's per-tenant sync status (key tenant_id)
 REPORTS = "postbus.reports"  # acknowledged delivery reports (keyed by tenant), for reported_ts
+# outbound domains (routes_domains + sender/domain_ledger)
+CONFIG_DOMAINS = "postbus.config.domains"  # Domain records (key domain name)
+STATUS_DOMAINS = "postbus.status.domains"  # the ledger's counters per domain (key domain name)
+DOMAIN_RESULTS = "postbus.domain.results"  # the ledger's answer to each domain command (key tenant_id)
+BILLING = "postbus.billing"  # monthly counters frozen before a reset (key domain name), kept forever
 
 # Faust's own topics, named "<app id>-<table>-changelog" / "<app id>-__assignor-__leader" by Faust.
 # Created here so their partition counts match the source topics before any worker starts (Faust
@@ -28,6 +33,7 @@ REPORTS = "postbus.reports"  # acknowledged delivery reports (keyed by tenant), 
 SENDER_APP = "postbus-sender"
 REPORTER_APP = "postbus-reporter"
 SENDER_MESSAGES_CHANGELOG = f"{SENDER_APP}-messages-changelog"
+SENDER_DOMAIN_LEDGER_CHANGELOG = f"{SENDER_APP}-domain_ledger-changelog"
 REPORTER_PENDING_CHANGELOG = f"{REPORTER_APP}-pending_reports-changelog"
 
 FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
@@ -69,6 +75,12 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(REPORTER_PENDING_CHANGELOG, partitions, {
             "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1",
             "delete.retention.ms": "600000"}),
+        # outbound domains: config and counters compacted, results short-lived, billing forever
+        TopicSpec(CONFIG_DOMAINS, 1, COMPACTED),
+        TopicSpec(STATUS_DOMAINS, 1, COMPACTED),
+        TopicSpec(DOMAIN_RESULTS, partitions, {"retention.ms": str(3600_000)}),
+        TopicSpec(BILLING, 1, FOREVER),
+        TopicSpec(SENDER_DOMAIN_LEDGER_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
         TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),
         TopicSpec(f"{REPORTER_APP}-__assignor-__leader", 1, {}),
     ]
