@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from services.api.auth import authenticate, scope_tenant
 from services.api.commands import Actor, ConfigRecord
@@ -46,7 +46,8 @@ class SuspensionOut(BaseModel):
 
 
 class DeleteMessagesIn(BaseModel):
-    ids: list[str] = Field(..., max_length=MAX_IDS, description="the tenant's message ids")
+    ids: list[Annotated[str, StringConstraints(max_length=255)]] = Field(
+        ..., max_length=MAX_IDS, description="the tenant's message ids")
 
 
 class DeleteMessagesOut(BaseModel):
