@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+from aiokafka.errors import KafkaError
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, Field
 
@@ -48,7 +49,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid_domain, missing_tenant_id"},
     401: {"description": "missing/invalid token, or tenant_mismatch"},
     404: {"description": "domain_not_found (also for another tenant's domain), tenant_not_found"},
-    503: {"description": "ledger_unavailable: the outbound ledger did not answer in time"},
+    503: {"description": "ledger_unavailable (the outbound ledger did not answer in time), log_unavailable"},
 }
 _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing/invalid token"},
@@ -172,9 +173,13 @@ async def _save(st: ApiState, rt: DomainRuntime, actor: Actor, ctype: str, route
     payload = {"request_id": uuid.uuid4().hex, "name": rec["name"], "tenant_id": rec["tenant_id"],
                "status": rec["status"], "daily_limit": rec["daily_limit"], "monthly_limit": rec["monthly_limit"],
                "enforcement": rec["enforcement"]}
-    offsets = await st.writer.append_config(ctype, rec["tenant_id"], actor, route, "DomainCommand", payload,
-                                            [ConfigRecord(CONFIG_DOMAINS, rec["name"], "Domain", rec)])
-    await rt.domains.wait_for(offsets[CONFIG_DOMAINS], st.settings.write_timeout_s)
+    try:
+        offsets = await st.writer.append_config(ctype, rec["tenant_id"], actor, route, "DomainCommand", payload,
+                                                [ConfigRecord(CONFIG_DOMAINS, rec["name"], "Domain", rec)])
+        await rt.domains.wait_for(offsets[CONFIG_DOMAINS], st.settings.write_timeout_s)
+    except (KafkaError, TimeoutError) as exc:
+        raise ApiError(503, "log_unavailable", f"the event log did not take the write in time: {type(exc).__name__}"
+                       ) from None
 
 
 async def _wait_status(st: ApiState, rt: DomainRuntime, offset: int) -> None:
@@ -205,7 +210,10 @@ async def _ledger_results(st: ApiState, rt: DomainRuntime, request_id: str, coun
                           send: Any) -> list[dict[str, Any]]:
     wait = rt.results.expect(request_id, count)
     try:
-        await send()
+        try:
+            await send()
+        except KafkaError as exc:
+            raise ApiError(503, "log_unavailable", f"the event log is unavailable: {type(exc).__name__}") from None
         try:
             await asyncio.wait_for(wait.done.wait(), st.settings.domain_result_timeout_s)
         except TimeoutError:

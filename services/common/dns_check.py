@@ -36,7 +36,11 @@ def parse_resolvers(spec: str) -> list[tuple[str, int]]:
 
 def make_resolver(spec: str, timeout_s: float) -> dns.asyncresolver.Resolver:
     servers = parse_resolvers(spec)
-    resolver = dns.asyncresolver.Resolver(configure=not servers)
+    try:
+        resolver = dns.asyncresolver.Resolver(configure=not servers)
+    except dns.resolver.NoResolverConfiguration:  # no /etc/resolv.conf: every check is a TemporaryFailure
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = []
     if servers:
         resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
     resolver.lifetime = timeout_s
