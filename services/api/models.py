@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+INT32_MAX = 2_147_483_647  # Avro "int" fields on the topics
 
 
 class ClientAuth(BaseModel):
@@ -18,8 +19,8 @@ class ClientAuth(BaseModel):
 
 
 class RateLimits(BaseModel):
-    hourly: int | None = Field(None, ge=0)
-    daily: int | None = Field(None, ge=0)
+    hourly: int | None = Field(None, ge=0, le=INT32_MAX)
+    daily: int | None = Field(None, ge=0, le=INT32_MAX)
 
 
 class TenantIn(BaseModel):
@@ -54,9 +55,9 @@ class AccountIn(BaseModel):
     password: str | None = Field(None, max_length=1000, description="write-only; never returned")
     use_tls: bool | None = Field(None, description="true: implicit TLS; false: plain; null: STARTTLS if offered")
     batch_size: int | None = Field(None, ge=1, le=10000)
-    limit_per_minute: int | None = Field(None, ge=0)
-    limit_per_hour: int | None = Field(None, ge=0)
-    limit_per_day: int | None = Field(None, ge=0)
+    limit_per_minute: int | None = Field(None, ge=0, le=INT32_MAX)
+    limit_per_hour: int | None = Field(None, ge=0, le=INT32_MAX)
+    limit_per_day: int | None = Field(None, ge=0, le=INT32_MAX)
     limit_behavior: Literal["defer", "reject"] = "defer"
 
 
