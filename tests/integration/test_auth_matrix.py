@@ -26,6 +26,8 @@ LEVELS: dict[str, dict[str, int | str]] = {
     "admin": {"none": 401, "bad": 401, "other": 403, "own": 403, "admin": "ok"},
     # tenant SMTP API seed: another tenant's token is 403 INSUFFICIENT_PERMISSIONS
     "smtp": {"none": 401, "bad": 401, "other": 403, "own": "ok", "admin": "ok"},
+    # outbound domains: another tenant's domain is answered as if it did not exist
+    "domain": {"none": 401, "bad": 401, "other": 404, "own": "ok", "admin": "ok"},
 }
 FAR_FUTURE = 4102444800
 
@@ -75,6 +77,13 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/metrics"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/status"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/config"): Route("smtp"),
+    ("GET", "/domains/{name}/outbound"): Route("domain"),
+    ("PUT", "/domains/{name}/outbound"): Route("domain", body={}),
+    ("POST", "/domains/{name}/outbound/increment"): Route("domain"),
+    ("POST", "/domains/{name}/ses-verify"): Route("domain"),
+    ("GET", "/domains/{name}/ses-status"): Route("domain"),
+    ("POST", "/outbound/reset-daily"): Route("admin"),
+    ("POST", "/outbound/reset-monthly"): Route("admin"),
 }
 
 
@@ -82,6 +91,7 @@ ROUTES: dict[tuple[str, str], Route] = {
 class Principal:
     id: str
     key: str
+    domain: str = ""  # an outbound domain registered by this tenant
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +105,11 @@ def principals(system, admin: httpx.Client, smtp) -> Iterator[dict[str, Principa
         r = admin.post("/account", json={"id": "main", "tenant_id": tid, "host": smtp.host, "port": smtp.port,
                                          "use_tls": False})
         assert r.status_code == 200, r.text
-        out[name] = Principal(tid, key)
+        domain = f"{tid}.authz.example"
+        r = httpx.put(f"{system.url('api')}/domains/{domain}/outbound", json={}, headers={"X-API-Token": key},
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        out[name] = Principal(tid, key, domain)
     yield out
 
 
@@ -130,7 +144,8 @@ def test_authorization(method: str, path: str, system, admin: httpx.Client,
         target = Principal(r.json()["tenant_id"], r.json()["api_key"])
     tokens = {"none": None, "bad": "pbk_0123456789abcdef_not-a-real-secret", "other": principals["other"].key,
               "own": target.key, "admin": ADMIN_TOKEN}
-    url = path.replace("{tenant_id}", target.id).replace("{account_id}", "authz-del")
+    url = (path.replace("{tenant_id}", target.id).replace("{account_id}", "authz-del")
+           .replace("{name}", principals["target"].domain))
     failures = []
     with httpx.Client(base_url=system.url("api"), timeout=30) as http:
         for who in IDENTITIES:
