@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.api.auth import authenticate
 from services.api.deps import state_of
+from services.api.gmp_metrics import gmp_text
 from services.api.models import RunNowOut
 
 router = APIRouter()
@@ -19,9 +20,10 @@ async def health(request: Request) -> dict[str, object]:
     return {"status": "ok" if ready else "starting", "ok": ready}
 
 
-@router.get("/metrics", tags=["public"], response_class=Response)
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+@router.get("/metrics", tags=["public"], response_class=Response, summary="Prometheus metrics (text format)")
+async def metrics(request: Request) -> Response:
+    body = generate_latest().decode() + await gmp_text(state_of(request))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/commands/run-now", tags=["commands"], response_model=RunNowOut)

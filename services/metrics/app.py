@@ -136,6 +136,10 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
         events = await request.app.state.store.message_events(tenant_id, message_id)
         return {"tenant_id": tenant_id, "message_id": message_id, "events": events}
 
+    @app.get("/internal/counters")
+    async def counters(request: Request) -> dict[str, Any]:
+        return await request.app.state.store.counters()  # type: ignore[no-any-return]
+
     @app.post("/internal/sent-ids")
     async def sent_ids(request: Request, body: SentIdsRequest) -> dict[str, list[str]]:
         return {"sent": await request.app.state.store.sent_ids(body.tenant_id, body.ids)}

@@ -238,6 +238,42 @@ class Store:
             )
         return Counts({str(t): int(n) for t, n in res.result_rows})
 
+    def counters(self) -> dict[str, Any]:
+        """All-time delivery counters per (tenant, account) and the pending-message count, for the
+        gmp_* Prometheus series the API exposes (computed here so any number of senders agree)."""
+        with self._lock:
+            per_account = self._client.query(
+                """
+                SELECT tenant_id, account_id,
+                       uniqExactIf(message_id, type = 'sent'),
+                       uniqExactIf(message_id, type = 'error'),
+                       uniqExactIf(event_id, type = 'deferred'),
+                       uniqExactIf(event_id, (type = 'deferred' AND deferred_reason = 'rate_limit')
+                                   OR (type IN ('error', 'rejected') AND startsWith(error, 'rate_limit_exceeded')))
+                FROM events
+                WHERE account_id != ''
+                GROUP BY tenant_id, account_id
+                """
+            ).result_rows
+            pending = self._client.query(
+                """
+                SELECT count() FROM (SELECT DISTINCT tenant_id, id FROM messages) AS m
+                WHERE (tenant_id, id) NOT IN (
+                        SELECT tenant_id, message_id FROM events
+                        WHERE type IN ('sent', 'error', 'rejected', 'deleted'))
+                  AND (tenant_id, id) NOT IN (SELECT tenant_id, id FROM message_marks)
+                  AND tenant_id NOT IN (SELECT tenant_id FROM message_marks WHERE id = '')
+                """
+            ).result_rows[0][0]
+        return {
+            "accounts": [
+                {"tenant_id": t, "account_id": a, "sent": int(s), "errors": int(e), "deferred": int(d),
+                 "rate_limited": int(r)}
+                for t, a, s, e, d, r in per_account
+            ],
+            "pending": int(pending),
+        }
+
     def sent_ids(self, tenant_id: str, ids: Iterable[str]) -> list[str]:
         """The ids among ``ids`` that have a ``sent`` event for this tenant (input order kept)."""
         wanted = list(dict.fromkeys(ids))
@@ -314,6 +350,9 @@ class AsyncStore:
 
     async def tenant_counts(self, tenant_id: str, from_ms: int, to_ms: int) -> Counts:
         return await self.run(self.sync.tenant_counts, tenant_id, from_ms, to_ms)
+
+    async def counters(self) -> dict[str, Any]:
+        return await self.run(self.sync.counters)  # type: ignore[no-any-return]
 
     async def sent_ids(self, tenant_id: str, ids: list[str]) -> list[str]:
         return await self.run(self.sync.sent_ids, tenant_id, ids)

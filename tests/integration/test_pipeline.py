@@ -66,6 +66,14 @@ def test_messages_travel_to_smtp_and_reports_reach_the_client(new_tenant, smtp: 
                       what="metrics to count 2 sent + 1 error")
     assert data["window"] == "24h"
 
+    # the seed's Prometheus series on the public /metrics, labelled by tenant and account
+    text = httpx.get(f"{t.http.base_url}/metrics").text
+    labels = f'{{tenant_id="{t.id}",account_id="main"}}'
+    assert f"gmp_sent_total{labels} 2.0" in text
+    assert f"gmp_errors_total{labels} 1.0" in text
+    assert f"gmp_deferred_total{labels} 0.0" in text and f"gmp_rate_limited_total{labels} 0.0" in text
+    assert "gmp_pending_messages " in text
+
 
 def test_pending_id_resent_replaces_and_sent_id_is_never_resent(new_tenant, smtp: RecordingSmtpServer) -> None:
     t: Tenant = new_tenant()
