@@ -41,6 +41,7 @@ class Route:
     victim: bool = False  # the admin call destroys the target: use a throwaway tenant
     overrides: dict[str, int] = field(default_factory=dict)
     setup_account: bool = False  # (re)create account "authz-del" of the target before each call
+    before: tuple[str, str] | None = None  # (method, path) called once with the admin token first
 
 
 T = {"tenant_id": "{tenant}"}
@@ -82,6 +83,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/domains/{name}/outbound/increment"): Route("domain"),
     ("POST", "/domains/{name}/ses-verify"): Route("domain"),
     ("GET", "/domains/{name}/ses-status"): Route("domain"),
+    ("GET", "/domains/{name}/dkim"): Route("domain"),
+    ("POST", "/domains/{name}/dkim/rotate"): Route("domain", before=("POST", "/domains/{name}/ses-verify")),
     ("POST", "/outbound/reset-daily"): Route("admin"),
     ("POST", "/outbound/reset-monthly"): Route("admin"),
 }
@@ -147,6 +150,9 @@ def test_authorization(method: str, path: str, system, admin: httpx.Client,
     url = (path.replace("{tenant_id}", target.id).replace("{account_id}", "authz-del")
            .replace("{name}", principals["target"].domain))
     failures = []
+    if route.before:
+        r = admin.request(route.before[0], route.before[1].replace("{name}", principals["target"].domain))
+        assert r.status_code == 200, r.text
     with httpx.Client(base_url=system.url("api"), timeout=30) as http:
         for who in IDENTITIES:
             if route.setup_account:
