@@ -113,6 +113,15 @@ class SesStatusOut(BaseModel):
     dkim_status: Literal["Pending", "Success", "Failed", "TemporaryFailure", "NotStarted"]
 
 
+class DkimOut(BaseModel):
+    name: str
+    selector: str | None = Field(..., description="the selector mail is signed with")
+    next_selector: str | None = Field(..., description="rotation: the new selector, until its record verifies")
+    next_status: Literal["Pending", "Success", "Failed", "TemporaryFailure", "NotStarted"]
+    retired_selectors: list[str] = Field(..., description="selectors switched away from (their records may go)")
+    dns_records: list[DnsRecord] = Field(..., description="the records to publish now")
+
+
 class ResetDailyOut(BaseModel):
     reset_count: int = Field(..., description="Number of domains reset")
 
@@ -165,7 +174,8 @@ def _new_record(st: ApiState, actor: Actor, name: str, tenant_id: str | None) ->
             "monthly_limit": 0, "enforcement": "soft", "verification_token": None, "dkim_selector": None,
             "dkim_public_key": None, "dkim_private_key_enc": None, "verified": False,
             "verification_status": dns_check.NOT_STARTED, "dkim_status": dns_check.NOT_STARTED,
-            "created_ts": now, "updated_ts": now}
+            "created_ts": now, "updated_ts": now, "dkim_next_selector": None, "dkim_next_public_key": None,
+            "dkim_next_private_key_enc": None, "dkim_next_status": dns_check.NOT_STARTED, "dkim_retired_selectors": []}
 
 
 async def _save(st: ApiState, rt: DomainRuntime, actor: Actor, ctype: str, route: str, rec: dict[str, Any]) -> None:
@@ -317,12 +327,25 @@ async def reset_monthly(request: Request) -> dict[str, Any]:
     return {"frozen": frozen, "reset_count": sum(r["reset_count"] for r in results)}
 
 
+def _dkim_records(rec: dict[str, Any]) -> list[dict[str, str]]:
+    out = [{"type": "TXT", "name": f"{rec['dkim_selector']}._domainkey.{rec['name']}",
+            "value": dkim_txt_value(rec["dkim_public_key"])}]
+    if rec.get("dkim_next_selector"):
+        out.append({"type": "TXT", "name": f"{rec['dkim_next_selector']}._domainkey.{rec['name']}",
+                    "value": dkim_txt_value(rec["dkim_next_public_key"])})
+    return out
+
+
 def _dns_records(prefix: str, rec: dict[str, Any]) -> list[dict[str, str]]:
-    return [
-        {"type": "TXT", "name": f"{prefix}.{rec['name']}", "value": rec["verification_token"]},
-        {"type": "TXT", "name": f"{rec['dkim_selector']}._domainkey.{rec['name']}",
-         "value": dkim_txt_value(rec["dkim_public_key"])},
-    ]
+    return [{"type": "TXT", "name": f"{prefix}.{rec['name']}", "value": rec["verification_token"]},
+            *_dkim_records(rec)]
+
+
+def _dkim_out(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"name": rec["name"], "selector": rec.get("dkim_selector"), "next_selector": rec.get("dkim_next_selector"),
+            "next_status": rec.get("dkim_next_status") or dns_check.NOT_STARTED,
+            "retired_selectors": list(rec.get("dkim_retired_selectors") or []),
+            "dns_records": _dkim_records(rec) if rec.get("dkim_public_key") else []}
 
 
 @router.post("/domains/{name}/ses-verify", response_model=SesVerifyOut, responses=_ERRORS,
@@ -344,7 +367,8 @@ async def ses_verify(name: str, request: Request) -> dict[str, Any]:
         ctype = "domain.update" if existing is None else "domain.verify"
         await _save(st, rt, actor, ctype, "POST /domains/{name}/ses-verify", rec)
     return {"name": name, "ses_verification_token": rec["verification_token"],
-            "ses_dkim_tokens": [rec["dkim_selector"]], "ses_verified": rec["verified"],
+            "ses_dkim_tokens": [r["name"].split(".", 1)[0] for r in _dkim_records(rec)],
+            "ses_verified": rec["verified"],
             "dns_records": _dns_records(st.settings.domain_verification_prefix, rec)}
 
 
@@ -363,8 +387,52 @@ async def ses_status(name: str, request: Request) -> dict[str, Any]:
         dns_check.check_token(resolver, f"{prefix}.{rec['name']}", rec["verification_token"]),
         dns_check.check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]))
     verified = rec["verified"] or (vstatus == dstatus == dns_check.SUCCESS)
-    if (verified, vstatus, dstatus) != (rec["verified"], rec["verification_status"], rec["dkim_status"]):
-        new = {**rec, "verified": verified, "verification_status": vstatus, "dkim_status": dstatus,
-               "updated_ts": q.now_ms()}
+    new = {**rec, "verified": verified, "verification_status": vstatus, "dkim_status": dstatus}
+    if rec.get("dkim_next_selector"):
+        await _check_rotation(resolver, new)
+    if any(new[k] != rec.get(k) for k in new):
+        new["updated_ts"] = q.now_ms()
         await _save(st, rt, actor, "domain.verification", "GET /domains/{name}/ses-status", new)
-    return {"name": rec["name"], "ses_verified": verified, "verification_status": vstatus, "dkim_status": dstatus}
+    return {"name": rec["name"], "ses_verified": verified, "verification_status": vstatus,
+            "dkim_status": new["dkim_status"]}
+
+
+async def _check_rotation(resolver: Any, rec: dict[str, Any]) -> None:
+    """Rotation step: once the next key's record is published and verifies, it becomes the signing
+    key and the old selector is retired (its record may then be removed). Mutates ``rec``."""
+    status = await dns_check.check_dkim(resolver, f"{rec['dkim_next_selector']}._domainkey.{rec['name']}",
+                                        rec["dkim_next_public_key"])
+    rec["dkim_next_status"] = status
+    if status != dns_check.SUCCESS:
+        return
+    rec["dkim_retired_selectors"] = [*(rec.get("dkim_retired_selectors") or []), rec["dkim_selector"]]
+    rec.update(dkim_selector=rec["dkim_next_selector"], dkim_public_key=rec["dkim_next_public_key"],
+               dkim_private_key_enc=rec["dkim_next_private_key_enc"], dkim_status=dns_check.SUCCESS,
+               dkim_next_selector=None, dkim_next_public_key=None, dkim_next_private_key_enc=None,
+               dkim_next_status=dns_check.NOT_STARTED)
+
+
+@router.get("/domains/{name}/dkim", response_model=DkimOut, responses=_ERRORS,
+            summary="DKIM keys of a domain: the signing selector, a rotation in progress, retired selectors")
+async def get_dkim(name: str, request: Request) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    return _dkim_out(_owned(actor, rt, _domain_name(name)))
+
+
+@router.post("/domains/{name}/dkim/rotate", response_model=DkimOut,
+             responses={**_ERRORS, 409: {"description": "verification_not_started: call ses-verify first"}},
+             summary="Start a DKIM key rotation: a new selector to publish; switched to once it verifies")
+async def rotate_dkim(name: str, request: Request) -> dict[str, Any]:
+    st, rt = state_of(request), _runtime(request)
+    actor = authenticate(request, st)
+    rec = dict(_owned(actor, rt, _domain_name(name)))
+    if not rec.get("dkim_public_key"):
+        raise ApiError(409, "verification_not_started", "the domain has no DKIM key yet: call ses-verify first")
+    if not rec.get("dkim_next_selector"):  # idempotent while a rotation is pending
+        key = await asyncio.to_thread(generate_dkim_key)
+        rec.update(dkim_next_selector=key.selector, dkim_next_public_key=key.public_key_b64,
+                   dkim_next_private_key_enc=st.box.encrypt(key.private_key_pem),
+                   dkim_next_status=dns_check.PENDING, updated_ts=q.now_ms())
+        await _save(st, rt, actor, "domain.dkim_rotate", "POST /domains/{name}/dkim/rotate", rec)
+    return _dkim_out(rec)
