@@ -44,8 +44,9 @@ deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer=
 messages = app.Table("messages", partitions=settings.topic_partitions)
 
 scheduler = Scheduler()
-# suspended batches per tenant, learnt from the command stream (in order with the tenant's messages)
-# and from the compacted config topic (the state after a restart); the newest record wins
+# suspended batches per tenant. Live changes come only from the command stream, in order with the
+# tenant's messages (a release must not overtake a delete queued before it); the compacted config
+# topic gives the state at start-up, before the stream has caught up. The newest record wins.
 _suspensions: dict[str, dict[str, Any]] = {}
 # pending keys a worker found suspended, per tenant: out of their lane until the tenant's
 # suspension changes, then pushed back with their original priority and sequence
@@ -55,6 +56,13 @@ _held: dict[str, set[str]] = {}
 def _on_account(key: str, value: dict[str, Any] | None) -> None:
     tenant_id, _, account_id = key.partition("/")
     m.init_account(tenant_id, account_id, present=value is not None)
+
+
+def _on_suspension_record(key: str, value: dict[str, Any] | None) -> None:
+    """From the config topic: used for the initial load only (see above)."""
+    if suspensions_view.ready.is_set():
+        return
+    _on_suspension(key, value)
 
 
 def _on_suspension(key: str, value: dict[str, Any] | None) -> None:
@@ -68,7 +76,8 @@ def _on_suspension(key: str, value: dict[str, Any] | None) -> None:
 
 
 accounts = ConfigView(settings.kafka_bootstrap, CONFIG_ACCOUNTS, "Account", on_change=_on_account)
-suspensions_view = ConfigView(settings.kafka_bootstrap, CONFIG_SUSPENSIONS, "Suspension", on_change=_on_suspension)
+suspensions_view = ConfigView(settings.kafka_bootstrap, CONFIG_SUSPENSIONS, "Suspension",
+                              on_change=_on_suspension_record)
 m.PENDING.set_function(lambda: scheduler.pending() + sum(len(keys) for keys in _held.values()))
 _workers: dict[str, list[asyncio.Task[None]]] = {}
 # keys a worker is sending right now: a key can sit in a lane twice (a replacement, a retry), but
