@@ -23,10 +23,18 @@ from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app, table_put
 from services.common.settings import get_settings
-from services.common.topics import COMMANDS, CONFIG_ACCOUNTS, CONFIG_SUSPENSIONS, DEADLETTER, EVENTS, SENDER_APP
+from services.common.topics import (
+    COMMANDS,
+    CONFIG_ACCOUNTS,
+    CONFIG_SUSPENSIONS,
+    CONFIG_TENANTS,
+    DEADLETTER,
+    EVENTS,
+    SENDER_APP,
+)
 from services.sender import metrics as m
-from services.sender import suspension
-from services.sender.mime import build_message, decode_base64_attachment, envelope_recipients, envelope_sender
+from services.sender import pipeline, prepare_mime, suspension  # noqa: F401  (prepare_mime registers the builder)
+from services.sender.mime import envelope_recipients, envelope_sender
 from services.sender.outcomes import Failure, classify, retry_delay_s
 from services.sender.scheduler import Lane, Scheduler
 from services.sender.smtp_pool import Connection, SmtpTarget
@@ -76,6 +84,7 @@ def _on_suspension(key: str, value: dict[str, Any] | None) -> None:
 
 
 accounts = ConfigView(settings.kafka_bootstrap, CONFIG_ACCOUNTS, "Account", on_change=_on_account)
+tenants = ConfigView(settings.kafka_bootstrap, CONFIG_TENANTS, "Tenant")
 suspensions_view = ConfigView(settings.kafka_bootstrap, CONFIG_SUSPENSIONS, "Suspension",
                               on_change=_on_suspension_record)
 m.PENDING.set_function(lambda: scheduler.pending() + sum(len(keys) for keys in _held.values()))
@@ -390,38 +399,55 @@ async def _send_pending(key: str, conn: Connection, lane: Lane) -> None:
     if value.get("due") and value["due"] > now_ms():
         return  # an older lane entry of a message that was deferred since: its own entry is due later
     msg = value["m"]
-    attempt = value["a"] + 1
+    account = accounts.get(_account_key(msg["tenant_id"], msg["account_id"]))
+    if account is None:
+        return  # the worker holds messages of unknown accounts before they get here
+    ctx = pipeline.SendContext(key=key, message=msg, account=account, tenant=tenants.get(msg["tenant_id"]),
+                               partition=value["p"], attempt=value["a"] + 1, now_ms=now_ms())
+    decision = await pipeline.run_checks(ctx)
+    if decision is not None:
+        await _decided(key, value, ctx, decision, lane)
+        return
     started = time.perf_counter()
+    t_built = started
     try:
-        attachments = [(att, _fetch_attachment(att)) for att in msg.get("attachments") or []]
-        data = build_message(msg, attachments)
+        data = await pipeline.prepare(ctx)
         t_built = time.perf_counter()
         m.STAGE_SECONDS.labels("build").observe(t_built - started)
         await conn.send(envelope_sender(msg), envelope_recipients(msg), data)
-    except _AttachmentError as exc:
-        await _finish(key, value, "error", attempt, error=str(exc))
+    except pipeline.PrepareError as exc:
+        if exc.temporary:
+            await _failed(key, value, ctx.attempt, Failure(True, None, exc.reason), lane)
+        else:
+            await _finish(key, value, "error", ctx.attempt, error=exc.reason)
         return
     except Exception as exc:
         failure = classify(exc)
-        await _failed(key, value, attempt, failure, lane)
+        await _failed(key, value, ctx.attempt, failure, lane)
         return
     finally:
         m.SMTP_SECONDS.observe(time.perf_counter() - started)
     m.STAGE_SECONDS.labels("smtp").observe(time.perf_counter() - t_built)
-    await _finish(key, value, "sent", attempt)
+    await _finish(key, value, "sent", ctx.attempt)
+    await pipeline.sent(ctx)
 
 
-class _AttachmentError(Exception):
-    pass
-
-
-def _fetch_attachment(att: dict[str, Any]) -> bytes:
-    if att["fetch_mode"] != "base64":
-        raise _AttachmentError(f"attachment fetch_mode {att['fetch_mode']!r} is not supported by this sender yet")
-    try:
-        return decode_base64_attachment(att)
-    except ValueError as exc:
-        raise _AttachmentError(str(exc)) from exc
+async def _decided(key: str, value: dict[str, Any], ctx: pipeline.SendContext, decision: pipeline.Decision,
+                   lane: Lane) -> None:
+    """A check deferred or refused the message before any SMTP work."""
+    msg = value["m"]
+    limited = decision.reason.startswith("rate_limit")
+    if limited:
+        m.RATE_LIMITED.labels(msg["tenant_id"], msg["account_id"]).inc()
+    if decision.kind == "defer":
+        due = decision.until_ms or now_ms() + 1000
+        await _emit(msg, "deferred", value["a"], deferred_reason=decision.reason, deferred_until=due)
+        m.DEFERRED.labels(msg["tenant_id"], msg["account_id"]).inc()
+        # a deferral by policy is not a failed attempt: the attempt count stays
+        await table_put(messages, value["p"], key, {**value, "due": due})
+        lane.push(key, msg["priority"], value["q"], due, now_ms())
+        return
+    await _finish(key, value, decision.event_type, ctx.attempt, error=decision.reason)
 
 
 async def _failed(key: str, value: dict[str, Any], attempt: int, failure: Failure, lane: Lane) -> None:
@@ -508,7 +534,7 @@ async def _send_events(tenant_id: str, events: list[dict[str, Any]]) -> None:
 
 @app.task
 async def _start_views() -> None:
-    await asyncio.gather(accounts.start(), suspensions_view.start())
+    await asyncio.gather(accounts.start(), tenants.start(), suspensions_view.start())
 
 
 @app.on_before_shutdown.connect  # type: ignore[misc]
@@ -517,7 +543,7 @@ async def _shutdown(app: Any, **kwargs: Any) -> None:
         for task in tasks:
             task.cancel()
     await asyncio.gather(*(t for ts in _workers.values() for t in ts), return_exceptions=True)
-    await asyncio.gather(accounts.stop(), suspensions_view.stop(), return_exceptions=True)
+    await asyncio.gather(accounts.stop(), tenants.stop(), suspensions_view.stop(), return_exceptions=True)
 
 
 def main() -> None:
