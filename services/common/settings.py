@@ -64,6 +64,22 @@ class Settings(BaseSettings):
     domain_verification_prefix: str = "_amazonses"
     domain_result_timeout_s: float = 10.0
 
+    # attachments (sender/attachments.py, api/routes_files.py): fetches to loopback/private/link-local
+    # addresses are refused unless allowed; size limit per attachment (over it: permanent error unless
+    # the tenant's large_file_config handles it) and a hard cap on any fetch; the per-process cache;
+    # the storage root of the `storage` mode when a tenant has none (fsspec URL); local folders that a
+    # file:// storage URL may point into (comma-separated, default <state_dir>/files); the public base
+    # URL of download links (default http://api_host:api_port)
+    attachments_allow_private_networks: bool = False
+    attachments_max_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    attachments_hard_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    attachments_fetch_timeout_s: float = Field(30.0, gt=0)
+    attachments_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    attachments_storage_url: str | None = None
+    attachments_file_roots: str = ""
+    attachments_public_base_url: str | None = None
+    attachments_link_ttl_days: float = Field(7.0, gt=0)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
