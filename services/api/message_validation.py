@@ -134,7 +134,33 @@ def infer_fetch_mode(storage_path: str) -> str:
     return "endpoint"
 
 
-def _attachments(value: Any) -> list[dict[str, Any]]:
+def _attachment_auth(value: Any, i: int, encrypt: Callable[[str], str | None] | None) -> dict[str, Any] | None:
+    """The attachment's own fetch credentials: {method: none|bearer|basic, token | user + password}.
+    The secret leaves here encrypted (it goes on the commands topic)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise Rejected(f"invalid attachment #{i}: auth must be an object")
+    method = str(value.get("method") or "none").lower()
+    if method == "none":
+        return {"method": "none", "user": None, "secret_enc": None}
+    if method == "bearer":
+        user, secret = None, value.get("token")
+    elif method == "basic":
+        user, secret = value.get("user"), value.get("password")
+        if not isinstance(user, str) or not user or ":" in user or any(c in user for c in "\r\n"):
+            raise Rejected(f"invalid attachment #{i}: basic auth needs a user (without ':')")
+    else:
+        raise Rejected(f"invalid attachment #{i}: auth method must be none, bearer or basic")
+    if not isinstance(secret, str) or not secret or any(c in secret for c in "\r\n"):
+        what = "token" if method == "bearer" else "password"
+        raise Rejected(f"invalid attachment #{i}: {method} auth needs a {what}")
+    if encrypt is None:
+        raise Rejected(f"invalid attachment #{i}: auth is not accepted here")
+    return {"method": method, "user": user, "secret_enc": encrypt(secret)}
+
+
+def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -158,7 +184,8 @@ def _attachments(value: Any) -> list[dict[str, Any]]:
                 raise Rejected(f"invalid attachment #{i}: storage_path is not valid base64") from None
         out.append({"filename": filename, "storage_path": path, "fetch_mode": mode,
                     "mime_type": att.get("mime_type") if isinstance(att.get("mime_type"), str) else None,
-                    "content_md5": att.get("content_md5") if isinstance(att.get("content_md5"), str) else None})
+                    "content_md5": att.get("content_md5") if isinstance(att.get("content_md5"), str) else None,
+                    "auth": _attachment_auth(att.get("auth"), i, encrypt)})
     return out
 
 
@@ -191,8 +218,10 @@ def validate_message(
     account_exists: Callable[[str, str], bool],
     tenant_exists: Callable[[str], bool],
     now_ms: int | None = None,
+    encrypt: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
-    """Returns the Avro ``Message`` record or raises :class:`Rejected` with the reason."""
+    """Returns the Avro ``Message`` record or raises :class:`Rejected` with the reason. ``encrypt``
+    seals secrets that travel with a message (attachment auth); without it such messages are refused."""
     if not isinstance(raw, dict):
         raise Rejected("message must be an object")
     mid = raw.get("id")
@@ -240,7 +269,7 @@ def validate_message(
         "body_html": html,
         "headers": _headers(raw.get("headers")),
         "message_id": message_id or None,
-        "attachments": _attachments(raw.get("attachments")),
+        "attachments": _attachments(raw.get("attachments"), encrypt),
         "priority": normalize_priority(raw.get("priority"), default_priority),
         "deferred_ts": _timestamp_ms(raw.get("deferred_ts"), "deferred_ts"),
         "batch_code": batch_code or None,

@@ -81,6 +81,7 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
                 account_exists=lambda t, a: st.accounts.get(account_key(t, a)) is not None,
                 tenant_exists=lambda t: st.tenants.get(t) is not None,
                 now_ms=now_ms,
+                encrypt=st.box.encrypt,
             )
         except Rejected as exc:
             reject(raw, str(exc))
