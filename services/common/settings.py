@@ -80,6 +80,28 @@ class Settings(BaseSettings):
     attachments_public_base_url: str | None = None
     attachments_link_ttl_days: float = Field(7.0, gt=0)
 
+    # sender delivery engine (sender/rate_limits, throttle, outcomes, smtp_pool): concurrency caps,
+    # retry horizon, SMTP timeouts and TLS, per-destination ("MX site") throttling
+    sender_max_concurrent_smtp: int = Field(64, ge=1, description="SMTP transactions at once per sender process")
+    sender_retry_max_age_s: float = Field(172800.0, gt=0, description="no retry later than this after the first try")
+    sender_retry_max_delay_s: float = Field(3600.0, gt=0)
+    sender_connect_timeout_s: float = 15.0
+    sender_command_timeout_s: float = 60.0  # each SMTP command
+    sender_send_timeout_s: float = 300.0  # one whole transaction (MAIL .. end of DATA)
+    sender_idle_noop_s: float = 10.0  # a pooled session idle longer than this is checked with NOOP
+    sender_idle_close_s: float = 30.0  # ... and closed after this long
+    sender_ca_bundle: str | None = None  # extra CA certificates (PEM file) trusted for SMTP TLS
+    # explicit certificate-verification opt-out, per account: "tenant_id/account_id,..." (default none)
+    sender_tls_insecure_accounts: str = ""
+    # TESTING ONLY: length in seconds of the "minute" rate-limit window (hour = 60x, day = 1440x)
+    sender_rate_minute_s: float = Field(60.0, gt=0)
+    sender_mx_lookup: bool = True  # False: every recipient domain is its own site (no DNS)
+    sender_mx_cache_ttl_s: float = 3600.0
+    sender_site_per_minute: int = Field(600, ge=0, description="messages/min per MX site (0 = no limit)")
+    sender_site_connections: int = Field(20, ge=0, description="transactions at once per MX site (0 = no limit)")
+    # per-site overrides, JSON {"<MX host suffix or domain>": {"per_minute": n, "connections": n}}
+    sender_site_overrides_json: str = "{}"
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

@@ -34,6 +34,7 @@ SENDER_APP = "postbus-sender"
 REPORTER_APP = "postbus-reporter"
 SENDER_MESSAGES_CHANGELOG = f"{SENDER_APP}-messages-changelog"
 SENDER_DOMAIN_LEDGER_CHANGELOG = f"{SENDER_APP}-domain_ledger-changelog"
+SENDER_RATE_LIMITS_CHANGELOG = f"{SENDER_APP}-rate_limits-changelog"  # per-account/tenant send windows
 REPORTER_PENDING_CHANGELOG = f"{REPORTER_APP}-pending_reports-changelog"
 
 FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
@@ -81,6 +82,8 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(DOMAIN_RESULTS, partitions, {"retention.ms": str(3600_000)}),
         TopicSpec(BILLING, 1, FOREVER),
         TopicSpec(SENDER_DOMAIN_LEDGER_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(SENDER_RATE_LIMITS_CHANGELOG, partitions, {
+            "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"}),
         TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),
         TopicSpec(f"{REPORTER_APP}-__assignor-__leader", 1, {}),
     ]
