@@ -552,4 +552,5 @@ def main() -> None:
     start_http_server(settings.sender_metrics_port, addr="127.0.0.1")
     run_worker(app, "sender", settings.log_level)
 
+from services.sender import dkim_sign as _dkim_sign  # noqa: E402, F401  DKIM transform (needs `app`: imported last)
 from services.sender import domain_ledger as _domain_ledger  # noqa: E402, F401  registers the outbound ledger agent
