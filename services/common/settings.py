@@ -102,6 +102,18 @@ class Settings(BaseSettings):
     # per-site overrides, JSON {"<MX host suffix or domain>": {"per_minute": n, "connections": n}}
     sender_site_overrides_json: str = "{}"
 
+    # inbound bounces / complaints / PEC (services/sender/inbound): the SMTP listener of the bounce
+    # return-path domain, its readiness/Prometheus port, the largest message it takes; PEC: a sent
+    # message whose From domain is in pec_sender_domains ("a.it,b.it") expects an acceptance
+    # receipt within pec_timeout_s, else a pec_timeout event
+    inbound_smtp_host: str = "127.0.0.1"
+    inbound_smtp_port: int = 2525
+    inbound_metrics_port: int = 9103
+    inbound_max_message_bytes: int = 10_000_000
+    pec_sender_domains: str = ""
+    pec_timeout_s: float = Field(86400.0, gt=0)
+    pec_scan_interval_s: float = Field(60.0, gt=0)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

@@ -26,6 +26,9 @@ CONFIG_DOMAINS = "postbus.config.domains"  # Domain records (key domain name)
 STATUS_DOMAINS = "postbus.status.domains"  # the ledger's counters per domain (key domain name)
 DOMAIN_RESULTS = "postbus.domain.results"  # the ledger's answer to each domain command (key tenant_id)
 BILLING = "postbus.billing"  # monthly counters frozen before a reset (key domain name), kept forever
+# inbound bounces / complaints / PEC receipts (services/sender/inbound)
+INBOUND_RAW = "postbus.inbound.raw"  # every inbound message as received (key: its id), kept forever
+IMAP_POSITION = "postbus.inbound.imap-position"  # the IMAP poller's UIDVALIDITY + last UID (compacted)
 
 # Faust's own topics, named "<app id>-<table>-changelog" / "<app id>-__assignor-__leader" by Faust.
 # Created here so their partition counts match the source topics before any worker starts (Faust
@@ -82,6 +85,8 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(DOMAIN_RESULTS, partitions, {"retention.ms": str(3600_000)}),
         TopicSpec(BILLING, 1, FOREVER),
         TopicSpec(SENDER_DOMAIN_LEDGER_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(INBOUND_RAW, partitions, FOREVER),
+        TopicSpec(IMAP_POSITION, 1, COMPACTED),
         TopicSpec(SENDER_RATE_LIMITS_CHANGELOG, partitions, {
             "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"}),
         TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),
