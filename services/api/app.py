@@ -14,6 +14,7 @@ from services.api import (
     routes_config,
     routes_core,
     routes_domains,
+    routes_files,
     routes_lifecycle,
     routes_messages,
     routes_messages_read,
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     for module in (routes_core, routes_config, routes_tenants, routes_messages, routes_lifecycle,
-                   routes_messages_read, routes_admin, routes_smtp, routes_domains):
+                   routes_messages_read, routes_admin, routes_smtp, routes_domains, routes_files):
         app.include_router(module.router)
 
     @app.middleware("http")

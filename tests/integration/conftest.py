@@ -44,7 +44,7 @@ def system() -> Iterator[LocalSystem]:
         state, admin_token=ADMIN_TOKEN, kafka_heap="320m",
         env={"POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
              "POSTBUS_SUPPORT_PRINCIPALS_JSON": SUPPORT_PRINCIPALS,
-             "POSTBUS_LOG_LEVEL": "INFO"},
+             "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ATTACHMENTS_ALLOW_PRIVATE_NETWORKS": "1"},
     )
     sys_.start()
     try:

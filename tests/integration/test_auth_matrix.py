@@ -48,6 +48,8 @@ T = {"tenant_id": "{tenant}"}
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/health"): Route("public"),
     ("GET", "/metrics"): Route("public"),
+    # a made-up token: 403 invalid_link for everyone (the signed token is the only credential)
+    ("GET", "/files/{token}"): Route("public", ok=403),
     ("GET", "/status"): Route("any"),
     # run-now names no tenant: another tenant's key simply acts on its own tenant
     ("POST", "/commands/run-now"): Route("tenant", overrides={"other": 200}),
