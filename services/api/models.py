@@ -23,6 +23,27 @@ class RateLimits(BaseModel):
     daily: int | None = Field(None, ge=0, le=INT32_MAX)
 
 
+class TrackingConfig(BaseModel):
+    """Open/click tracking and List-Unsubscribe for the tenant's messages (all off by default)."""
+    model_config = ConfigDict(extra="forbid")
+    opens: bool = Field(False, description="append a tracking pixel to html bodies")
+    clicks: bool = Field(False, description="rewrite http(s) links of html bodies to a signed redirect")
+    unsubscribe: bool = Field(False, description="List-Unsubscribe + List-Unsubscribe-Post one-click headers")
+    domain: str | None = Field(None, max_length=253, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?$",
+                               description="tracking host (served over https, pointing at Postbus); "
+                                           "default: the configured tracking base URL")
+
+    def record_fields(self) -> dict[str, Any]:
+        return {"tracking_opens": self.opens, "tracking_clicks": self.clicks,
+                "tracking_unsubscribe": self.unsubscribe, "tracking_domain": self.domain}
+
+    @staticmethod
+    def of(record: dict[str, Any]) -> TrackingConfig:
+        return TrackingConfig(opens=record.get("tracking_opens", False), clicks=record.get("tracking_clicks", False),
+                              unsubscribe=record.get("tracking_unsubscribe", False),
+                              domain=record.get("tracking_domain"))
+
+
 class TenantIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str = Field(..., pattern=ID_PATTERN)
@@ -33,6 +54,7 @@ class TenantIn(BaseModel):
     client_auth: ClientAuth | None = None
     rate_limits: RateLimits | None = None
     large_file_config: dict[str, Any] | None = None
+    tracking: TrackingConfig | None = None
     active: bool = True
     expires_at: int | None = Field(None, ge=0, description="API key expiry (unix seconds), on creation only")
     expires_in_days: float | None = Field(None, gt=0, le=36500, description="API key lifetime in days")
@@ -117,6 +139,7 @@ class TenantUpdate(BaseModel):
     client_auth: ClientAuth | None = None
     rate_limits: RateLimits | None = None
     large_file_config: dict[str, Any] | None = None
+    tracking: TrackingConfig | None = None
     active: bool | None = None
 
 
@@ -138,6 +161,7 @@ class TenantOut(BaseModel):
     client_auth: ClientAuthOut
     rate_limits: RateLimits
     large_file_config: dict[str, Any] | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class TenantList(BaseModel):

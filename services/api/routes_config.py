@@ -11,7 +11,7 @@ from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.commands import ConfigRecord
 from services.api.deps import state_of
 from services.api.errors import ApiError
-from services.api.models import AccountIn, ClientAuth, Ok, TenantCreated, TenantIn, errors
+from services.api.models import AccountIn, ClientAuth, Ok, TenantCreated, TenantIn, TrackingConfig, errors
 from services.api.state import account_key
 from services.common.apikeys import new_api_key
 from services.common.crypto import SecretBox
@@ -79,6 +79,7 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
         "rate_limit_hourly": body.rate_limits.hourly if body.rate_limits else None,
         "rate_limit_daily": body.rate_limits.daily if body.rate_limits else None,
         "large_file_config_json": json.dumps(body.large_file_config) if body.large_file_config else None,
+        **(body.tracking or TrackingConfig()).record_fields(),
         "created_ts": previous["created_ts"] if previous else now,
         "updated_ts": now,
     }

@@ -27,6 +27,7 @@ from services.api.models import (
     TenantList,
     TenantOut,
     TenantUpdate,
+    TrackingConfig,
     errors,
 )
 from services.api.routes_config import client_auth_fields, key_expiry
@@ -61,6 +62,7 @@ def tenant_out(t: dict[str, Any]) -> TenantOut:
                                   has_secret=bool(t.get("client_auth_secret_enc"))),
         rate_limits=RateLimits(hourly=t.get("rate_limit_hourly"), daily=t.get("rate_limit_daily")),
         large_file_config=json.loads(lfc) if lfc else None,
+        tracking=TrackingConfig.of(t),
     )
 
 
@@ -125,6 +127,8 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request) ->
         tenant["rate_limit_daily"] = body.rate_limits.daily if body.rate_limits else None
     if "large_file_config" in given:
         tenant["large_file_config_json"] = json.dumps(body.large_file_config) if body.large_file_config else None
+    if "tracking" in given:
+        tenant.update((body.tracking or TrackingConfig()).record_fields())
     if body.active is not None:
         tenant["active"] = body.active
     tenant["updated_ts"] = int(time.time() * 1000)

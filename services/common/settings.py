@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     domain_verification_prefix: str = "_amazonses"
     domain_result_timeout_s: float = 10.0
 
+    # tracking and complaints (sender/tracking, routes_tracking, routes_webhooks): public base URL of
+    # the tracking/unsubscribe links (default: the API's own address), token lifetime, optional
+    # mailto of List-Unsubscribe; SNS: the SigningCertURL/SubscribeURL host rule (matched against the
+    # URL's host[:port]), a CA bundle for fetching them (default: the system's), allowed topic ARNs
+    tracking_base_url: str | None = None
+    tracking_token_ttl_days: int = Field(180, ge=1, le=3650)
+    unsubscribe_mailto: str | None = None
+    sns_cert_host_pattern: str = r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$"
+    sns_ca_file: str | None = None
+    sns_topic_arns: str = ""
+
     # attachments (sender/attachments.py, api/routes_files.py): fetches to loopback/private/link-local
     # addresses are refused unless allowed; size limit per attachment (over it: permanent error unless
     # the tenant's large_file_config handles it) and a hard cap on any fetch; the per-process cache;

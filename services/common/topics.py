@@ -29,6 +29,8 @@ BILLING = "postbus.billing"  # monthly counters frozen before a reset (key domai
 # inbound bounces / complaints / PEC receipts (services/sender/inbound)
 INBOUND_RAW = "postbus.inbound.raw"  # every inbound message as received (key: its id), kept forever
 IMAP_POSITION = "postbus.inbound.imap-position"  # the IMAP poller's UIDVALIDITY + last UID (compacted)
+# tracking and complaints (routes_suppression, sender/suppression): suppressed addresses (key tenant/address)
+CONFIG_SUPPRESSION_LIST = "postbus.config.suppression-list"
 
 # Faust's own topics, named "<app id>-<table>-changelog" / "<app id>-__assignor-__leader" by Faust.
 # Created here so their partition counts match the source topics before any worker starts (Faust
@@ -87,6 +89,7 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(SENDER_DOMAIN_LEDGER_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
         TopicSpec(INBOUND_RAW, partitions, FOREVER),
         TopicSpec(IMAP_POSITION, 1, COMPACTED),
+        TopicSpec(CONFIG_SUPPRESSION_LIST, 1, COMPACTED),
         TopicSpec(SENDER_RATE_LIMITS_CHANGELOG, partitions, {
             "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"}),
         TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),

@@ -554,3 +554,4 @@ def main() -> None:
 
 from services.sender import dkim_sign as _dkim_sign  # noqa: E402, F401  DKIM transform (needs `app`: imported last)
 from services.sender import domain_ledger as _domain_ledger  # noqa: E402, F401  registers the outbound ledger agent
+from services.sender import engagement as _engagement  # noqa: E402, F401  tracking, suppression list, feedback
