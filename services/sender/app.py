@@ -33,11 +33,11 @@ from services.common.topics import (
     SENDER_APP,
 )
 from services.sender import metrics as m
-from services.sender import pipeline, prepare_mime, suspension  # noqa: F401  (prepare_mime registers the builder)
+from services.sender import pipeline, prepare_mime, suspension, throttle  # noqa: F401  (prepare_mime registers the builder)
 from services.sender.mime import envelope_recipients, envelope_sender
-from services.sender.outcomes import Failure, classify, retry_delay_s
-from services.sender.scheduler import Lane, Scheduler
-from services.sender.smtp_pool import Connection, SmtpTarget
+from services.sender.outcomes import Failure, classify, gave_up, retry_due_ms
+from services.sender.scheduler import Lane, Ownership, Scheduler
+from services.sender.smtp_pool import Connection, SmtpTarget, make_target
 
 log = logging.getLogger("postbus.sender")
 settings = get_settings()
@@ -52,6 +52,7 @@ deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer=
 messages = app.Table("messages", partitions=settings.topic_partitions)
 
 scheduler = Scheduler()
+ownership = Ownership()  # partitions this instance may send for (several sender instances)
 # suspended batches per tenant. Live changes come only from the command stream, in order with the
 # tenant's messages (a release must not overtake a delete queued before it); the compacted config
 # topic gives the state at start-up, before the stream has caught up. The newest record wins.
@@ -326,15 +327,8 @@ def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
     cached = _targets.get(account_key)
     if cached is not None and cached[0] == account["updated_ts"]:
         return cached[1]
-    target = SmtpTarget(
-        host=account["host"],
-        port=account["port"],
-        user=account.get("user"),
-        password=box.decrypt(account.get("password_enc")),
-        use_tls=account.get("use_tls"),
-        timeout_s=settings.sender_smtp_timeout_s,
-        ehlo_name=settings.sender_ehlo_name,
-    )
+    target = make_target(account_key, account["host"], account["port"], account.get("user"),
+                         box.decrypt(account.get("password_enc")), account.get("use_tls"))
     _targets[account_key] = (account["updated_ts"], target)
     return target
 
@@ -390,12 +384,16 @@ async def _send_one(key: str, conn: Connection, lane: Lane) -> None:
         await _send_pending(key, conn, lane)
     finally:
         _inflight.discard(key)
+        ownership.release(key)
+        throttle.release(key)
 
 
 async def _send_pending(key: str, conn: Connection, lane: Lane) -> None:
     value = messages.data.get(key)
     if value is None or value.get("s") != "pending":
         return  # replaced, sent, or removed since it was scheduled
+    if not ownership.claim(key, value["p"]):
+        return  # its partition moved to another instance (or is recovering): not ours to send
     if value.get("due") and value["due"] > now_ms():
         return  # an older lane entry of a message that was deferred since: its own entry is due later
     msg = value["m"]
@@ -452,8 +450,13 @@ async def _decided(key: str, value: dict[str, Any], ctx: pipeline.SendContext, d
 
 async def _failed(key: str, value: dict[str, Any], attempt: int, failure: Failure, lane: Lane) -> None:
     msg = value["m"]
-    if failure.temporary and attempt < settings.sender_max_attempts:
-        due = now_ms() + int(retry_delay_s(attempt, settings.sender_retry_base_s) * 1000)
+    due = None
+    if failure.temporary:
+        first = max(msg.get("accepted_ts") or 0, msg.get("deferred_ts") or 0) or None
+        due = retry_due_ms(attempt, now_ms(), first, base_s=settings.sender_retry_base_s,
+                           cap_s=settings.sender_retry_max_delay_s, max_attempts=settings.sender_max_attempts,
+                           max_age_s=settings.sender_retry_max_age_s)
+    if due is not None:
         await _emit(msg, "deferred", attempt, smtp_code=failure.code, deferred_reason=failure.reason,
                     deferred_until=due)
         m.DEFERRED.labels(msg["tenant_id"], msg["account_id"]).inc()
@@ -463,7 +466,7 @@ async def _failed(key: str, value: dict[str, Any], attempt: int, failure: Failur
         return
     reason = failure.reason
     if failure.temporary:
-        reason = f"{reason} (gave up after {attempt} attempts)"
+        reason = gave_up(reason, attempt)
     await _finish(key, value, "error", attempt, error=reason, smtp_code=failure.code)
 
 
@@ -555,3 +558,4 @@ def main() -> None:
 from services.sender import dkim_sign as _dkim_sign  # noqa: E402, F401  DKIM transform (needs `app`: imported last)
 from services.sender import domain_ledger as _domain_ledger  # noqa: E402, F401  registers the outbound ledger agent
 from services.sender import engagement as _engagement  # noqa: E402, F401  tracking, suppression list, feedback
+from services.sender import rate_limits as _rate_limits  # noqa: E402, F401  rate-limit check (needs `app`)

@@ -71,3 +71,52 @@ class Scheduler:
 
     def pending(self) -> int:
         return sum(len(lane) for lane in self.lanes.values())
+
+
+class Ownership:
+    """The commands/events partitions this sender instance owns right now, and its sends in flight.
+
+    With several sender instances, Faust moves partitions between them on a rebalance, but an
+    in-memory table keeps the rows of partitions it lost. A worker sends a key only while its
+    partition is owned (``claim``), and a revocation waits for the sends in flight on the revoked
+    partitions to finish (their outcome written), so the new owner recovers the final state and
+    never sends the same message again."""
+
+    def __init__(self) -> None:
+        self.owned: set[int] | None = None  # None: no assignment seen yet (a single instance owns all)
+        self.inflight: dict[str, int] = {}  # key -> partition
+        self._changed = asyncio.Event()
+
+    def owns(self, partition: int) -> bool:
+        return self.owned is None or partition in self.owned
+
+    def claim(self, key: str, partition: int) -> bool:
+        if not self.owns(partition):
+            return False
+        self.inflight[key] = partition
+        return True
+
+    def release(self, key: str) -> None:
+        if self.inflight.pop(key, None) is not None:
+            self._changed.set()
+
+    def recovered(self, partitions: set[int]) -> None:
+        """The assignment once its tables are recovered: only then is the table's state current."""
+        self.owned = set(partitions)
+
+    async def revoke(self, partitions: set[int], timeout_s: float) -> int:
+        """Stop claiming ``partitions`` and wait (up to ``timeout_s``) for their sends in flight.
+        Returns how many were still in flight at the deadline."""
+        self.owned = (self.owned or set()) - partitions
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            busy = sum(1 for p in self.inflight.values() if p in partitions)
+            left = deadline - loop.time()
+            if busy == 0 or left <= 0:
+                return busy
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass

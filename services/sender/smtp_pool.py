@@ -1,13 +1,23 @@
-"""SMTP connections for one account, reused across messages and closed when idle."""
+"""SMTP connections for one account, reused across messages, health-checked and closed when idle.
+
+TLS: implicit (``use_tls`` true, or port 465 when unset), STARTTLS when offered (unset), or plain
+(false). Certificates are verified by default against the system CAs plus the optional
+``sender_ca_bundle``; only accounts listed in ``sender_tls_insecure_accounts`` skip verification.
+Timeouts: connect, each command, and the whole transaction are separate settings. A process-wide
+semaphore caps the SMTP transactions running at once (``sender_max_concurrent_smtp``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 import aiosmtplib
+
+from services.common.settings import get_settings
 
 log = logging.getLogger("postbus.sender.smtp")
 
@@ -19,20 +29,66 @@ class SmtpTarget:
     user: str | None
     password: str | None
     use_tls: bool | None  # True implicit TLS, False plain, None STARTTLS when offered (implicit on 465)
-    timeout_s: float
+    timeout_s: float  # each command
     ehlo_name: str | None
     validate_certs: bool = True
+    ca_bundle: str | None = None
+    connect_timeout_s: float = 15.0
+    send_timeout_s: float = 300.0
+
+    def __repr__(self) -> str:  # never the password, even in a traceback
+        return f"SmtpTarget({self.host}:{self.port}, user={self.user!r}, use_tls={self.use_tls})"
+
+
+def make_target(account_key: str, host: str, port: int, user: str | None, password: str | None,
+                use_tls: bool | None) -> SmtpTarget:
+    """The account's target with the process's TLS and timeout settings."""
+    s = get_settings()
+    return SmtpTarget(host=host, port=port, user=user, password=password, use_tls=use_tls,
+                      timeout_s=s.sender_command_timeout_s, ehlo_name=s.sender_ehlo_name,
+                      validate_certs=verify_certs(account_key), ca_bundle=s.sender_ca_bundle,
+                      connect_timeout_s=s.sender_connect_timeout_s, send_timeout_s=s.sender_send_timeout_s)
+
+
+def verify_certs(account_key: str) -> bool:
+    """False only for an account the operator opted out explicitly ("tenant/account")."""
+    insecure = {a.strip() for a in get_settings().sender_tls_insecure_accounts.split(",") if a.strip()}
+    return account_key not in insecure
+
+
+@lru_cache(maxsize=16)
+def tls_context(validate: bool, ca_bundle: str | None) -> ssl.SSLContext:
+    if not validate:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context()  # system CAs, hostname checked
+    if ca_bundle:
+        ctx.load_verify_locations(cafile=ca_bundle)
+    return ctx
+
+
+_slots: asyncio.Semaphore | None = None
+
+
+def _global_slots() -> asyncio.Semaphore:
+    global _slots
+    if _slots is None:
+        _slots = asyncio.Semaphore(get_settings().sender_max_concurrent_smtp)
+    return _slots
 
 
 class Connection:
     """One SMTP session; a worker owns it, so there is no sharing across coroutines."""
 
-    IDLE_CLOSE_S = 30.0
-
     def __init__(self, target: SmtpTarget) -> None:
+        s = get_settings()
         self.target = target
         self.client: aiosmtplib.SMTP | None = None
         self.last_used = 0.0
+        self.idle_noop_s = s.sender_idle_noop_s
+        self.idle_close_s = s.sender_idle_close_s
 
     async def _connect(self) -> aiosmtplib.SMTP:
         t = self.target
@@ -45,40 +101,59 @@ class Connection:
             timeout=t.timeout_s,
             local_hostname=t.ehlo_name,
             validate_certs=t.validate_certs,
-            tls_context=ssl.create_default_context() if t.validate_certs else None,
+            tls_context=tls_context(t.validate_certs, t.ca_bundle),
         )
-        await client.connect()
-        if t.user:
-            await client.login(t.user, t.password or "")
+        try:
+            await asyncio.wait_for(client.connect(), t.connect_timeout_s)
+            if t.user:
+                await client.login(t.user, t.password or "")
+        except BaseException:
+            client.close()
+            raise
         return client
 
+    async def _healthy(self) -> bool:
+        """Reuse an idle session only if it still answers (NOOP); a stale one is closed."""
+        client = self.client
+        if client is None or not client.is_connected:
+            return False
+        idle = time.monotonic() - self.last_used
+        if idle > self.idle_close_s:
+            return False
+        if idle > self.idle_noop_s:
+            try:
+                await client.noop()
+            except Exception:
+                return False
+        return True
+
     async def send(self, sender: str, recipients: list[str], data: bytes) -> None:
-        if self.client is not None and (
-            not self.client.is_connected or time.monotonic() - self.last_used > self.IDLE_CLOSE_S
-        ):
-            await self.close()
-        if self.client is None:
-            self.client = await self._connect()
-        try:
-            _errors, _response = await self.client.sendmail(sender, recipients, data)
-        except aiosmtplib.SMTPRecipientsRefused:
-            await self._reset()
-            raise
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421:
+        async with _global_slots():
+            if self.client is not None and not await self._healthy():
                 await self.close()
-            else:
+            if self.client is None:
+                self.client = await self._connect()
+            try:
+                await asyncio.wait_for(self.client.sendmail(sender, recipients, data), self.target.send_timeout_s)
+            except aiosmtplib.SMTPRecipientsRefused:
                 await self._reset()
-            raise
-        except Exception:
-            await self.close()
-            raise
-        self.last_used = time.monotonic()
+                raise
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code == 421:  # the server is closing the session: reconnect next time
+                    await self.close()
+                else:
+                    await self._reset()
+                raise
+            except BaseException:
+                await self.close()
+                raise
+            self.last_used = time.monotonic()
 
     async def _reset(self) -> None:
         try:
             if self.client is not None and self.client.is_connected:
                 await self.client.rset()
+                self.last_used = time.monotonic()
         except Exception:
             await self.close()
 
@@ -87,6 +162,6 @@ class Connection:
         if client is not None:
             try:
                 if client.is_connected:
-                    await client.quit()
+                    await asyncio.wait_for(client.quit(), 5.0)
             except Exception:
                 client.close()
