@@ -441,6 +441,9 @@ def _auth_descriptor(att: dict[str, Any]) -> Any:
 
 async def prepare_attachment(ctx: pipeline.SendContext, att: dict[str, Any]) -> Prepared:
     """Fetch, verify and apply the size policy to one attachment."""
+    if ctx.tenant is None:
+        # every queued message has a tenant: this process's view of it is behind, not gone
+        raise pipeline.PrepareError("tenant configuration not loaded yet", temporary=True)
     settings = get_settings()
     policy = LargeFilePolicy.of(ctx.tenant)
     threshold = policy.max_bytes if policy.enabled else settings.attachments_max_bytes
