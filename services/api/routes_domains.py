@@ -58,6 +58,18 @@ _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class SuspensionEvidenceOut(BaseModel):
+    reason: Literal["bounce_rate_exceeded"]
+    window: str = Field(..., description="the counting window, e.g. 'month 2026-05'")
+    sent_count: int
+    bounce_count: int
+    complaint_count: int
+    bounce_rate: float = Field(..., description="percent of the window's sent mail")
+    threshold: float = Field(..., description="percent (POSTBUS_DOMAIN_SUSPEND_BOUNCE_RATE)")
+    min_volume: int = Field(..., description="sent mail needed first (POSTBUS_DOMAIN_SUSPEND_MIN_SENT)")
+    suspended_ts: int = Field(..., description="epoch milliseconds")
+
+
 class OutboundOut(BaseModel):
     name: str = Field(..., description="Domain name")
     outbound_tier: Literal["shared", "dedicated"]
@@ -72,6 +84,8 @@ class OutboundOut(BaseModel):
     bounce_rate: float = Field(..., description="Bounce rate (%) of this month's sent mail")
     complaint_rate: float = Field(..., description="Complaint rate (%) of this month's sent mail")
     ses_verified: bool = Field(..., description="Whether the domain's verification and DKIM records are verified")
+    suspension_evidence: SuspensionEvidenceOut | None = Field(
+        None, description="set while the domain is suspended automatically for its bounce rate (null otherwise)")
 
 
 class OutboundUpdate(BaseModel):
@@ -206,14 +220,24 @@ def _outbound(rt: DomainRuntime, rec: dict[str, Any]) -> dict[str, Any]:
     if status is not None and status["tenant_id"] != rec["tenant_id"]:
         status = None
     c = q.counters_at(status, q.now_ms())
+    evidence = (status or {}).get("suspension_evidence")
     return {
-        "name": rec["name"], "outbound_tier": rec["tier"], "outbound_status": rec["status"],
+        "name": rec["name"], "outbound_tier": rec["tier"], "outbound_status": _ledger_status(status, rec),
         "outbound_daily_limit": rec["daily_limit"], "outbound_monthly_limit": rec["monthly_limit"],
         "outbound_sent_today": c["sent_today"], "outbound_sent_month": c["sent_month"],
         "outbound_enforcement": rec["enforcement"], "bounce_count": c["bounce_count"],
         "complaint_count": c["complaint_count"], "bounce_rate": q.rate(c["bounce_count"], c["sent_month"]),
         "complaint_rate": q.rate(c["complaint_count"], c["sent_month"]), "ses_verified": rec["verified"],
+        "suspension_evidence": evidence,
     }
+
+
+def _ledger_status(status: dict[str, Any] | None, rec: dict[str, Any]) -> str:
+    """The ledger enforces the status (it may have suspended the domain itself); a snapshot older
+    than the record's last update does not know that update yet."""
+    if status and status.get("status") and status.get("updated_ts", 0) >= rec.get("updated_ts", 0):
+        return str(status["status"])
+    return str(rec["status"])
 
 
 async def _ledger_results(st: ApiState, rt: DomainRuntime, request_id: str, count: int,
@@ -259,6 +283,8 @@ async def put_outbound(name: str, request: Request, body: OutboundUpdate | None 
         if body.tenant_id is not None and body.tenant_id != rec["tenant_id"]:
             scope_tenant(actor, body.tenant_id)  # a tenant key naming another tenant: 401 tenant_mismatch
             raise ApiError(409, "domain_tenant_conflict", "the domain is registered to another tenant")
+        # an automatic suspension stays until a caller sets the status explicitly
+        rec["status"] = _ledger_status(rt.status.get(name), rec)
     for field, key in (("outbound_daily_limit", "daily_limit"), ("outbound_monthly_limit", "monthly_limit"),
                        ("outbound_tier", "tier"), ("outbound_enforcement", "enforcement"),
                        ("outbound_status", "status")):

@@ -78,6 +78,30 @@ def _sum_limit(values: list[int | None]) -> int | None:
     return sum(v for v in values if v is not None)
 
 
+# Domain record dkim_status (seed vocabulary of ses-status) -> the tenant API's vocabulary
+_DKIM_STATUS = {"Success": "verified", "NotStarted": "not_configured"}
+
+
+def _from_domains(request: Request, tenant_id: str, tenant: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tenant's registered sending domains (outbound domain API). SPF and DMARC are not checked
+    by Postbus yet: ``unknown`` unless the record carries a checked status."""
+    runtime = getattr(request.app.state, "postbus_domains", None)
+    if runtime is None:
+        return []
+    records = sorted((r for r in runtime.domains.items.values() if r.get("tenant_id") == tenant_id),
+                     key=lambda r: r["name"])
+    return [{"domain": r["name"],
+             "dkim_status": _DKIM_STATUS.get(r.get("dkim_status") or "NotStarted", "pending"),
+             "spf_status": r.get("spf_status") or "unknown",
+             "dmarc_status": r.get("dmarc_status") or "unknown",
+             "tracking_domain": tenant.get("tracking_domain")} for r in records]
+
+
+def _default_from(tenant: dict[str, Any]) -> dict[str, Any] | None:
+    email = tenant.get("default_from_email")
+    return {"name": tenant.get("default_from_name"), "email": email} if email else None
+
+
 @router.get("/config", summary="Effective SMTP configuration visible to the tenant")
 async def smtp_config(tenant_id: str, request: Request) -> dict[str, Any]:
     st = state_of(request)
@@ -89,9 +113,8 @@ async def smtp_config(tenant_id: str, request: Request) -> dict[str, Any]:
     hourly = tenant.get("rate_limit_hourly")
     return {"success": True, "data": {
         "tenant_id": tenant_id,
-        # sending domains with DKIM/SPF/DMARC status come with domain verification (outbound domain API)
-        "from_domains": [],
-        "default_from": None,
+        "from_domains": _from_domains(request, tenant_id, tenant),
+        "default_from": _default_from(tenant),
         "rate_limits": {
             "max_per_minute": _sum_limit([a.get("limit_per_minute") for a in accounts]),
             "max_per_hour": hourly or _sum_limit([a.get("limit_per_hour") for a in accounts]),

@@ -103,4 +103,39 @@ def counters_at(status: dict[str, Any] | None, ts_ms: int) -> dict[str, int]:
 def status_record(entry: dict[str, Any], ts_ms: int) -> dict[str, Any]:
     return {"name": entry["name"], "tenant_id": entry["tenant"], "day": entry["day"], "month": entry["month"],
             "sent_today": entry["today"], "sent_month": entry["msent"], "bounce_count": entry["bounce"],
-            "complaint_count": entry["compl"], "updated_ts": ts_ms}
+            "complaint_count": entry["compl"], "updated_ts": ts_ms, "status": entry["status"],
+            "suspension_evidence": entry.get("ev")}
+
+
+def check(entry: dict[str, Any], ts_ms: int) -> tuple[bool, str | None]:
+    """What one more message would get (the sender's pre-send check); ``entry`` is not changed."""
+    probe = dict(entry)
+    roll(probe, ts_ms)
+    return decide(probe)
+
+
+def count_sent(entry: dict[str, Any], event_ts_ms: int) -> bool:
+    """Count one sent message of the domain (mutates ``entry``, already rolled to now): only into
+    the day/month it belongs to, so re-reading old events never inflates the current counters."""
+    day, month = period(event_ts_ms)
+    if month != entry["month"]:
+        return False
+    entry["msent"] += 1
+    if day == entry["day"]:
+        entry["today"] += 1
+    return True
+
+
+def auto_suspend(entry: dict[str, Any], threshold_pct: float, min_sent: int, ts_ms: int) -> bool:
+    """Suspend an active domain whose month's bounce rate passed ``threshold_pct`` over at least
+    ``min_sent`` sent messages, recording the evidence. Returns True when it suspended now."""
+    if entry["status"] == "suspended" or entry["msent"] < min_sent:
+        return False
+    bounce_rate = rate(entry["bounce"], entry["msent"])
+    if bounce_rate <= threshold_pct:
+        return False
+    entry["status"] = "suspended"
+    entry["ev"] = {"reason": "bounce_rate_exceeded", "window": f"month {entry['month']}", "sent_count": entry["msent"],
+                   "bounce_count": entry["bounce"], "complaint_count": entry["compl"], "bounce_rate": bounce_rate,
+                   "threshold": float(threshold_pct), "min_volume": int(min_sent), "suspended_ts": ts_ms}
+    return True

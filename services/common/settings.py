@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     # per-site overrides, JSON {"<MX host suffix or domain>": {"per_minute": n, "connections": n}}
     sender_site_overrides_json: str = "{}"
 
+    # outbound domains, automatic suspension (sender/domain_ledger): a domain whose month's bounce
+    # rate (percent of its sent mail) passes the threshold is suspended once it sent min_sent
+    domain_suspend_bounce_rate: float = Field(3.0, gt=0, le=100)
+    domain_suspend_min_sent: int = Field(100, ge=1)
+
     # inbound bounces / complaints / PEC (services/sender/inbound): the SMTP listener of the bounce
     # return-path domain, its readiness/Prometheus port, the largest message it takes; PEC: a sent
     # message whose From domain is in pec_sender_domains ("a.it,b.it") expects an acceptance

@@ -556,6 +556,7 @@ def main() -> None:
     run_worker(app, "sender", settings.log_level)
 
 from services.sender import dkim_sign as _dkim_sign  # noqa: E402, F401  DKIM transform (needs `app`: imported last)
+from services.sender import domain_counting as _domain_counting  # noqa: E402, F401  domain quota check
 from services.sender import domain_ledger as _domain_ledger  # noqa: E402, F401  registers the outbound ledger agent
 from services.sender import engagement as _engagement  # noqa: E402, F401  tracking, suppression list, feedback
 from services.sender import rate_limits as _rate_limits  # noqa: E402, F401  rate-limit check (needs `app`)

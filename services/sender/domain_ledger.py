@@ -18,7 +18,7 @@ from typing import Any
 from services.common import domain_quota as q
 from services.common.avro import DecodeError, codec
 from services.common.topics import BILLING, DOMAIN_RESULTS, STATUS_DOMAINS
-from services.sender.app import app, commands_topic, settings
+from services.sender.app import app, commands_topic, events_topic, settings
 
 log = logging.getLogger("postbus.sender.domains")
 
@@ -28,6 +28,11 @@ status_topic = app.topic(STATUS_DOMAINS, key_serializer="raw", value_serializer=
 billing_topic = app.topic(BILLING, key_serializer="raw", value_serializer="raw", internal=False)
 
 ROLLOVER_INTERVAL_S = 60.0
+# the commands agent, the events agent and the timer each read-modify-write entries across awaits
+_lock = asyncio.Lock()
+# bounce/complaint events the ledger counts itself; SES feedback arrives as domain.feedback commands
+FEEDBACK_EVENTS = frozenset({"bounce", "complaint"})
+COMMAND_FED_SOURCES = frozenset({"ses"})
 # the domain commands that change counters or limits (others, e.g. verification, are config only)
 LEDGER_COMMANDS = frozenset({"domain.update", "domain.increment", "domain.feedback", "domain.reset_daily",
                              "domain.reset_monthly"})
@@ -44,7 +49,8 @@ async def domain_commands(stream: Any) -> None:
         except DecodeError:
             continue  # the ingest agent dead-letters undecodable commands
         try:
-            await _apply(env, cmd, event.message.partition, event.message.offset)
+            async with _lock:
+                await _apply(env, cmd, event.message.partition, event.message.offset)
         except Exception:
             log.exception("domain command failed", extra={"type": env["type"], "offset": event.message.offset})
 
@@ -71,12 +77,15 @@ async def _apply(env: dict[str, Any], cmd: dict[str, Any], partition: int, offse
                            ("enforcement", "enf")):
             if cmd.get(field) is not None:
                 entry[key] = cmd[field]
+        if entry["status"] == "active":
+            entry.pop("ev", None)  # re-activated: the evidence of an automatic suspension is history
     elif ctype == "domain.increment" and fresh:
         allowed, reason = q.decide(entry)
         entry["res"] = [allowed, reason]
     elif ctype == "domain.feedback" and fresh:
         entry["bounce"] += cmd["bounces"]
         entry["compl"] += cmd["complaints"]
+        _maybe_suspend(entry, ts)
     entry["off"] = max(entry["off"], offset)
     status_offset = await _write([(entry, billing)], ts)
     allowed, reason = entry["res"] if ctype == "domain.increment" else (True, None)
@@ -145,14 +154,60 @@ async def _answer(cmd: dict[str, Any], tenant_id: str, *, found: bool = True, al
     await fut
 
 
+def _maybe_suspend(entry: dict[str, Any], ts: int) -> None:
+    if q.auto_suspend(entry, settings.domain_suspend_bounce_rate, settings.domain_suspend_min_sent, ts):
+        log.warning("domain suspended automatically", extra={"domain": entry["name"], **entry["ev"]})
+
+
+@app.agent(events_topic)
+async def domain_events(stream: Any) -> None:
+    """Counts the domain's own traffic from ``postbus.events``: every ``sent`` event of a message
+    whose From domain is a registered domain of the same tenant, and DSN/ARF bounces and complaints.
+    Events of a tenant share one partition, so the entry remembers the last events offset it applied
+    (``eoff``): a re-read event (restart, rebalance) is never counted twice."""
+    async for event in stream.events():
+        try:
+            _, ev = codec().decode(event.value, expect="DeliveryEvent")
+        except DecodeError:
+            continue
+        etype = ev["type"]
+        if etype != "sent" and (etype not in FEEDBACK_EVENTS or ev.get("source") in COMMAND_FED_SOURCES):
+            continue
+        name = ev.get("sender_domain")
+        if not name:
+            continue
+        try:
+            async with _lock:
+                await _apply_event(name.lower(), ev, event.message.offset)
+        except Exception:
+            log.exception("domain event failed", extra={"type": etype, "offset": event.message.offset})
+
+
+async def _apply_event(name: str, ev: dict[str, Any], offset: int) -> None:
+    current = ledger.data.get(name)
+    if current is None or current["tenant"] != ev["tenant_id"] or offset <= current.get("eoff", -1):
+        return
+    ts = q.now_ms()
+    entry = dict(current)
+    billing = q.roll(entry, ts)
+    entry["eoff"] = offset
+    if ev["type"] == "sent":
+        q.count_sent(entry, int(ev["ts"]))
+    elif q.period(int(ev["ts"]))[1] == entry["month"]:
+        entry["bounce" if ev["type"] == "bounce" else "compl"] += 1
+        _maybe_suspend(entry, ts)
+    await _write([(entry, billing)], ts)
+
+
 @app.timer(ROLLOVER_INTERVAL_S)
 async def _rollover() -> None:
     """Day and month roll over at UTC midnight even for a domain that sends nothing: the ended
     month's counters go to billing, the snapshots the API reads go to zero. Idempotent (state-based)."""
-    ts = q.now_ms()
-    day, month = q.period(ts)
-    stale = [dict(e) for e in list(ledger.data.values()) if e["day"] < day or e["month"] < month]
-    changes = [(entry, q.roll(entry, ts)) for entry in stale]
-    if changes:
-        await _write(changes, ts)
-        log.info("outbound counters rolled over", extra={"domains": len(changes), "day": day})
+    async with _lock:
+        ts = q.now_ms()
+        day, month = q.period(ts)
+        stale = [dict(e) for e in list(ledger.data.values()) if e["day"] < day or e["month"] < month]
+        changes = [(entry, q.roll(entry, ts)) for entry in stale]
+        if changes:
+            await _write(changes, ts)
+            log.info("outbound counters rolled over", extra={"domains": len(changes), "day": day})

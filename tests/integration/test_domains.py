@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 OUTBOUND_FIELDS = {"name", "outbound_tier", "outbound_status", "outbound_daily_limit", "outbound_monthly_limit",
                    "outbound_sent_today", "outbound_sent_month", "outbound_enforcement", "bounce_count",
-                   "complaint_count", "bounce_rate", "complaint_rate", "ses_verified"}
+                   "complaint_count", "bounce_rate", "complaint_rate", "ses_verified", "suspension_evidence"}
 
 
 def domain() -> str:
@@ -57,7 +57,8 @@ def test_register_defaults_and_partial_update(new_tenant: Callable[..., Tenant],
     assert created == {"name": name, "outbound_tier": "shared", "outbound_status": "active",
                        "outbound_daily_limit": 0, "outbound_monthly_limit": 0, "outbound_sent_today": 0,
                        "outbound_sent_month": 0, "outbound_enforcement": "soft", "bounce_count": 0,
-                       "complaint_count": 0, "bounce_rate": 0.0, "complaint_rate": 0.0, "ses_verified": False}
+                       "complaint_count": 0, "bounce_rate": 0.0, "complaint_rate": 0.0, "ses_verified": False,
+                       "suspension_evidence": None}
     updated = register(t, name, outbound_daily_limit=500, outbound_monthly_limit=10000)
     assert (updated["outbound_daily_limit"], updated["outbound_monthly_limit"]) == (500, 10000)
     updated = register(t, name, outbound_tier="dedicated", outbound_enforcement="hard")
