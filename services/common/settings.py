@@ -89,7 +89,6 @@ class Settings(BaseSettings):
     attachments_storage_url: str | None = None
     attachments_file_roots: str = ""
     attachments_public_base_url: str | None = None
-    attachments_link_ttl_days: float = Field(7.0, gt=0)
 
     # sender delivery engine (sender/rate_limits, throttle, outcomes, smtp_pool): concurrency caps,
     # retry horizon, SMTP timeouts and TLS, per-destination ("MX site") throttling
