@@ -479,7 +479,8 @@ async def _rewrite(ctx: pipeline.SendContext, att: dict[str, Any], data: bytes, 
     tenant_id = ctx.message["tenant_id"]
     digest = hashlib.sha256(data).hexdigest()
     safe_tenant = hashlib.sha256(tenant_id.encode()).hexdigest()[:16]  # tenant ids are not path-safe per se
-    url = resolve_in_root(check_root(root, settings), f"{safe_tenant}/{digest}/{att['filename']}")
+    name = att["filename"] if att["filename"] not in (".", "..") else "attachment"
+    url = resolve_in_root(check_root(root, settings), f"{safe_tenant}/{digest}/{name}")
     try:
         await asyncio.to_thread(_write_url, url, data)
     except (ImportError, ValueError) as exc:
