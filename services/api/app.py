@@ -19,7 +19,10 @@ from services.api import (
     routes_messages,
     routes_messages_read,
     routes_smtp,
+    routes_suppression,
     routes_tenants,
+    routes_tracking,
+    routes_webhooks,
 )
 from services.api.errors import install_error_handlers
 from services.api.state import ApiState
@@ -52,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     for module in (routes_core, routes_config, routes_tenants, routes_messages, routes_lifecycle,
-                   routes_messages_read, routes_admin, routes_smtp, routes_domains, routes_files):
+                   routes_messages_read, routes_admin, routes_smtp, routes_domains, routes_files,
+                   routes_suppression, routes_tracking, routes_webhooks):
         app.include_router(module.router)
 
     @app.middleware("http")

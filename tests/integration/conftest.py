@@ -44,6 +44,9 @@ def system() -> Iterator[LocalSystem]:
         state, admin_token=ADMIN_TOKEN, kafka_heap="320m",
         env={"POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
              "POSTBUS_SUPPORT_PRINCIPALS_JSON": SUPPORT_PRINCIPALS,
+             # SES webhook tests (test_ses_webhook.py): their test CA and HTTPS server on localhost
+             "POSTBUS_SNS_CA_FILE": str(state / "sns-test-ca.pem"),
+             "POSTBUS_SNS_CERT_HOST_PATTERN": r"^(sns\.[a-z0-9-]+\.amazonaws\.com|localhost:\d+)$",
              "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ATTACHMENTS_ALLOW_PRIVATE_NETWORKS": "1"},
     )
     sys_.start()

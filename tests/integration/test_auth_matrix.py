@@ -89,6 +89,16 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/domains/{name}/dkim/rotate"): Route("domain", before=("POST", "/domains/{name}/ses-verify")),
     ("POST", "/outbound/reset-daily"): Route("admin"),
     ("POST", "/outbound/reset-monthly"): Route("admin"),
+    # tracking and complaints: links carry a signed token (a literal "{token}" is forged: 404 for all);
+    # the SNS webhook takes no token (an empty body is not an SNS message: 400)
+    ("GET", "/suppressions"): Route("tenant", query=T),
+    ("POST", "/suppressions"): Route("tenant", body={"tenant_id": "{tenant}", "addresses": ["authz@example.test"]}),
+    ("DELETE", "/suppressions/{address}"): Route("tenant", query=T, overrides={"own": 404, "admin": 404}),
+    ("GET", "/t/o/{token}"): Route("public", ok=404),
+    ("GET", "/t/c/{token}"): Route("public", ok=404),
+    ("GET", "/u/{token}"): Route("public", ok=404),
+    ("POST", "/u/{token}"): Route("public", ok=404),
+    ("POST", "/webhooks/ses"): Route("public", ok=400),
 }
 
 
