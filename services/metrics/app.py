@@ -3,6 +3,7 @@
     GET  /health                                   liveness + ingest connection
     GET  /metrics                                  Prometheus text
     GET  /internal/tenants/{tenant_id}/metrics     distinct messages per outcome over ?window=24h|7d|...
+                                                   (&group_by=domain|provider: per sending domain / provider)
     GET  /internal/tenants/{tenant_id}/messages/{message_id}/events   one message's event history
     POST /internal/sent-ids                        which of these ids were already sent
     GET  /internal/messages                        message projection of one tenant (GET /messages)
@@ -18,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,8 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.settings import Settings
 from services.common.topics import EVENTS
+from services.metrics import analytics
 from services.metrics.ingest import Ingestor
-from services.metrics.store import AsyncStore, Store, parse_window
+from services.metrics.store import AsyncStore, Counts, Store, parse_window
 
 log = logging.getLogger("postbus.metrics.app")
 
@@ -121,11 +123,18 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/internal/tenants/{tenant_id}/metrics")
-    async def tenant_metrics(request: Request, tenant_id: str, window: str = "24h") -> Any:
+    async def tenant_metrics(request: Request, tenant_id: str, window: str = "24h",
+                             group_by: Literal["domain", "provider"] | None = None) -> Any:
         try:
             hours = parse_window(window)
         except ValueError as exc:
             return _error(422, "VALIDATION_ERROR", str(exc))
+        if group_by is not None:  # per sending domain / mailbox provider, from the hourly aggregates
+            astore: AsyncStore = request.app.state.store
+            from_ts, to_ts, groups = await astore.run(analytics.grouped_counts, astore.sync, tenant_id, hours,
+                                                      group_by)
+            return {"window": window, "from_ts": from_ts, "to_ts": to_ts, "group_by": group_by,
+                    "groups": [{"key": key, **Counts(values).as_dict()} for key, values in sorted(groups.items())]}
         to_ts = int(time.time() * 1000)
         from_ts = to_ts - hours * 3_600_000
         counts = await request.app.state.store.tenant_counts(tenant_id, from_ts, to_ts)

@@ -28,6 +28,7 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from services.metrics import analytics
 from services.metrics import messages as msgs
 
 log = logging.getLogger("postbus.metrics.store")
@@ -50,6 +51,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "event_id", "type", "tenant_id", "account_id", "message_id", "pk", "ts", "accepted_ts", "attempt",
     "smtp_code", "error", "deferred_reason", "deferred_until", "batch_code", "sender_domain",
     "recipients", "kafka_partition", "kafka_offset",
+    "recipient_domain",  # analytics: the mailbox provider (column added by analytics.ddl)
 )
 
 
@@ -113,10 +115,12 @@ def _ddl(retention_days: int) -> list[str]:
         ORDER BY (topic, partition)
         """,
         *msgs.DDL,
+        *analytics.ddl(retention_days),
     ]
 
 
 DROP = [
+    *analytics.DROP,
     "DROP VIEW IF EXISTS sent_ids_mv",
     "DROP TABLE IF EXISTS events",
     "DROP TABLE IF EXISTS sent_ids",
@@ -157,6 +161,7 @@ def event_row(ev: dict[str, Any], partition: int = 0, offset: int = 0) -> list[A
         ev.get("smtp_code"), ev.get("error") or "", ev.get("deferred_reason") or "",
         ev.get("deferred_until"), ev.get("batch_code") or "", ev.get("sender_domain") or "",
         max(0, int(ev.get("recipients") or 0)), partition, offset,
+        analytics.recipient_domain(ev),
     ]
 
 

@@ -132,3 +132,25 @@ def test_download_links_are_added_to_text_and_html() -> None:
     html_only = with_links({"body_text": None, "body_html": "<p>x</p>"}, [p])
     assert html_only["body_text"] is None and "files/abc" in html_only["body_html"]
     assert with_links(msg, []) is msg
+
+
+def test_attachment_auth_is_validated_and_encrypted() -> None:
+    from services.api.message_validation import Rejected, validate_message
+
+    def make(auth: object, encrypt: object = lambda s: "ENC(" + s + ")") -> dict:
+        raw = {"id": "m", "tenant_id": "t", "account_id": "a", "from": "a@b.test", "to": "c@d.test", "subject": "s",
+               "attachments": [{"filename": "f.pdf", "storage_path": "https://x.test/f.pdf", "auth": auth}]}
+        return validate_message(raw, default_priority=2, account_exists=lambda t, a: True,
+                                tenant_exists=lambda t: True, encrypt=encrypt)  # type: ignore[arg-type]
+
+    got = make({"method": "bearer", "token": "tok"})["attachments"][0]["auth"]
+    assert got == {"method": "bearer", "user": None, "secret_enc": "ENC(tok)"}
+    got = make({"method": "basic", "user": "u", "password": "p"})["attachments"][0]["auth"]
+    assert got == {"method": "basic", "user": "u", "secret_enc": "ENC(p)"}
+    assert make(None)["attachments"][0]["auth"] is None
+    for bad in ({"method": "bearer"}, {"method": "basic", "password": "p"}, {"method": "digest", "token": "x"},
+                "token", {"method": "bearer", "token": "a\r\nb"}):
+        with pytest.raises(Rejected):
+            make(bad)
+    with pytest.raises(Rejected, match="not accepted"):
+        make({"method": "bearer", "token": "tok"}, encrypt=None)
