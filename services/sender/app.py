@@ -504,6 +504,8 @@ def _event(tenant_id: str, account_id: str | None, message_id: str, pk: str | No
         "batch_code": msg.get("batch_code") if msg else None,
         "sender_domain": (msg["from_addr"].rpartition("@")[2].rstrip(">").lower() or None) if msg else None,
         "recipients": len(msg["to"]) + len(msg["cc"]) + len(msg["bcc"]) if msg else 0,
+        # the primary recipient (first To): the analytics group messages by its mailbox provider
+        "recipient": fields.get("recipient") or ((msg["to"] or [None])[0] if msg else None),
     }
 
 
