@@ -29,7 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
 #: start order matters only for readability of the logs: all four start in parallel
-SERVICES = ("metrics", "api", "sender", "reporter")
+SERVICES = ("metrics", "api", "sender", "reporter", "inbound")
+#: services whose module is not services.<name> (the inbound listener lives with the sender)
+MODULES = {"inbound": "services.sender.inbound"}
 
 
 class LocalSystemError(RuntimeError):
@@ -113,6 +115,8 @@ class LocalSystem:
         metrics_port: int = 8010,
         sender_metrics_port: int = 9101,
         reporter_metrics_port: int = 9102,
+        inbound_metrics_port: int = 9103,
+        inbound_smtp_port: int = 2525,
         admin_token: str | None = None,
         env: Mapping[str, str] | None = None,
         services: Iterable[str] = SERVICES,
@@ -129,7 +133,9 @@ class LocalSystem:
             "metrics": metrics_port,
             "sender": sender_metrics_port,
             "reporter": reporter_metrics_port,
+            "inbound": inbound_metrics_port,  # readiness / Prometheus; SMTP on inbound_smtp_port
         }
+        self.inbound_smtp_port = inbound_smtp_port
         self.admin_token = admin_token
         self.extra_env = dict(env or {})
         self.ready_timeout = ready_timeout
@@ -146,14 +152,15 @@ class LocalSystem:
             if name not in SERVICES:
                 raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
             path = "/health" if name in ("api", "metrics") else "/metrics"
-            self.services[name] = Service(name, f"services.{name}", f"http://127.0.0.1:{self.ports[name]}{path}")
+            self.services[name] = Service(name, MODULES.get(name, f"services.{name}"), f"http://127.0.0.1:{self.ports[name]}{path}")
 
     # ------------------------------------------------------------------ configuration
     @classmethod
     def with_free_ports(cls, state_dir: str | os.PathLike[str], **kwargs: object) -> LocalSystem:
         """A LocalSystem on ports free right now (for tests, next to a developer's `make up`)."""
         ports = {"kafka_port": free_port(pair=True)}
-        for key in ("api_port", "metrics_port", "sender_metrics_port", "reporter_metrics_port"):
+        for key in ("api_port", "metrics_port", "sender_metrics_port", "reporter_metrics_port",
+                    "inbound_metrics_port", "inbound_smtp_port"):
             ports[key] = free_port()
         ports.update(kwargs)  # type: ignore[arg-type]
         return cls(state_dir, **ports)  # type: ignore[arg-type]
@@ -187,6 +194,8 @@ class LocalSystem:
             POSTBUS_METRICS_URL=self.url("metrics"),
             POSTBUS_SENDER_METRICS_PORT=str(self.ports["sender"]),
             POSTBUS_REPORTER_METRICS_PORT=str(self.ports["reporter"]),
+            POSTBUS_INBOUND_METRICS_PORT=str(self.ports["inbound"]),
+            POSTBUS_INBOUND_SMTP_PORT=str(self.inbound_smtp_port),
         )
         if self.admin_token:
             env["POSTBUS_ADMIN_TOKEN"] = self.admin_token

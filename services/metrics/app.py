@@ -9,6 +9,8 @@
     GET  /internal/messages                        message projection of one tenant (GET /messages)
     POST /internal/messages/lookup                 pending / final / other-tenant ids (delete-messages)
     POST /internal/messages/cleanup                fully reported final messages older than N s
+    GET  /internal/inbound/resolve                 the message an inbound report is about (tenant+id or pk)
+    GET  /internal/inbound/pec-overdue             PEC messages without any receipt (pec_timeout scan)
     GET  /internal/ingest-status                   per-partition next offset, caught_up, rows
     POST /internal/replay                          drop tables, re-read the events topic from 0
 """
@@ -30,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.settings import Settings
 from services.common.topics import EVENTS
-from services.metrics import analytics
+from services.metrics import analytics, inbound_lookup
 from services.metrics.ingest import Ingestor
 from services.metrics.store import AsyncStore, Counts, Store, parse_window
 
@@ -172,6 +174,22 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
     @app.post("/internal/messages/cleanup")
     async def cleanup(request: Request, body: CleanupRequest) -> dict[str, list[str]]:
         return {"ids": await request.app.state.store.cleanup_ids(body.tenant_id, body.older_than_seconds)}
+
+    @app.get("/internal/inbound/resolve")
+    async def inbound_resolve(request: Request, tenant_id: str | None = None, id: str | None = None,
+                              pk: str | None = None) -> Any:
+        astore: AsyncStore = request.app.state.store
+        found = await astore.run(inbound_lookup.resolve, astore.sync, tenant_id, id, pk)
+        return found if found is not None else _error(404, "NOT_FOUND", "no such message")
+
+    @app.get("/internal/inbound/pec-overdue")
+    async def inbound_pec_overdue(request: Request, domains: str = Query(""), sent_before_ms: int = Query(ge=0),
+                                  sent_after_ms: int = Query(0, ge=0),
+                                  limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
+        names = [d.strip() for d in domains.split(",") if d.strip()]
+        astore: AsyncStore = request.app.state.store
+        rows = await astore.run(inbound_lookup.pec_overdue, astore.sync, names, sent_before_ms, sent_after_ms, limit)
+        return {"messages": rows}
 
     @app.get("/internal/ingest-status")
     async def ingest_status(request: Request) -> dict[str, Any]:

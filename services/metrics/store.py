@@ -50,7 +50,7 @@ _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([hd])$")
 EVENT_COLUMNS: tuple[str, ...] = (
     "event_id", "type", "tenant_id", "account_id", "message_id", "pk", "ts", "accepted_ts", "attempt",
     "smtp_code", "error", "deferred_reason", "deferred_until", "batch_code", "sender_domain",
-    "recipients", "kafka_partition", "kafka_offset",
+    "recipients", "kafka_partition", "kafka_offset", "bounce_type",
     "recipient_domain",  # analytics: the mailbox provider (column added by analytics.ddl)
 )
 
@@ -87,6 +87,8 @@ def _ddl(retention_days: int) -> list[str]:
         ORDER BY (tenant_id, toStartOfHour(ts), type, event_id)
         TTL toDateTime(ts) + INTERVAL {int(retention_days)} DAY
         """,
+        # inbound bounces: hard | soft (only hard bounces count as "bounced"); added to older tables
+        "ALTER TABLE events ADD COLUMN IF NOT EXISTS bounce_type LowCardinality(String) DEFAULT ''",
         # "was this id already sent?" is a point lookup by (tenant, id); the events order key cannot
         # answer it without scanning the tenant, so a view keeps a narrow copy of the sent events.
         # No TTL: the already-sent guarantee must not expire with the analytics retention.
@@ -160,7 +162,7 @@ def event_row(ev: dict[str, Any], partition: int = 0, offset: int = 0) -> list[A
         ev.get("pk") or "", int(ev["ts"]), ev.get("accepted_ts"), int(ev.get("attempt") or 0),
         ev.get("smtp_code"), ev.get("error") or "", ev.get("deferred_reason") or "",
         ev.get("deferred_until"), ev.get("batch_code") or "", ev.get("sender_domain") or "",
-        max(0, int(ev.get("recipients") or 0)), partition, offset,
+        max(0, int(ev.get("recipients") or 0)), partition, offset, ev.get("bounce_type") or "",
         analytics.recipient_domain(ev),
     ]
 
@@ -237,6 +239,7 @@ class Store:
                 WHERE tenant_id = {tenant:String}
                   AND ts >= fromUnixTimestamp64Milli({f:Int64}, 'UTC')
                   AND ts <= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
+                  AND NOT (type = 'bounce' AND bounce_type = 'soft')  -- bounced = hard bounces
                 GROUP BY type
                 """,
                 parameters={"tenant": tenant_id, "f": int(from_ms), "t": int(to_ms)},

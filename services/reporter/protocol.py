@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-REPORTABLE = frozenset({"sent", "error", "deferred", "rejected"})
+REPORTABLE = frozenset({"sent", "error", "deferred", "rejected", "bounce", "complaint", "pec"})
 
 
 def _seconds(ms: int | None) -> float | None:
@@ -30,6 +30,8 @@ def report_item(event: dict[str, Any]) -> dict[str, Any] | None:
     ts = _seconds(event.get("ts"))
     if kind == "sent":
         item["sent_ts"] = ts
+    elif kind in _INBOUND:
+        item.update(_INBOUND[kind](event, ts))
     elif kind == "deferred":
         item["deferred_ts"] = ts
         item["deferred_reason"] = event.get("deferred_reason") or "deferred"
@@ -41,6 +43,32 @@ def report_item(event: dict[str, Any]) -> dict[str, Any] | None:
     if event.get("smtp_code") is not None:
         item["smtp_code"] = event["smtp_code"]
     return item
+
+
+def _bounce(event: dict[str, Any], ts: float | None) -> dict[str, Any]:
+    out = {"bounce_ts": ts, "bounce_type": event.get("bounce_type") or "hard",
+           "bounce_code": event.get("bounce_code"), "bounce_reason": event.get("bounce_reason") or ""}
+    if event.get("recipient"):
+        out["recipient_email"] = event["recipient"]
+    return out
+
+
+def _complaint(event: dict[str, Any], ts: float | None) -> dict[str, Any]:
+    out = {"complaint_ts": ts, "feedback_type": event.get("feedback_type") or "abuse"}
+    if event.get("recipient"):
+        out["recipient_email"] = event["recipient"]
+    return out
+
+
+def _pec(event: dict[str, Any], ts: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"pec_event": event.get("pec_event"), "pec_ts": ts}
+    if event.get("pec_event") == "pec_error" and event.get("error"):
+        out["error"] = event["error"]
+    return out
+
+
+# inbound events (services/sender/inbound): bounces, ARF complaints, PEC receipts
+_INBOUND = {"bounce": _bounce, "complaint": _complaint, "pec": _pec}
 
 
 def _error_text(event: dict[str, Any], kind: str) -> str:

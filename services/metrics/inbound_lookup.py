@@ -1,0 +1,58 @@
+"""Queries for the inbound service (services/sender/inbound): which message an inbound report is
+about, and which PEC messages are still waiting for their acceptance receipt.
+
+Both read projections that already exist (``messages`` from the command topic, ``events``), so a
+replay rebuilds them and the inbound service keeps no state of its own for them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.metrics.store import Store
+
+
+def resolve(store: Store, tenant_id: str | None, message_id: str | None, pk: str | None) -> dict[str, Any] | None:
+    """The submission a report refers to: by (tenant, id) — the newest submission — or by pk (the
+    local part of a generated Message-ID). None when unknown."""
+    with store._lock:
+        if tenant_id and message_id:
+            rows = store._client.query(
+                "SELECT tenant_id, id, argMax(pk, seq), argMax(account_id, seq), argMax(from_addr, seq) "
+                "FROM messages WHERE tenant_id = {t:String} AND id = {i:String} GROUP BY tenant_id, id",
+                parameters={"t": tenant_id, "i": message_id}).result_rows
+        elif pk:
+            rows = store._client.query(
+                "SELECT tenant_id, id, pk, account_id, from_addr FROM messages WHERE pk = {p:String} LIMIT 1",
+                parameters={"p": pk}).result_rows
+        else:
+            return None
+    if not rows:
+        return None
+    t, i, p, account, from_addr = rows[0]
+    return {"tenant_id": t, "id": i, "pk": p or None, "account_id": account or None, "from_addr": from_addr}
+
+
+def pec_overdue(store: Store, domains: list[str], sent_before_ms: int, sent_after_ms: int,
+                limit: int = 1000) -> list[dict[str, Any]]:
+    """Messages sent from a PEC domain between the two times that have no ``pec`` event at all (an
+    acceptance, a delivery, an error or an earlier timeout each end the wait)."""
+    if not domains:
+        return []
+    with store._lock:
+        rows = store._client.query(
+            """
+            SELECT tenant_id, message_id, anyIf(account_id, type = 'sent'), anyIf(pk, type = 'sent'),
+                   anyIf(sender_domain, type = 'sent')
+            FROM events
+            WHERE ts >= fromUnixTimestamp64Milli({after:Int64}, 'UTC')
+              AND ((type = 'sent' AND sender_domain IN {d:Array(String)}) OR type = 'pec')
+            GROUP BY tenant_id, message_id
+            HAVING countIf(type = 'pec') = 0 AND countIf(type = 'sent') > 0
+               AND minIf(ts, type = 'sent') < fromUnixTimestamp64Milli({before:Int64}, 'UTC')
+            LIMIT {lim:UInt32}
+            """,
+            parameters={"d": [d.lower() for d in domains], "before": int(sent_before_ms),
+                        "after": int(sent_after_ms), "lim": int(limit)}).result_rows
+    return [{"tenant_id": t, "message_id": m, "account_id": a or None, "pk": p or None, "sender_domain": d}
+            for t, m, a, p, d in rows]

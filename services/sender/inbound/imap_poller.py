@@ -1,0 +1,153 @@
+"""The IMAP bounce poller: reads new messages of the configured mailbox (instance config ``bounce``:
+imap_host, imap_port, imap_user, imap_password, mailbox, poll_interval_seconds; ``bounce_enabled``)
+with the stdlib ``imaplib`` in a worker thread, hands each to :class:`Inbound`, and remembers its
+position durably: UIDVALIDITY + last UID per mailbox as a compacted record on
+``postbus.inbound.imap-position``, written after each message is processed. Messages are fetched
+with ``BODY.PEEK[]`` (the mailbox is not modified). A ``bounce.reload`` command or a change of the
+instance config makes it reconnect with the new settings at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import imaplib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.avro import codec
+from services.common.config_view import ConfigView
+from services.common.crypto import SecretBox
+from services.common.topics import IMAP_POSITION
+from services.sender.inbound.service import Inbound
+
+log = logging.getLogger("postbus.inbound.imap")
+
+BATCH = 100
+_UIDVALIDITY = re.compile(rb"UIDVALIDITY (\d+)")
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    host: str
+    port: int
+    user: str
+    password: str | None
+    mailbox: str
+    interval_s: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.host}:{self.port}/{self.user}/{self.mailbox}"
+
+
+def config_from(instance: dict[str, Any] | None, box: SecretBox) -> ImapConfig | None:
+    if not instance or not instance.get("bounce_enabled") or not instance.get("bounce_imap_host"):
+        return None
+    return ImapConfig(
+        host=instance["bounce_imap_host"],
+        port=int(instance.get("bounce_imap_port") or 993),
+        user=instance.get("bounce_imap_user") or "",
+        password=box.decrypt(instance.get("bounce_imap_password_enc")),
+        mailbox=instance.get("bounce_mailbox") or "INBOX",
+        interval_s=float(max(1, instance.get("bounce_poll_interval_seconds") or 60)),
+    )
+
+
+def start_uid(position: dict[str, Any] | None, uidvalidity: int) -> int:
+    """The last UID already processed; 0 when the mailbox is new or its UIDVALIDITY changed (the UIDs
+    were renumbered: everything is read again; event ids are deterministic, so nothing counts twice)."""
+    if not position or int(position.get("uidvalidity", -1)) != uidvalidity:
+        return 0
+    return int(position.get("last_uid", 0))
+
+
+def new_uids(search_data: list[bytes | None], last_uid: int) -> list[int]:
+    """UIDs from a ``UID SEARCH UID n:*`` answer above ``last_uid`` (``n:*`` always matches the newest
+    message even when its UID is below n), ascending, at most BATCH."""
+    uids = sorted({int(x) for chunk in search_data if chunk for x in chunk.split() if x.isdigit()})
+    return [u for u in uids if u > last_uid][:BATCH]
+
+
+def fetch_new(cfg: ImapConfig, position: dict[str, Any] | None, timeout_s: float = 30.0
+              ) -> tuple[int, list[tuple[int, bytes]]]:
+    """Blocking: connect, select read-only, return (uidvalidity, [(uid, raw message)]) after the position."""
+    cls = imaplib.IMAP4_SSL if cfg.port == 993 else imaplib.IMAP4
+    imap = cls(cfg.host, cfg.port, timeout=timeout_s)
+    try:
+        if cfg.user:
+            imap.login(cfg.user, cfg.password or "")
+        typ, _ = imap.select(_quote(cfg.mailbox), readonly=True)
+        if typ != "OK":
+            raise RuntimeError(f"cannot select mailbox {cfg.mailbox!r}")
+        _, status = imap.status(_quote(cfg.mailbox), "(UIDVALIDITY)")
+        m = _UIDVALIDITY.search(status[0] or b"") if status and isinstance(status[0], bytes) else None
+        uidvalidity = int(m.group(1)) if m else 0
+        last = start_uid(position, uidvalidity)
+        _, data = imap.uid("SEARCH", None, f"UID {last + 1}:*")
+        out: list[tuple[int, bytes]] = []
+        for uid in new_uids(data, last):
+            _, parts = imap.uid("FETCH", str(uid), "(BODY.PEEK[])")
+            raw = next((p[1] for p in parts if isinstance(p, tuple) and len(p) > 1), None)
+            if raw is not None:
+                out.append((uid, bytes(raw)))
+        return uidvalidity, out
+    finally:
+        with contextlib.suppress(Exception):
+            imap.logout()
+
+
+def _quote(mailbox: str) -> str:
+    return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ImapPoller:
+    def __init__(self, inbound: Inbound, instance: ConfigView, positions: ConfigView, box: SecretBox) -> None:
+        self.inbound = inbound
+        self.instance = instance
+        self.positions = positions
+        self.box = box
+        self.wake = asyncio.Event()
+        self.last_error: str | None = None
+        self.polls = 0
+
+    def reload(self) -> None:
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            cfg = config_from(self.instance.get("instance"), self.box)
+            interval = 30.0
+            if cfg is not None:
+                interval = cfg.interval_s
+                try:
+                    await self.poll_once(cfg)
+                    self.last_error = None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.last_error = str(exc)
+                    log.warning("IMAP poll failed", extra={"mailbox": cfg.key, "error": str(exc)})
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), interval)
+
+    async def poll_once(self, cfg: ImapConfig) -> int:
+        while True:
+            position = self.positions.get(cfg.key)
+            uidvalidity, messages = await asyncio.to_thread(fetch_new, cfg, position)
+            self.polls += 1
+            for uid, data in messages:
+                await self.inbound.handle(data, "imap")
+                await self._save(cfg.key, uidvalidity, uid)
+            if len(messages) < BATCH:
+                return len(messages)
+
+    async def _save(self, key: str, uidvalidity: int, uid: int) -> None:
+        rec = {"mailbox": key, "uidvalidity": uidvalidity, "last_uid": uid, "updated_ts": int(time.time() * 1000)}
+        fut = await self.inbound.producer.send(IMAP_POSITION, key=key.encode(),
+                                               value=codec().encode("ImapPosition", rec))
+        meta = await fut
+        await self.positions.wait_for({meta.partition: meta.offset}, timeout=30)
