@@ -10,6 +10,7 @@ queues N messages over T tenants through the REST API and reports:
 
     python bench/e2e.py                      # 20,000 messages over 4 tenants
     python bench/e2e.py -n 5000 -t 2 --batch 250
+    python bench/e2e.py -n 10000 --temp-fail-rate 0.1   # 10% greylisted once (451 4.7.1), then accepted
 Results are printed and written to bench/results/e2e-<time>.json.
 """
 
@@ -53,6 +54,12 @@ def sender_stages(url: str) -> dict[str, float]:
                 stage = line[len(prefix):].split('"', 1)[0]
                 into[stage] = float(line.rsplit(" ", 1)[1])
     return {k: round(sums[k] / counts[k] * 1000, 2) for k in sums if counts.get(k)}
+
+
+def sender_counter(url: str, name: str) -> float:
+    """Sum of a sender counter over all its label sets."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def read_sink(path: Path) -> list[tuple[str, str, float]]:
@@ -105,6 +112,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4, help="parallel API calls")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--keep", action="store_true", help="keep the state folder")
+    ap.add_argument("--temp-fail-rate", type=float, default=0.0,
+                    help="fraction of messages the sink answers 451 4.7.1 on their first attempt")
+    ap.add_argument("--retry-base-s", type=float, default=None, help="POSTBUS_SENDER_RETRY_BASE_S for the run")
     args = ap.parse_args()
 
     state = REPO / ".state" / "bench"
@@ -113,8 +123,10 @@ def main() -> None:
     sink_port = free_port()
     sink_log = state / "sink.log"
     sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "fast_sink.py"), "--port", str(sink_port),
-                             "--out", str(sink_log)], stdout=subprocess.DEVNULL)
-    system = LocalSystem.with_free_ports(state, admin_token="bench-admin", kafka_heap="512m")
+                             "--out", str(sink_log), "--temp-fail-rate", str(args.temp_fail_rate)],
+                            stdout=subprocess.DEVNULL)
+    env = {"POSTBUS_SENDER_RETRY_BASE_S": str(args.retry_base_s)} if args.retry_base_s is not None else {}
+    system = LocalSystem.with_free_ports(state, admin_token="bench-admin", kafka_heap="512m", env=env)
     clients: list[ClientApp] = []
     try:
         system.start()
@@ -173,6 +185,8 @@ def main() -> None:
             "messages": total,
             "tenants": args.tenants,
             "batch": args.batch,
+            "temp_fail_rate": args.temp_fail_rate,
+            "deferred_events": sender_counter(system.url("sender"), "gmp_deferred_total"),
             "ingest_msg_per_s": round(total / ingest_s, 1),
             "delivered_msg_per_s": round(len(first_arrival) / (last_delivery - t_start), 1),
             "reported_msg_per_s": round(len(report_times) / (last_report - t_start), 1) if report_times else 0,

@@ -3,8 +3,11 @@
 Speaks just enough ESMTP (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, PIPELINING) on a raw
 asyncio protocol, accepts everything, and appends ``<X-Postbus-Message-Id> <tenant> <epoch_s>``
 per received message to an output file (flushed every 200 ms). Not an MTA: no queue, no checks.
+With ``--temp-fail-rate F`` it answers ``451 4.7.1`` at the end of DATA to the first attempt of a
+fraction F of the messages (chosen by a hash of tenant and id, so it is deterministic), and
+accepts their next attempt: greylisting, as the sender sees it.
 
-    python bench/fast_sink.py --port 2526 --out /tmp/sink.log
+    python bench/fast_sink.py --port 2526 --out /tmp/sink.log [--temp-fail-rate 0.1]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+import zlib
 
 try:
     import uvloop
@@ -24,6 +28,8 @@ TEN = b"\nx-postbus-tenant: "
 
 class Sink(asyncio.Protocol):
     out: list[str]
+    fail_permille: int = 0
+    failed_once: set[str] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport  # type: ignore[assignment]
@@ -47,9 +53,9 @@ class Sink(asyncio.Protocol):
                 self.data.append(self.buf[: end + 2])
                 self.buf = self.buf[end + 5:]
                 self.in_data = False
-                self._record(b"".join(self.data))
+                accepted = self._record(b"".join(self.data))
                 self.data = []
-                replies.append(b"250 2.0.0 Ok: queued\r\n")
+                replies.append(b"250 2.0.0 Ok: queued\r\n" if accepted else b"451 4.7.1 greylisted, try again\r\n")
                 continue
             nl = self.buf.find(b"\r\n")
             if nl < 0:
@@ -71,13 +77,19 @@ class Sink(asyncio.Protocol):
         if replies:
             self.t.write(b"".join(replies))
 
-    def _record(self, msg: bytes) -> None:
+    def _record(self, msg: bytes) -> bool:
         head = b"\n" + msg[: msg.find(b"\r\n\r\n")].replace(b"\r\n", b"\n").lower()
         i = head.find(CID)
         mid = head[i + len(CID): head.find(b"\n", i + 1)].decode(errors="replace") if i >= 0 else "?"
         j = head.find(TEN)
         ten = head[j + len(TEN): head.find(b"\n", j + 1)].decode(errors="replace") if j >= 0 else "?"
+        if Sink.fail_permille:
+            key = f"{ten} {mid}"
+            if key not in Sink.failed_once and zlib.crc32(key.encode()) % 1000 < Sink.fail_permille:
+                Sink.failed_once.add(key)
+                return False
         Sink.out.append(f"{mid} {ten} {time.time():.6f}\n")
+        return True
 
 
 async def main(port: int, out_path: str) -> None:
@@ -99,7 +111,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=2526)
     p.add_argument("--out", required=True)
+    p.add_argument("--temp-fail-rate", type=float, default=0.0, help="fraction answered 451 4.7.1 once")
     a = p.parse_args()
+    Sink.fail_permille = round(a.temp_fail_rate * 1000)
     if uvloop:
         uvloop.install()
     asyncio.run(main(a.port, a.out))
