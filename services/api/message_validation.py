@@ -124,6 +124,12 @@ def _headers(value: Any) -> dict[str, str]:
     return out
 
 
+def _optional_bool(value: Any, field: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise Rejected(f"invalid {field}: must be true, false or null")
+
+
 def infer_fetch_mode(storage_path: str) -> str:
     if storage_path.startswith("base64:"):
         return "base64"
@@ -273,6 +279,8 @@ def validate_message(
         "priority": normalize_priority(raw.get("priority"), default_priority),
         "deferred_ts": _timestamp_ms(raw.get("deferred_ts"), "deferred_ts"),
         "batch_code": batch_code or None,
+        "track_opens": _optional_bool(raw.get("track_opens"), "track_opens"),
+        "track_clicks": _optional_bool(raw.get("track_clicks"), "track_clicks"),
         "accepted_ts": now_ms if now_ms is not None else int(time.time() * 1000),
     }
     # existence checks last: the cheap shape errors above are more useful to report first

@@ -63,3 +63,12 @@ def test_tracking_is_off_by_default(new_tenant, smtp) -> None:
     mail = _mail(smtp, t.id, "plain-1").message
     assert mail.get_body(("html",)).get_content().strip() == HTML
     assert mail["List-Unsubscribe"] is None
+
+
+def test_per_message_flags_override_the_tenant_default(new_tenant, smtp) -> None:
+    t = new_tenant()  # tracking off for the tenant
+    r = t.http.post("/commands/add-messages", json={"messages": [
+        t.message("own-on", body=HTML, content_type="html", track_opens=True, track_clicks=True)]})
+    assert r.status_code == 200 and r.json()["queued"] == 1, r.text
+    html = _mail(smtp, t.id, "own-on").message.get_body(("html",)).get_content()
+    assert "/t/o/" in html and "/t/c/" in html

@@ -87,3 +87,11 @@ def test_deferred_ts_seconds_to_ms() -> None:
 )
 def test_fetch_mode_inference(path, mode) -> None:
     assert infer_fetch_mode(path) == mode
+
+
+def test_tracking_flags() -> None:
+    assert check(GOOD)["track_opens"] is None
+    rec = check({**GOOD, "track_opens": True, "track_clicks": False})
+    assert (rec["track_opens"], rec["track_clicks"]) == (True, False)
+    with pytest.raises(Rejected, match="invalid track_clicks"):
+        check({**GOOD, "track_clicks": "yes"})
