@@ -127,3 +127,33 @@ def test_reports_about_unknown_messages_emit_nothing(system: LocalSystem, new_te
     assert t.http.post("/commands/add-messages", json={"messages": [t.message("after")]}).status_code == 200
     wait_until(lambda: _report(t, "after", "sent_ts"), timeout=60, what="a later report")
     assert not t.client.reports_for("never-sent")
+
+
+def test_imap_poller_reads_dsns_from_a_real_dovecot_mailbox(system: LocalSystem, admin, new_tenant,
+                                                            smtp: RecordingSmtpServer) -> None:
+    from tests.support.imap_server import DovecotServer
+
+    assert DovecotServer.available(), "dovecot is not installed (apt-get install dovecot-imapd)"
+    t: Tenant = new_tenant()
+    assert t.http.post("/commands/add-messages", json={"messages": [
+        t.message("i-1", to=["a@example.test"]), t.message("i-2", to=["b@example.test"])]}).status_code == 200
+    h1, h2 = _sent_headers(smtp, t.id, "i-1"), _sent_headers(smtp, t.id, "i-2")
+    wait_until(lambda: _report(t, "i-2", "sent_ts"), timeout=60, what="sent report")
+    with DovecotServer() as imap:
+        imap.append(_dsn(h1, "a@example.test", "5.1.1", "550 5.1.1 user unknown").encode())
+        r = admin.put("/instance", json={"bounce": {
+            "enabled": True, "imap_host": imap.host, "imap_port": imap.port, "imap_user": imap.user,
+            "imap_password": imap.password, "mailbox": "INBOX", "poll_interval_seconds": 1}})
+        assert r.status_code == 200, r.text
+        assert imap.password not in r.text and r.json()["instance"]["bounce"]["has_imap_password"] is True
+        try:
+            rep = wait_until(lambda: _report(t, "i-1", "bounce_ts"), timeout=60, what="bounce from IMAP")
+            assert rep["bounce_type"] == "hard" and rep["bounce_code"] == "5.1.1"
+            # a later message in the same mailbox: read once, the first one is not read again
+            imap.append(_dsn(h2, "b@example.test", "5.1.2", "550 5.1.2 no such domain").encode())
+            assert admin.post("/instance/reload-bounce").status_code == 200
+            wait_until(lambda: _report(t, "i-2", "bounce_ts"), timeout=60, what="second bounce from IMAP")
+            wait_until(lambda: _metrics(t)["bounced"] == 2, timeout=60, what="bounced == 2")
+            assert len([r for r in t.client.reports_for("i-1") if "bounce_ts" in r]) == 1
+        finally:
+            admin.put("/instance", json={"bounce": {"enabled": False, "imap_host": None}})
