@@ -20,9 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.metrics import analytics
 from services.metrics.store import Store, event_row
 
 DAY_MS = 86_400_000
+SENDER_DOMAINS = [f"brand{i}.example" for i in range(20)]
+RCPT_DOMAINS = ["gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com", "yahoo.com",
+                "icloud.com", "libero.it", "corp.example", "uni.example"]
 
 
 def synth(n: int, now_ms: int, seed: int = 7) -> list[list]:
@@ -33,6 +37,7 @@ def synth(n: int, now_ms: int, seed: int = 7) -> list[list]:
         msg += 1
         tenant = "t-big" if rnd.random() < 0.5 else f"t-{rnd.randrange(199):03d}"
         ts = now_ms - rnd.randrange(35 * DAY_MS)
+        sender_domain, rcpt = rnd.choice(SENDER_DOMAINS), f"u{msg}@{rnd.choice(RCPT_DOMAINS)}"
         for attempt in range(1, rnd.choice((1, 1, 2, 3, 4)) + 1):
             final = rnd.random()
             type_ = "deferred" if attempt < 3 and final < 0.3 else ("error" if final < 0.05 else "sent")
@@ -40,6 +45,7 @@ def synth(n: int, now_ms: int, seed: int = 7) -> list[list]:
                 "event_id": f"ev-{msg}-{attempt}", "type": type_, "tenant_id": tenant,
                 "account_id": "acc-1", "message_id": f"m-{msg}", "pk": f"pk-{msg}",
                 "ts": ts + attempt * 60_000, "attempt": attempt, "recipients": 1,
+                "sender_domain": sender_domain, "recipient": rcpt,
             }
             rows.append(event_row(ev, msg % 8, msg))
             if type_ != "deferred":
@@ -96,6 +102,20 @@ def main() -> None:
                 sql_final, parameters={"t": t, "f": f, "n": now}).result_rows))
             assert {k: v for k, v in counts.values.items()} == final, (counts, final)
             print(f"{tenant:6} {label:>3}: uniqExact {ms:7.1f} ms | FINAL {ms_final:7.1f} ms | {counts.as_dict()}")
+    # the hourly aggregating view: totals (checked against the raw events), per domain, per provider
+    for tenant in ("t-big", "t-007"):
+        for label, hours in (("24h", 24), ("7d", 168), ("30d", 720)):
+            start, _ = analytics.window_bounds(hours, now)
+            # the view has no upper bound: the synthetic history runs a few minutes past "now"
+            raw = store.tenant_counts(tenant, start, now + DAY_MS).values
+            line = []
+            for group in (None, "domain", "provider"):
+                ms, (_, _, groups) = timed(lambda t=tenant, h=hours, g=group: analytics.grouped_counts(
+                    store, t, h, g, now))
+                if group is None:
+                    assert groups.get("", {}) == raw, (groups, raw)
+                line.append(f"{group or 'tenant'} {ms:6.1f} ms ({len(groups)} groups)")
+            print(f"{tenant:6} {label:>3} MV: " + " | ".join(line))
     ids = [f"m-{i}" for i in range(1, 1001)]
     ms, sent = timed(lambda: store.sent_ids("t-big", ids))
     print(f"sent-ids lookup of 1000 ids: {ms:.1f} ms ({len(sent)} sent)")
