@@ -26,6 +26,17 @@ class Thresholds:
     min_volume: int = 100
 
 
+def thresholds_from(settings: Any) -> Thresholds:
+    """The configured thresholds (POSTBUS_REPUTATION_* settings)."""
+    return Thresholds(
+        bounce_watch=settings.reputation_bounce_watch,
+        bounce_at_risk=settings.reputation_bounce_at_risk,
+        complaint_watch=settings.reputation_complaint_watch,
+        complaint_at_risk=settings.reputation_complaint_at_risk,
+        min_volume=settings.reputation_min_volume,
+    )
+
+
 def _band(rate: float, watch: float, at_risk: float) -> str:
     if rate > at_risk:
         return "at_risk"

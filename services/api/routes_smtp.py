@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from services.api.deps import state_of
 from services.api.errors import ApiError
-from services.api.reputation import assess
+from services.api.reputation import assess, thresholds_from
 from services.api.smtp_access import authorize
 from services.api.state import ApiState
 
@@ -37,7 +37,7 @@ async def smtp_metrics(tenant_id: str, request: Request,
     st = state_of(request)
     await authorize(request, st, tenant_id, {"smtp:read"})
     m = await _window_counts(st, tenant_id, window)
-    band, recommendations, _, _ = assess(m)
+    band, recommendations, _, _ = assess(m, thresholds_from(st.settings))
     data = {
         "window": window,
         "sent": m.get("sent", 0),
@@ -59,7 +59,7 @@ async def smtp_status(tenant_id: str, request: Request) -> dict[str, Any]:
     st = state_of(request)
     await authorize(request, st, tenant_id, {"smtp:read"})
     m = await _window_counts(st, tenant_id, "24h")
-    band, recommendations, bounce_rate, complaint_rate = assess(m)
+    band, recommendations, bounce_rate, complaint_rate = assess(m, thresholds_from(st.settings))
     tenant = st.tenants.get(tenant_id) or {}
     notes = "; ".join(r["message"] for r in recommendations if r["severity"] != "info") or None
     return {"success": True, "data": {

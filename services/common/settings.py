@@ -53,6 +53,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # tenant SMTP API: reputation thresholds (rates over sent; only assessed from min_volume sent)
+    reputation_bounce_watch: float = 0.02
+    reputation_bounce_at_risk: float = 0.03
+    reputation_complaint_watch: float = 0.001
+    reputation_complaint_at_risk: float = 0.003
+    reputation_min_volume: int = 100
+
     # tenant SMTP API: internal support principals, JSON list of
     # {"name": ..., "token_sha256": <hex sha256 of the token>, "scopes": ["smtp:read", "tenant:read"]}
     support_principals_json: str = "[]"

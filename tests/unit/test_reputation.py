@@ -1,4 +1,5 @@
-from services.api.reputation import Thresholds, assess
+from services.api.reputation import Thresholds, assess, thresholds_from
+from services.common.settings import Settings
 
 
 def test_low_volume_is_not_assessed() -> None:
@@ -24,3 +25,10 @@ def test_complaints_and_worst_band_wins() -> None:
 def test_thresholds_are_configurable() -> None:
     assert assess({"sent": 40, "bounced": 1}, Thresholds(min_volume=10))[0] == "watch"
     assert assess({"sent": 40, "bounced": 1})[0] == "healthy"  # below the default minimum volume
+
+
+def test_thresholds_come_from_settings() -> None:
+    t = thresholds_from(Settings(reputation_bounce_watch=0.05, reputation_bounce_at_risk=0.1, reputation_min_volume=1))
+    assert assess({"sent": 100, "bounced": 4}, t)[0] == "healthy"
+    assert assess({"sent": 100, "bounced": 6}, t)[0] == "watch"
+    assert assess({"sent": 100, "bounced": 11}, t)[0] == "at_risk"
