@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
 from services.api.deps import state_of
+from services.api.email_auth_check import spf_dmarc
 from services.api.errors import ApiError
 from services.api.reputation import assess, thresholds_from
 from services.api.smtp_access import authorize
@@ -82,19 +84,22 @@ def _sum_limit(values: list[int | None]) -> int | None:
 _DKIM_STATUS = {"Success": "verified", "NotStarted": "not_configured"}
 
 
-def _from_domains(request: Request, tenant_id: str, tenant: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tenant's registered sending domains (outbound domain API). SPF and DMARC are not checked
-    by Postbus yet: ``unknown`` unless the record carries a checked status."""
+async def _from_domains(request: Request, tenant_id: str, tenant: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tenant's registered sending domains (outbound domain API), with DKIM from the domain
+    record and SPF/DMARC read from DNS (services/api/email_auth_check.py)."""
     runtime = getattr(request.app.state, "postbus_domains", None)
     if runtime is None:
         return []
+    settings = state_of(request).settings
     records = sorted((r for r in runtime.domains.items.values() if r.get("tenant_id") == tenant_id),
                      key=lambda r: r["name"])
+    checks = await asyncio.gather(*(spf_dmarc(r["name"], settings.dns_resolvers, settings.dns_timeout_s)
+                                    for r in records))
     return [{"domain": r["name"],
              "dkim_status": _DKIM_STATUS.get(r.get("dkim_status") or "NotStarted", "pending"),
-             "spf_status": r.get("spf_status") or "unknown",
-             "dmarc_status": r.get("dmarc_status") or "unknown",
-             "tracking_domain": tenant.get("tracking_domain")} for r in records]
+             "spf_status": spf,
+             "dmarc_status": dmarc,
+             "tracking_domain": tenant.get("tracking_domain")} for r, (spf, dmarc) in zip(records, checks, strict=True)]
 
 
 def _default_from(tenant: dict[str, Any]) -> dict[str, Any] | None:
@@ -113,7 +118,7 @@ async def smtp_config(tenant_id: str, request: Request) -> dict[str, Any]:
     hourly = tenant.get("rate_limit_hourly")
     return {"success": True, "data": {
         "tenant_id": tenant_id,
-        "from_domains": _from_domains(request, tenant_id, tenant),
+        "from_domains": await _from_domains(request, tenant_id, tenant),
         "default_from": _default_from(tenant),
         "rate_limits": {
             "max_per_minute": _sum_limit([a.get("limit_per_minute") for a in accounts]),
