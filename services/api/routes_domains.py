@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, Field
 
+from services.api import domains_ses
 from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.commands import Actor, CommandWriter, ConfigRecord
 from services.api.deps import state_of
@@ -374,8 +375,16 @@ def _dkim_out(rec: dict[str, Any]) -> dict[str, Any]:
             "dns_records": _dkim_records(rec) if rec.get("dkim_public_key") else []}
 
 
-@router.post("/domains/{name}/ses-verify", response_model=SesVerifyOut, responses=_ERRORS,
-             summary="Start verification: a TXT token and an RSA-2048 DKIM key; returns the DNS records")
+_SES_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    502: {"description": "ses_unavailable: SES backend only, SES refused the request"},
+    503: {"description": "ses_unavailable (SES backend: unreachable or throttled), log_unavailable"},
+}
+
+
+@router.post("/domains/{name}/ses-verify", response_model=SesVerifyOut, responses=_SES_ERRORS,
+             summary="Start verification (native: a TXT token and an RSA-2048 DKIM key; ses: through Amazon "
+                     "SES); returns the DNS records")
 async def ses_verify(name: str, request: Request) -> dict[str, Any]:
     st, rt = state_of(request), _runtime(request)
     actor = authenticate(request, st)
@@ -384,6 +393,9 @@ async def ses_verify(name: str, request: Request) -> dict[str, Any]:
     if existing is None and actor.kind == "admin":
         raise ApiError(404, "domain_not_found", f"domain {name!r} is not registered")
     rec = dict(_owned(actor, rt, name)) if existing is not None else _new_record(st, actor, name, None)
+    if st.settings.domain_backend == "ses":
+        return await domains_ses.verify(st.settings, rec, existing is None,
+                                        lambda c, r, new: _save(st, rt, actor, c, r, new))
     if not (rec.get("verification_token") and rec.get("dkim_public_key")):
         key = await asyncio.to_thread(generate_dkim_key)
         rec.update(verification_token=verification_token(), dkim_selector=key.selector,
@@ -398,12 +410,15 @@ async def ses_verify(name: str, request: Request) -> dict[str, Any]:
             "dns_records": _dns_records(st.settings.domain_verification_prefix, rec)}
 
 
-@router.get("/domains/{name}/ses-status", response_model=SesStatusOut, responses=_ERRORS,
-            summary="Check the published DNS records; marks the domain verified once both match")
+@router.get("/domains/{name}/ses-status", response_model=SesStatusOut, responses=_SES_ERRORS,
+            summary="Check verification (native: the published DNS records; ses: SES's statuses); marks "
+                    "the domain verified once both succeed")
 async def ses_status(name: str, request: Request) -> dict[str, Any]:
     st, rt = state_of(request), _runtime(request)
     actor = authenticate(request, st)
     rec = _owned(actor, rt, _domain_name(name))
+    if st.settings.domain_backend == "ses":
+        return await domains_ses.status(st.settings, rec, lambda c, r, new: _save(st, rt, actor, c, r, new))
     if not rec.get("verification_token") or not rec.get("dkim_public_key"):
         return {"name": rec["name"], "ses_verified": rec["verified"], "verification_status": dns_check.NOT_STARTED,
                 "dkim_status": dns_check.NOT_STARTED}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -135,6 +136,21 @@ class Settings(BaseSettings):
     pec_sender_domains: str = ""
     pec_timeout_s: float = Field(86400.0, gt=0)
     pec_scan_interval_s: float = Field(60.0, gt=0)
+
+    # outbound domain verification backend (api/routes_domains, common/ses_backend): native (own
+    # token + DKIM key, checked in DNS) or ses (Amazon SES through boto3). AWS credentials come from
+    # boto3's standard chain (AWS_ACCESS_KEY_ID/..., profile, instance role), never from here;
+    # ses_region None = boto3's own (AWS_REGION / AWS_DEFAULT_REGION), else us-east-1;
+    # ses_endpoint_url: another SES endpoint (a VPC endpoint, or moto's server in tests)
+    domain_backend: Literal["native", "ses"] = "native"
+    ses_region: str | None = None
+    ses_endpoint_url: str | None = None
+    ses_timeout_s: float = Field(10.0, gt=0, le=120)
+
+    # VERP (sender/mime, sender/verp, inbound/correlate): set, the envelope sender of every message is
+    # bounce+<tenant>=<id>@<sender_verp_domain> and the inbound listener correlates a DSN by the
+    # address it was sent to; unset/empty: envelope sender = return_path or from
+    sender_verp_domain: str | None = None
 
     @property
     def clickhouse(self) -> str:
