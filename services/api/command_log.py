@@ -10,7 +10,6 @@ transactions are invisible under read_committed), hence ``outcome = "accepted"``
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -25,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from services.common.avro import DecodeError, codec
-from services.common.topics import COMMANDS
+from services.common.topics import COMMANDS, TopicMissing, topic_partitions
 
 log = logging.getLogger("postbus.api.command_log")
 
@@ -177,15 +176,10 @@ class CommandLogReader:
 
     async def _position(self) -> None:
         assert self.consumer is not None
-        parts: set[int] | None = None
-        for _ in range(50):
-            cluster = await self.consumer._client.fetch_all_metadata()
-            parts = cluster.partitions_for_topic(COMMANDS)
-            if parts:
-                break
-            await asyncio.sleep(0.1)
-        if not parts:
-            raise CommandLogUnavailable(f"topic {COMMANDS} does not exist")
+        try:
+            parts = set(await topic_partitions(self.consumer, COMMANDS))
+        except TopicMissing as exc:
+            raise CommandLogUnavailable(str(exc)) from exc
         if self.filters.tenant_id is not None:
             parts = {partition_for(self.filters.tenant_id, len(parts))}
         tps = [TopicPartition(COMMANDS, p) for p in sorted(parts)]

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.settings import Settings
-from services.common.topics import CONFIG_DOMAINS, DOMAIN_RESULTS, STATUS_DOMAINS
+from services.common.topics import CONFIG_DOMAINS, DOMAIN_RESULTS, STATUS_DOMAINS, topic_partitions
 
 log = logging.getLogger("postbus.api.domains")
 
@@ -39,15 +39,7 @@ class ResultFollower:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                           auto_offset_reset="latest", fetch_max_wait_ms=20)
         await self._consumer.start()
-        parts = None
-        for _ in range(100):
-            parts = (await self._consumer._client.fetch_all_metadata()).partitions_for_topic(DOMAIN_RESULTS)
-            if parts:
-                break
-            await asyncio.sleep(0.1)
-        if not parts:
-            raise RuntimeError(f"topic {DOMAIN_RESULTS} does not exist (run the topic bootstrap)")
-        tps = [TopicPartition(DOMAIN_RESULTS, p) for p in sorted(parts)]
+        tps = [TopicPartition(DOMAIN_RESULTS, p) for p in await topic_partitions(self._consumer, DOMAIN_RESULTS, 100)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
         for tp in tps:  # resolve the (lazy) seek now: results appended after start-up are all seen

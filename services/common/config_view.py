@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.common.avro import DecodeError, codec
 from services.common.deadletter import DeadLetterWriter
+from services.common.topics import topic_partitions
 
 log = logging.getLogger("postbus.config_view")
 
@@ -52,16 +53,7 @@ class ConfigView:
             fetch_max_wait_ms=50,
         )
         await self._consumer.start()
-        parts = None
-        for _ in range(100):
-            cluster = await self._consumer._client.fetch_all_metadata()
-            parts = cluster.partitions_for_topic(self.topic)
-            if parts:
-                break
-            await asyncio.sleep(0.1)
-        if not parts:
-            raise RuntimeError(f"topic {self.topic} does not exist (run the topic bootstrap)")
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(self.topic, p) for p in await topic_partitions(self._consumer, self.topic, 100)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -140,3 +141,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class TopicMissing(RuntimeError):
+    pass
+
+
+async def topic_partitions(consumer: Any, topic: str, attempts: int = 50) -> list[int]:
+    """The partition numbers of ``topic``, asked from the cluster (an unsubscribed consumer's
+    metadata does not list it). Retries briefly: right after the bootstrap a topic may not be in
+    the metadata yet."""
+    for _ in range(attempts):
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = cluster.partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
+        await asyncio.sleep(0.1)
+    raise TopicMissing(f"topic {topic} does not exist (run the topic bootstrap)")
