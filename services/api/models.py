@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from services.api.pem import MAX_PEM_CHARS, CaBundlePem
+
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 INT32_MAX = 2_147_483_647  # Avro "int" fields on the topics
 
@@ -81,6 +83,11 @@ class AccountIn(BaseModel):
     limit_per_hour: int | None = Field(None, ge=0, le=INT32_MAX)
     limit_per_day: int | None = Field(None, ge=0, le=INT32_MAX)
     limit_behavior: Literal["defer", "reject"] = "defer"
+    max_connections: int | None = Field(None, ge=1, le=100, description="SMTP connections for this account; "
+                                        "null: the sender's default (POSTBUS_SENDER_CONNECTIONS_PER_ACCOUNT)")
+    tls_verify: bool = Field(True, description="verify the server certificate; false is an explicit opt-out")
+    ca_bundle_pem: CaBundlePem | None = Field(None, max_length=MAX_PEM_CHARS, description=(
+        "extra CA certificates (PEM) trusted for this account's TLS, on top of the system CAs"))
 
 
 class Ok(BaseModel):
@@ -194,6 +201,9 @@ class AccountOut(BaseModel):
     limit_per_hour: int | None = None
     limit_per_day: int | None = None
     limit_behavior: str
+    max_connections: int | None = None
+    tls_verify: bool = True
+    ca_bundle_pem: str | None = None
     created_at: str
     updated_at: str
 

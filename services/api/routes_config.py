@@ -128,6 +128,9 @@ async def upsert_account(body: AccountIn, request: Request) -> Ok:
         "limit_per_hour": body.limit_per_hour,
         "limit_per_day": body.limit_per_day,
         "limit_behavior": body.limit_behavior,
+        "max_connections": body.max_connections,
+        "tls_verify": body.tls_verify,
+        "ca_bundle_pem": body.ca_bundle_pem,
         "created_ts": previous["created_ts"] if previous else now,
         "updated_ts": now,
     }

@@ -37,7 +37,7 @@ from services.sender import pipeline, prepare_mime, suspension, throttle  # noqa
 from services.sender.mime import envelope_recipients, envelope_sender
 from services.sender.outcomes import Failure, classify, gave_up, retry_due_ms
 from services.sender.scheduler import Lane, Ownership, Scheduler
-from services.sender.smtp_pool import Connection, SmtpTarget, make_target
+from services.sender.smtp_pool import Connection, SmtpTarget, make_target, pool_size
 
 log = logging.getLogger("postbus.sender")
 settings = get_settings()
@@ -65,6 +65,8 @@ _held: dict[str, set[str]] = {}
 def _on_account(key: str, value: dict[str, Any] | None) -> None:
     tenant_id, _, account_id = key.partition("/")
     m.init_account(tenant_id, account_id, present=value is not None)
+    if value is not None and key in scheduler.lanes:
+        _start_workers(key)  # a larger max_connections; a smaller one: workers leave (_excess_worker)
 
 
 def _on_suspension_record(key: str, value: dict[str, Any] | None) -> None:
@@ -315,8 +317,18 @@ SENT_MARKER = {"s": "sent"}
 def _start_workers(account: str) -> None:
     lane = scheduler.lane(account)
     tasks = _workers.setdefault(account, [])
-    while len(tasks) < settings.sender_connections_per_account:
+    while len(tasks) < pool_size(accounts.get(account)):
         tasks.append(asyncio.ensure_future(_worker(account, lane)))
+
+
+def _excess_worker(account: str) -> bool:
+    """True (and the calling worker leaves its pool) when the account's pool is above its size."""
+    tasks = _workers.get(account)
+    me = asyncio.current_task()
+    if tasks is None or me not in tasks or len(tasks) <= pool_size(accounts.get(account)):
+        return False
+    tasks.remove(me)  # type: ignore[arg-type]
+    return True
 
 
 _targets: dict[str, tuple[int, SmtpTarget]] = {}
@@ -328,7 +340,8 @@ def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
     if cached is not None and cached[0] == account["updated_ts"]:
         return cached[1]
     target = make_target(account_key, account["host"], account["port"], account.get("user"),
-                         box.decrypt(account.get("password_enc")), account.get("use_tls"))
+                         box.decrypt(account.get("password_enc")), account.get("use_tls"),
+                         account.get("tls_verify", True) is not False, account.get("ca_bundle_pem"))
     _targets[account_key] = (account["updated_ts"], target)
     return target
 
@@ -336,7 +349,7 @@ def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
 async def _worker(account_key: str, lane: Lane) -> None:
     conn: Connection | None = None
     await suspensions_view.ready.wait()  # never send before knowing what is suspended
-    while not lane.closed:
+    while not lane.closed and not _excess_worker(account_key):
         try:
             key = lane.pop(now_ms())
             if key is None:
@@ -412,7 +425,7 @@ async def _send_pending(key: str, conn: Connection, lane: Lane) -> None:
         data = await pipeline.prepare(ctx)
         t_built = time.perf_counter()
         m.STAGE_SECONDS.labels("build").observe(t_built - started)
-        await conn.send(envelope_sender(msg), envelope_recipients(msg), data)
+        await conn.send(envelope_sender(msg, settings.sender_verp_domain), envelope_recipients(msg), data)
     except pipeline.PrepareError as exc:
         if exc.temporary:
             await _failed(key, value, ctx.attempt, Failure(True, None, exc.reason), lane)

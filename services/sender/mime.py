@@ -14,6 +14,8 @@ from email.header import Header
 from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import Any
 
+from services.sender import verp
+
 CORRELATION_HEADER = "X-Postbus-Message-Id"
 TENANT_HEADER = "X-Postbus-Tenant"
 
@@ -45,7 +47,10 @@ def envelope_recipients(msg: dict[str, Any]) -> list[str]:
     return [a for _, a in getaddresses(list(msg["to"]) + list(msg["cc"]) + list(msg["bcc"])) if a]
 
 
-def envelope_sender(msg: dict[str, Any]) -> str:
+def envelope_sender(msg: dict[str, Any], verp_domain: str | None = None) -> str:
+    """``return_path`` or ``from``; with a VERP domain, the message's own bounce address (verp.py)."""
+    if verp_domain:
+        return verp.encode(msg["tenant_id"], msg["id"], verp_domain)
     return parseaddr(msg.get("return_path") or msg["from_addr"])[1]
 
 

@@ -2,7 +2,9 @@
 
 TLS: implicit (``use_tls`` true, or port 465 when unset), STARTTLS when offered (unset), or plain
 (false). Certificates are verified by default against the system CAs plus the optional
-``sender_ca_bundle``; only accounts listed in ``sender_tls_insecure_accounts`` skip verification.
+``sender_ca_bundle`` and the account's own ``ca_bundle_pem``; only an account with ``tls_verify``
+false, or listed in ``sender_tls_insecure_accounts``, skips verification. Each account has its own
+pool of ``max_connections`` sessions (one per sender worker; the setting's default when unset).
 Timeouts: connect, each command, and the whole transaction are separate settings. A process-wide
 semaphore caps the SMTP transactions running at once (``sender_max_concurrent_smtp``)."""
 
@@ -14,6 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import aiosmtplib
 
@@ -33,6 +36,7 @@ class SmtpTarget:
     ehlo_name: str | None
     validate_certs: bool = True
     ca_bundle: str | None = None
+    ca_pem: str | None = None  # the account's extra CAs (PEM text)
     connect_timeout_s: float = 15.0
     send_timeout_s: float = 300.0
 
@@ -41,12 +45,13 @@ class SmtpTarget:
 
 
 def make_target(account_key: str, host: str, port: int, user: str | None, password: str | None,
-                use_tls: bool | None) -> SmtpTarget:
+                use_tls: bool | None, tls_verify: bool = True, ca_pem: str | None = None) -> SmtpTarget:
     """The account's target with the process's TLS and timeout settings."""
     s = get_settings()
     return SmtpTarget(host=host, port=port, user=user, password=password, use_tls=use_tls,
                       timeout_s=s.sender_command_timeout_s, ehlo_name=s.sender_ehlo_name,
-                      validate_certs=verify_certs(account_key), ca_bundle=s.sender_ca_bundle,
+                      validate_certs=tls_verify and verify_certs(account_key), ca_bundle=s.sender_ca_bundle,
+                      ca_pem=ca_pem or None,
                       connect_timeout_s=s.sender_connect_timeout_s, send_timeout_s=s.sender_send_timeout_s)
 
 
@@ -56,8 +61,14 @@ def verify_certs(account_key: str) -> bool:
     return account_key not in insecure
 
 
-@lru_cache(maxsize=16)
-def tls_context(validate: bool, ca_bundle: str | None) -> ssl.SSLContext:
+def pool_size(account: dict[str, Any] | None) -> int:
+    """SMTP sessions (sender workers) for an account: its ``max_connections``, else the setting."""
+    own = account.get("max_connections") if account else None
+    return int(own) if own else get_settings().sender_connections_per_account
+
+
+@lru_cache(maxsize=64)
+def tls_context(validate: bool, ca_bundle: str | None, ca_pem: str | None = None) -> ssl.SSLContext:
     if not validate:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -66,6 +77,8 @@ def tls_context(validate: bool, ca_bundle: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context()  # system CAs, hostname checked
     if ca_bundle:
         ctx.load_verify_locations(cafile=ca_bundle)
+    if ca_pem:  # validated by the API; the account's extra CAs join the trusted set
+        ctx.load_verify_locations(cadata=ca_pem)
     return ctx
 
 
@@ -101,7 +114,7 @@ class Connection:
             timeout=t.timeout_s,
             local_hostname=t.ehlo_name,
             validate_certs=t.validate_certs,
-            tls_context=tls_context(t.validate_certs, t.ca_bundle),
+            tls_context=tls_context(t.validate_certs, t.ca_bundle, t.ca_pem),
         )
         try:
             await asyncio.wait_for(client.connect(), t.connect_timeout_s)

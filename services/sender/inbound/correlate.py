@@ -1,19 +1,26 @@
 """Which message an inbound report is about, and the delivery events it becomes.
 
 Correlation order: the ``X-Postbus-Message-Id`` + ``X-Postbus-Tenant`` headers of the original (an
-embedded part, or quoted in the text), else the original's ``Message-ID`` when it is the generated
-``<pk@domain>``. Either way the message must exist in the metrics service's message projection:
-a report naming an unknown message (or another tenant's id) is kept raw and emits nothing, so a
-forged DSN cannot write events into a tenant it does not know a real message of."""
+embedded part, or quoted in the text), else the VERP address the report was sent to (envelope
+recipient, ``To``/``Original-Recipient``...; only with ``sender_verp_domain`` set), else the
+original's ``Message-ID`` when it is the generated ``<pk@domain>``. Either way the message must
+exist in the metrics service's message projection: a report naming an unknown message (or another
+tenant's id) is kept raw and emits nothing, so a forged DSN cannot write events into a tenant it does
+not know a real message of."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.sender import verp
 from services.sender.inbound.classify import Analysis, Hint
+
+VERP_SCAN_BYTES = 200_000
 
 
 class Lookup(Protocol):
@@ -37,10 +44,29 @@ def _pk_of(rfc_message_id: str | None) -> str | None:
     return local or None
 
 
-async def correlate(hint: Hint, lookup: Lookup) -> Target | None:
+def verp_ids(raw: bytes, envelope_to: Iterable[str] | None, domain: str | None) -> tuple[str, str] | None:
+    """(tenant, id) from the first VERP address at ``domain``: the envelope recipients first, then any
+    in the report's text (its To, Delivered-To, Original-Recipient fields, a quoted Return-Path)."""
+    if not domain:
+        return None
+    for addr in envelope_to or ():
+        if (ids := verp.decode(addr, domain)) is not None:
+            return ids
+    pattern = re.compile(rf"{re.escape(verp.PREFIX)}[A-Za-z0-9_-]+=[A-Za-z0-9_-]+@{re.escape(domain)}(?![\w.-])",
+                         re.IGNORECASE)
+    text = raw[:VERP_SCAN_BYTES].decode("utf-8", "replace")
+    for m in pattern.finditer(text):
+        if (ids := verp.decode(m.group(0), domain)) is not None:
+            return ids
+    return None
+
+
+async def correlate(hint: Hint, lookup: Lookup, verp_target: tuple[str, str] | None = None) -> Target | None:
     found = None
     if hint.tenant_id and hint.message_id:
         found = await lookup(hint.tenant_id, hint.message_id, None)
+    if found is None and verp_target is not None:
+        found = await lookup(verp_target[0], verp_target[1], None)
     if found is None and (pk := _pk_of(hint.rfc_message_id)):
         found = await lookup(None, None, pk)
         if found is not None and hint.tenant_id and found["tenant_id"] != hint.tenant_id:

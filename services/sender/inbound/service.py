@@ -19,7 +19,7 @@ from services.common.avro import codec
 from services.common.settings import Settings
 from services.common.topics import EVENTS, INBOUND_RAW
 from services.sender.inbound.classify import analyse
-from services.sender.inbound.correlate import correlate, events_for
+from services.sender.inbound.correlate import correlate, events_for, verp_ids
 
 log = logging.getLogger("postbus.inbound")
 
@@ -94,7 +94,8 @@ class Inbound:
         raw_id = hashlib.sha256(data).hexdigest()[:32]
         analysis = analyse(data, envelope_from)
         RECEIVED.labels(channel, analysis.kind).inc()
-        target = await correlate(analysis.hint, self.lookup) if analysis.kind != "unknown" else None
+        ids = verp_ids(data, envelope_to, self.settings.sender_verp_domain)
+        target = await correlate(analysis.hint, self.lookup, ids) if analysis.kind != "unknown" else None
         events = events_for(analysis, target, raw_id, channel) if target is not None else []
         if analysis.kind != "unknown" and target is None:
             UNMATCHED.labels(analysis.kind).inc()
