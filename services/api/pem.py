@@ -17,6 +17,8 @@ _BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
 
 def check_ca_bundle(text: str) -> str:
     """The PEM text unchanged, or ValueError saying what is wrong with it."""
+    if not text.isascii() or "\x00" in text:
+        raise ValueError("ca_bundle_pem must be ASCII PEM text")
     kinds = set(_BLOCK.findall(text))
     if any("PRIVATE KEY" in k for k in kinds):
         raise ValueError("ca_bundle_pem must not contain a private key")
@@ -25,7 +27,7 @@ def check_ca_bundle(text: str) -> str:
     try:
         certs = x509.load_pem_x509_certificates(text.encode("utf-8"))
         ssl.create_default_context().load_verify_locations(cadata=text)
-    except (ValueError, ssl.SSLError, UnicodeError) as exc:
+    except (ValueError, TypeError, ssl.SSLError, UnicodeError) as exc:
         raise ValueError(f"ca_bundle_pem is not valid PEM certificate data: {type(exc).__name__}") from None
     if not certs:
         raise ValueError("ca_bundle_pem holds no certificate")

@@ -56,6 +56,12 @@ def test_invalid_pem_is_refused(bad: str) -> None:
         _account(ca_bundle_pem=bad)
 
 
+def test_non_ascii_or_nul_is_a_validation_error_not_a_crash(cert_pem: str) -> None:
+    for bad in (cert_pem + "ü", cert_pem + "\x00", "-----BEGIN CERTIFICATE-----\nü\n-----END CERTIFICATE-----\n"):
+        with pytest.raises(ValidationError):
+            _account(ca_bundle_pem=bad)
+
+
 def test_a_private_key_is_never_accepted(cert_pem: str, key_pem: str) -> None:
     for text in (key_pem, cert_pem + key_pem):
         with pytest.raises(ValidationError, match="private key"):
