@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from typing import Any
 
 import faust
@@ -56,10 +58,42 @@ def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: 
     )
 
 
+def _await_chain(obj: Any, depth: int = 40) -> list[str]:
+    """Where a suspended coroutine waits: follow cr_await / ag_await / gi_yieldfrom down the chain."""
+    out: list[str] = []
+    while obj is not None and depth > 0:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is not None:
+            out.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        obj = (getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
+               or getattr(obj, "gi_yieldfrom", None)
+               or (getattr(obj, "it", None) if frame is None else None))  # a Faust actor wraps its coroutine
+        depth -= 1
+    return out
+
+
+def dump_tasks(app: faust.App | None = None) -> None:
+    """Log every asyncio task, and every Faust agent's actors, with the chain of awaits each is
+    suspended in (operators: ``kill -USR1 <pid>``)."""
+    import logging
+
+    log = logging.getLogger("postbus.tasks")
+    for task in asyncio.all_tasks():
+        log.warning("task", extra={"task": task.get_name(), "awaits": _await_chain(task.get_coro())})
+    for name, agent in (app.agents.items() if app is not None else ()):
+        for actor in list(getattr(agent, "_actors", ())):
+            log.warning("agent", extra={"agent": name, "awaits": _await_chain(getattr(actor, "it", None))})
+
+
 def run_worker(app: faust.App, service: str, level: str) -> None:
     from faust import Worker
 
     from services.common.logs import logging_dict_config
+
+    async def _install_dump() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks, app)
+
+    app.task(_install_dump)
 
     worker = Worker(app, loglevel=level, quiet=True, logging_config=logging_dict_config(service, level))
     worker.execute_from_commandline()
