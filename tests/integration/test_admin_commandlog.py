@@ -43,6 +43,8 @@ def test_status_and_instance_config_with_write_only_secrets(admin: httpx.Client,
         assert t.http.get("/status").json() == {"ok": True, "active": False}
     finally:
         assert admin.put("/instance", json={"active": True}).status_code == 200
+        # leave bounce processing off: the inbound service would keep polling the made-up host
+        assert admin.put("/instance", json={"bounce": {"enabled": False, "imap_host": None}}).status_code == 200
     assert t.http.get("/status").json()["active"] is True
 
     assert admin.post("/instance/reload-bounce").json() == {"ok": True}

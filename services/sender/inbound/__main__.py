@@ -56,7 +56,11 @@ async def main() -> None:
     settings = get_settings()
     setup_logging("inbound", settings.log_level)
     box = load_secret_box(settings)
-    instance = ConfigView(settings.kafka_bootstrap, CONFIG_INSTANCE, "Instance")
+    poller: ImapPoller | None = None
+    # a new instance record (bounce settings) wakes the poller once the record itself is visible;
+    # the reload command alone can arrive before the record reaches this view
+    instance = ConfigView(settings.kafka_bootstrap, CONFIG_INSTANCE, "Instance",
+                          on_change=lambda _k, _v: poller.reload() if poller is not None else None)
     positions = ConfigView(settings.kafka_bootstrap, IMAP_POSITION, "ImapPosition")
     inbound = Inbound(settings)
     await asyncio.gather(instance.start(), positions.start(), inbound.start())

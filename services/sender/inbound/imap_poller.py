@@ -118,6 +118,9 @@ class ImapPoller:
 
     async def run(self) -> None:
         while True:
+            # cleared before the poll, so a reload (new config) arriving during a slow poll wakes the
+            # next round at once instead of being lost
+            self.wake.clear()
             cfg = config_from(self.instance.get("instance"), self.box)
             interval = 30.0
             if cfg is not None:
@@ -130,7 +133,6 @@ class ImapPoller:
                 except Exception as exc:
                     self.last_error = str(exc)
                     log.warning("IMAP poll failed", extra={"mailbox": cfg.key, "error": str(exc)})
-            self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), interval)
 
