@@ -116,7 +116,7 @@ class LocalSystem:
         sender_metrics_port: int = 9101,
         reporter_metrics_port: int = 9102,
         inbound_metrics_port: int = 9103,
-        inbound_smtp_port: int = 2525,
+        inbound_smtp_port: int = 2526,
         admin_token: str | None = None,
         env: Mapping[str, str] | None = None,
         services: Iterable[str] = SERVICES,

@@ -100,6 +100,8 @@ def main() -> int:
         metrics_port=int(env.get("POSTBUS_METRICS_PORT", "8010")),
         sender_metrics_port=int(env.get("POSTBUS_SENDER_METRICS_PORT", "9101")),
         reporter_metrics_port=int(env.get("POSTBUS_REPORTER_METRICS_PORT", "9102")),
+        inbound_metrics_port=int(env.get("POSTBUS_INBOUND_METRICS_PORT", "9103")),
+        inbound_smtp_port=int(env.get("POSTBUS_INBOUND_SMTP_PORT", "2526")),
         admin_token=token,
         env=passthrough,
         log=lambda msg: print(f"[up] {msg}", flush=True),
@@ -123,6 +125,7 @@ def main() -> int:
             f"    admin token  {token}\n"
             f"                 (also in {state / 'admin.token'}; send it as X-API-Token)\n"
             f"    SMTP sink    127.0.0.1:{sink_port}  -> {state / 'mail'}/*.eml\n"
+            f"    bounces      127.0.0.1:{system.inbound_smtp_port}  (inbound SMTP: DSN, ARF, PEC receipts)\n"
             f"    metrics      {system.url('metrics')}\n"
             f"    Kafka        {system.kafka_bootstrap}\n"
             f"    logs         {system.logs_dir}/\n"

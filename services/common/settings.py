@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     # message whose From domain is in pec_sender_domains ("a.it,b.it") expects an acceptance
     # receipt within pec_timeout_s, else a pec_timeout event
     inbound_smtp_host: str = "127.0.0.1"
-    inbound_smtp_port: int = 2525
+    inbound_smtp_port: int = 2526  # 2525 is the local SMTP sink of `make up`
     inbound_metrics_port: int = 9103
     inbound_max_message_bytes: int = 10_000_000
     pec_sender_domains: str = ""
