@@ -6,6 +6,7 @@ app), so they share the running system instead of paying its start-up each time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,19 +37,20 @@ SUPPORT_PRINCIPALS = json.dumps([
 ])
 
 
-@pytest.fixture(scope="session")
-def system() -> Iterator[LocalSystem]:
-    state = REPO / ".test-state" / f"run-{os.getpid()}"
+def fresh_state(name: str) -> Path:
+    """An empty state folder for one test system (kept after the run with POSTBUS_KEEP_TEST_STATE=1)."""
+    state = REPO / ".test-state" / f"{name}-{os.getpid()}"
     shutil.rmtree(state, ignore_errors=True)
-    sys_ = LocalSystem.with_free_ports(
-        state, admin_token=ADMIN_TOKEN, kafka_heap="320m",
-        env={"POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
-             "POSTBUS_SUPPORT_PRINCIPALS_JSON": SUPPORT_PRINCIPALS,
-             # SES webhook tests (test_ses_webhook.py): their test CA and HTTPS server on localhost
-             "POSTBUS_SNS_CA_FILE": str(state / "sns-test-ca.pem"),
-             "POSTBUS_SNS_CERT_HOST_PATTERN": r"^(sns\.[a-z0-9-]+\.amazonaws\.com|localhost:\d+)$",
-             "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ATTACHMENTS_ALLOW_PRIVATE_NETWORKS": "1"},
-    )
+    state.mkdir(parents=True)
+    return state
+
+
+@contextlib.contextmanager
+def running_system(state: Path, admin_token: str, env: dict[str, str],
+                   kafka_heap: str = "256m") -> Iterator[LocalSystem]:
+    """A whole system (own broker, topics, services) on free ports; for the session, and for the test
+    modules whose settings differ from the session's."""
+    sys_ = LocalSystem.with_free_ports(state, admin_token=admin_token, kafka_heap=kafka_heap, env=env)
     sys_.start()
     try:
         yield sys_
@@ -56,6 +58,20 @@ def system() -> Iterator[LocalSystem]:
         sys_.stop()
         if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
             shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def system() -> Iterator[LocalSystem]:
+    state = fresh_state("run")
+    with running_system(state, ADMIN_TOKEN, kafka_heap="320m", env={
+        "POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
+        "POSTBUS_SUPPORT_PRINCIPALS_JSON": SUPPORT_PRINCIPALS,
+        # SES webhook tests (test_ses_webhook.py): their test CA and HTTPS server on localhost
+        "POSTBUS_SNS_CA_FILE": str(state / "sns-test-ca.pem"),
+        "POSTBUS_SNS_CERT_HOST_PATTERN": r"^(sns\.[a-z0-9-]+\.amazonaws\.com|localhost:\d+)$",
+        "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ATTACHMENTS_ALLOW_PRIVATE_NETWORKS": "1",
+    }) as sys_:
+        yield sys_
 
 
 @pytest.fixture(scope="session")

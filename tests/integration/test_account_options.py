@@ -8,8 +8,6 @@ Its own system: VERP is a process-wide setting of the sender and the inbound lis
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +19,7 @@ import pytest
 
 from infra.supervisor import LocalSystem
 from services.sender import verp
-from tests.integration.conftest import REPO, wait_until
+from tests.integration.conftest import fresh_state, running_system, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
 
@@ -43,23 +41,15 @@ def starttls() -> Iterator[RecordingSmtpServer]:
 
 @pytest.fixture(scope="module")
 def options_system() -> Iterator[LocalSystem]:
-    state = REPO / ".test-state" / f"acct-options-{os.getpid()}"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
-    sys_ = LocalSystem.with_free_ports(state, admin_token=ADMIN, kafka_heap="256m", env={
+    state = fresh_state("acct-options")
+    with running_system(state, ADMIN, env={
         "POSTBUS_SENDER_VERP_DOMAIN": VERP_DOMAIN,
         "POSTBUS_SENDER_RETRY_BASE_S": "0.5",
         "POSTBUS_SENDER_MAX_ATTEMPTS": "2",
         "POSTBUS_SENDER_MX_LOOKUP": "0",
         "POSTBUS_REPORTER_FLUSH_MS": "100",
-    })
-    sys_.start()
-    try:
+    }) as sys_:
         yield sys_
-    finally:
-        sys_.stop()
-        if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
-            shutil.rmtree(state, ignore_errors=True)
 
 
 class T:

@@ -7,8 +7,6 @@ Its own system: the sender needs the test CA (``sender_ca_bundle``), a 10 s "min
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem
-from tests.integration.conftest import REPO, wait_until
+from tests.integration.conftest import fresh_state, running_system, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import FailFirst, RecordingSmtpServer
 
@@ -49,12 +47,10 @@ def servers() -> Iterator[Servers]:
 
 @pytest.fixture(scope="module")
 def engine(servers: Servers) -> Iterator[LocalSystem]:
-    state = REPO / ".test-state" / f"engine-{os.getpid()}"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
+    state = fresh_state("engine")
     bundle = state / "test-ca.pem"
     bundle.write_bytes(Path(servers.starttls.cert_path).read_bytes() + Path(servers.implicit.cert_path).read_bytes())
-    sys_ = LocalSystem.with_free_ports(state, admin_token=ADMIN, kafka_heap="256m", env={
+    with running_system(state, ADMIN, env={
         "POSTBUS_SENDER_RETRY_BASE_S": "0.3",
         "POSTBUS_SENDER_MAX_ATTEMPTS": "3",
         "POSTBUS_SENDER_CA_BUNDLE": str(bundle),
@@ -62,14 +58,8 @@ def engine(servers: Servers) -> Iterator[LocalSystem]:
         "POSTBUS_SENDER_MX_LOOKUP": "0",
         "POSTBUS_SENDER_SITE_OVERRIDES_JSON": '{"slow.test": {"per_minute": 2}}',
         "POSTBUS_REPORTER_FLUSH_MS": "100",
-    })
-    sys_.start()
-    try:
+    }) as sys_:
         yield sys_
-    finally:
-        sys_.stop()
-        if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
-            shutil.rmtree(state, ignore_errors=True)
 
 
 class T:

@@ -7,8 +7,6 @@ Its own system: a 3 s timeout scanned every second."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 import time
 import uuid
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem
-from tests.integration.conftest import REPO, wait_until
+from tests.integration.conftest import fresh_state, running_system, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
 
@@ -29,23 +27,15 @@ TIMEOUT_S = 3
 
 @pytest.fixture(scope="module")
 def pec_system() -> Iterator[LocalSystem]:
-    state = REPO / ".test-state" / f"pec-timeout-{os.getpid()}"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
-    sys_ = LocalSystem.with_free_ports(state, admin_token=ADMIN, kafka_heap="256m", env={
+    state = fresh_state("pec-timeout")
+    with running_system(state, ADMIN, env={
         "POSTBUS_PEC_SENDER_DOMAINS": PEC_DOMAIN,
         "POSTBUS_PEC_TIMEOUT_S": str(TIMEOUT_S),
         "POSTBUS_PEC_SCAN_INTERVAL_S": "1",
         "POSTBUS_SENDER_MX_LOOKUP": "0",
         "POSTBUS_REPORTER_FLUSH_MS": "100",
-    })
-    sys_.start()
-    try:
+    }) as sys_:
         yield sys_
-    finally:
-        sys_.stop()
-        if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
-            shutil.rmtree(state, ignore_errors=True)
 
 
 def _acceptance(message_id: str, tenant_id: str) -> bytes:
