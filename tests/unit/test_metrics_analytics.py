@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from services.metrics import analytics
 from services.metrics.store import Store, event_row
 
 HOUR = 3_600_000
 NOW = int(time.time() * 1000)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"chdb://{tmp_path / 'ch'}")
-    s.create()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def ev(eid: str, type_: str, mid: str, ts: int, domain: str, rcpt: str | None, **kw: Any) -> list[Any]:

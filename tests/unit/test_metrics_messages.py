@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from services.metrics import messages as mp
 from services.metrics.store import Store, event_row
 
 NOW = int(time.time() * 1000)
 S = 1000
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"chdb://{tmp_path / 'ch'}")
-    s.create()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def msg(mid: str, tenant: str = "t-a", pk: str | None = None, **kw: Any) -> dict[str, Any]:

@@ -21,16 +21,6 @@ HOUR = 3_600_000
 NOW = (int(time.time() * 1000) // HOUR) * HOUR  # close to the real clock: the retention TTL is real
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"chdb://{tmp_path / 'ch'}")
-    s.create()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def ev(event_id: str, type_: str, message_id: str, ts: int, tenant: str = "t-a", **kw: Any) -> list[Any]:
     base = {"event_id": event_id, "type": type_, "tenant_id": tenant, "message_id": message_id, "ts": ts}
     return event_row({**base, **kw})
