@@ -46,9 +46,9 @@ class TrackingConfig(BaseModel):
                               domain=record.get("tracking_domain"))
 
 
-class TenantIn(BaseModel):
+class _TenantFields(BaseModel):
+    """The tenant fields shared by create (POST /tenant) and partial update (PUT /tenant/{id})."""
     model_config = ConfigDict(extra="ignore")
-    id: str = Field(..., pattern=ID_PATTERN)
     name: str | None = Field(None, max_length=200)
     client_base_url: HttpUrl | None = None
     client_sync_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
@@ -57,6 +57,10 @@ class TenantIn(BaseModel):
     rate_limits: RateLimits | None = None
     large_file_config: dict[str, Any] | None = None
     tracking: TrackingConfig | None = None
+
+
+class TenantIn(_TenantFields):
+    id: str = Field(..., pattern=ID_PATTERN)
     active: bool = True
     expires_at: int | None = Field(None, ge=0, description="API key expiry (unix seconds), on creation only")
     expires_in_days: float | None = Field(None, gt=0, le=36500, description="API key lifetime in days")
@@ -136,17 +140,8 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorOut, "description": text.get(s, "error")} for s in statuses}
 
 
-class TenantUpdate(BaseModel):
+class TenantUpdate(_TenantFields):
     """PUT /tenant/{id}: every field optional; omitted fields keep their value."""
-    model_config = ConfigDict(extra="ignore")
-    name: str | None = Field(None, max_length=200)
-    client_base_url: HttpUrl | None = None
-    client_sync_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
-    client_attachment_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
-    client_auth: ClientAuth | None = None
-    rate_limits: RateLimits | None = None
-    large_file_config: dict[str, Any] | None = None
-    tracking: TrackingConfig | None = None
     active: bool | None = None
 
 
