@@ -6,7 +6,7 @@ SHELL := /bin/bash
 
 # the interpreter infra/install.sh chose (written by it; read when a recipe runs, after `install`)
 PY = $(shell cat .state/python 2>/dev/null || command -v python3)
-TEST_DIRS := $(wildcard tests/unit tests/integration)
+TEST_DIRS := $(wildcard tests/unit tests/integration tests/security)
 PYTEST_TIMEOUT ?= 300
 PYTEST_ARGS ?=
 

@@ -93,6 +93,10 @@ def main() -> int:
         and k not in ("POSTBUS_STATE_DIR", "POSTBUS_ADMIN_TOKEN", "POSTBUS_KAFKA_BOOTSTRAP", "POSTBUS_METRICS_URL")
         and not k.endswith("_PORT")
     }
+    # a local trial talks to loopback client apps and sinks: private targets allowed unless the caller
+    # says otherwise (POSTBUS_ALLOW_PRIVATE_NETWORKS=false make up runs the production policy)
+    passthrough.setdefault("POSTBUS_ALLOW_PRIVATE_NETWORKS", "true")
+    private_ok = passthrough["POSTBUS_ALLOW_PRIVATE_NETWORKS"].strip().lower() in ("1", "true", "yes", "on")
     system = LocalSystem(
         state,
         kafka_port=int(env.get("KAFKA_PORT", "9092")),
@@ -128,7 +132,11 @@ def main() -> int:
             f"    bounces      127.0.0.1:{system.inbound_smtp_port}  (inbound SMTP: DSN, ARF, PEC receipts)\n"
             f"    metrics      {system.url('metrics')}\n"
             f"    Kafka        {system.kafka_bootstrap}\n"
-            f"    logs         {system.logs_dir}/\n"
+            + ("    network      POSTBUS_ALLOW_PRIVATE_NETWORKS=true: callbacks and fetches may reach loopback and\n"
+               "                 private addresses (local trial); set it to false for the production policy\n"
+               if private_ok else
+               "    network      production policy: callbacks and fetches reach public addresses only\n")
+            + f"    logs         {system.logs_dir}/\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -83,13 +83,18 @@ class Settings(BaseSettings):
     sns_ca_file: str | None = None
     sns_topic_arns: str = ""
 
-    # attachments (sender/attachments.py, api/routes_files.py): fetches to loopback/private/link-local
-    # addresses are refused unless allowed; size limit per attachment (over it: permanent error unless
-    # the tenant's large_file_config handles it) and a hard cap on any fetch; the per-process cache;
-    # the storage root of the `storage` mode when a tenant has none (fsspec URL); local folders that a
-    # file:// storage URL may point into (comma-separated, default <state_dir>/files); the public base
-    # URL of download links (default http://api_host:api_port)
-    attachments_allow_private_networks: bool = False
+    # outbound network policy (common/netpolicy.py) for every connection a tenant can influence
+    # (attachments, storage, client callbacks, webhooks): loopback/private/link-local/reserved targets
+    # are refused unless allow_private_networks (local trials; `make up` turns it on) or the target's
+    # network is listed in allowed_private_networks ("10.1.0.0/16,fd00::/8": internal receivers)
+    allow_private_networks: bool = False
+    allowed_private_networks: str = ""
+
+    # attachments (sender/attachments.py, api/routes_files.py): size limit per attachment (over it:
+    # permanent error unless the tenant's large_file_config handles it) and a hard cap on any fetch;
+    # the per-process cache; the storage root of the `storage` mode when a tenant has none (fsspec
+    # URL); local folders that a file:// storage URL may point into (comma-separated, default
+    # <state_dir>/files); the public base URL of download links (default http://api_host:api_port)
     attachments_max_bytes: int = Field(25 * 1024 * 1024, ge=1)
     attachments_hard_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
     attachments_fetch_timeout_s: float = Field(30.0, gt=0)

@@ -1,10 +1,8 @@
 """Attachment fetching for the sender: base64, http_url, endpoint and storage (fsspec) modes.
 
 Safe by default:
-- every HTTP fetch resolves the host first and refuses loopback, private, link-local, multicast and
-  other non-global addresses (unless ``attachments_allow_private_networks``); the connection then goes
-  to the checked address (no second resolution a DNS rebinding could change), and each redirect hop
-  is checked the same way;
+- every HTTP fetch goes through the one network policy (``services/common/netpolicy.py``): every
+  resolved address checked, the connection pinned to it, every redirect hop checked;
 - ``storage`` paths resolve inside the storage root (tenant ``large_file_config.storage_url`` or the
   operator's ``attachments_storage_url``), and a local root must lie under an allowed folder;
 - sizes are bounded while streaming, never after the fact.
@@ -19,23 +17,20 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import ipaddress
 import json
 import logging
 import os
 import posixpath
 import re
-import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import fsspec
 import httpx
 
-from services.common import signed_links
+from services.common import netpolicy, signed_links
 from services.common.crypto import load_secret_box
 from services.common.settings import Settings, get_settings
 from services.sender import pipeline
@@ -44,7 +39,6 @@ from services.sender.mime import decode_base64_attachment
 log = logging.getLogger("postbus.sender.attachments")
 MB = 1024 * 1024
 DEFAULT_ATTACHMENT_PATH = "/mail-proxy/attachments"
-MAX_REDIRECTS = 5
 _MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
 
 
@@ -54,39 +48,7 @@ class TooLarge(Exception):
         self.limit = limit
 
 
-# --- network policy ---------------------------------------------------------------------------------
-
-def address_allowed(ip: str, allow_private: bool) -> bool:
-    """Whether a fetch may connect to ``ip``. Unspecified and multicast addresses never; loopback,
-    private, link-local, shared, reserved, ... only when the operator allows private networks."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
-    if addr.is_unspecified or addr.is_multicast:
-        return False
-    return allow_private or addr.is_global
-
-
-async def resolve_checked(host: str, port: int, allow_private: bool) -> str:
-    """The address to connect to; every address the name resolves to must be allowed."""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise pipeline.PrepareError(f"cannot resolve {host}: {exc.strerror}", temporary=True) from None
-    addresses = [str(info[4][0]) for info in infos]
-    if not addresses:
-        raise pipeline.PrepareError(f"cannot resolve {host}", temporary=True)
-    refused = [a for a in addresses if not address_allowed(a, allow_private)]
-    if refused:
-        raise pipeline.PrepareError(f"attachment host {host} resolves to a non-public address ({refused[0]}); "
-                                    "fetches to private networks are not allowed")
-    return addresses[0]
-
-
-# --- HTTP fetch ---------------------------------------------------------------------------------------
+# --- HTTP fetch (through the one network policy) ----------------------------------------------------
 
 _client: httpx.AsyncClient | None = None
 
@@ -94,9 +56,7 @@ _client: httpx.AsyncClient | None = None
 def _http() -> httpx.AsyncClient:
     global _client
     if _client is None:
-        # trust_env=False: an environment proxy would bypass the address check
-        _client = httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                    timeout=httpx.Timeout(get_settings().attachments_fetch_timeout_s))
+        _client = netpolicy.client(get_settings().attachments_fetch_timeout_s)
     return _client
 
 
@@ -106,47 +66,31 @@ class Fetched:
     content_type: str | None = None
 
 
-async def http_fetch(method: str, url: str, *, limit: int, allow_private: bool, headers: dict[str, str] | None = None,
-                     auth: httpx.Auth | None = None, json_body: Any = None, follow: bool = True) -> Fetched:
-    """One HTTP fetch with the address check on every hop and the size limit while streaming."""
-    for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise pipeline.PrepareError(f"attachment URL must be http(s): {url[:200]!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        ip = await resolve_checked(parts.hostname, port, allow_private)
-        host_ip = f"[{ip}]" if ":" in ip else ip
-        pinned = urlunsplit((parts.scheme, f"{host_ip}:{port}", parts.path or "/", parts.query, ""))
-        hdrs = {**(headers or {}), "Host": parts.netloc.rpartition("@")[2]}
-        extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-        try:
-            async with _http().stream(method, pinned, headers=hdrs, auth=auth or httpx.USE_CLIENT_DEFAULT,
-                                      json=json_body, extensions=extensions) as resp:
-                if resp.is_redirect and follow:
-                    location = resp.headers.get("location", "")
-                    nxt = urljoin(url, location)
-                    if urlsplit(nxt)[:2] != parts[:2]:
-                        headers, auth = None, None  # credentials never follow a redirect to another origin
-                    url = nxt
-                    continue
-                _check_status(resp.status_code, url)
-                declared = resp.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limit:
+async def http_fetch(method: str, url: str, *, limit: int, policy: netpolicy.NetPolicy,
+                     headers: dict[str, str] | None = None, auth: httpx.Auth | None = None,
+                     json_body: Any = None, follow: bool = True) -> Fetched:
+    """One HTTP fetch under the network policy, the size limit applied while streaming."""
+    try:
+        async with policy.stream(_http(), method, url, headers=headers, auth=auth, json_body=json_body,
+                                 follow=follow) as resp:
+            if resp.is_redirect:
+                raise pipeline.PrepareError(f"attachment fetch answered a redirect: {_safe(url)}")
+            _check_status(resp.status_code, url)
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise TooLarge(limit)
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
                     raise TooLarge(limit)
-                chunks, size = [], 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(limit)
-                    chunks.append(chunk)
-                ctype = resp.headers.get("content-type", "").split(";")[0].strip() or None
-                return Fetched(b"".join(chunks), ctype)
-        except httpx.TimeoutException:
-            raise pipeline.PrepareError(f"attachment fetch timed out: {_safe(url)}", temporary=True) from None
-        except httpx.TransportError as exc:
-            raise pipeline.PrepareError(f"attachment fetch failed: {_safe(url)}: {type(exc).__name__}",
-                                        temporary=True) from None
-    raise pipeline.PrepareError(f"too many redirects fetching {_safe(url)}")
+                chunks.append(chunk)
+            ctype = resp.headers.get("content-type", "").split(";")[0].strip() or None
+            return Fetched(b"".join(chunks), ctype)
+    except netpolicy.Refused as exc:
+        raise pipeline.PrepareError(f"attachment fetch refused: {exc}") from None
+    except netpolicy.Unreachable as exc:
+        raise pipeline.PrepareError(f"attachment fetch failed: {exc}", temporary=True) from None
 
 
 def _check_status(status: int, url: str) -> None:
@@ -156,10 +100,7 @@ def _check_status(status: int, url: str) -> None:
     raise pipeline.PrepareError(f"attachment fetch answered HTTP {status}: {_safe(url)}", temporary=temporary)
 
 
-def _safe(url: str) -> str:
-    """A URL for error messages: without userinfo and query (they may carry credentials)."""
-    p = urlsplit(url)
-    return urlunsplit((p.scheme, p.netloc.rpartition("@")[2], p.path, "", ""))[:200]
+_safe = netpolicy.safe_url
 
 
 # --- storage (fsspec) -----------------------------------------------------------------------------------
@@ -388,7 +329,7 @@ async def _fetch_source(ctx: pipeline.SendContext, att: dict[str, Any], limit: i
         if len(data) > limit:
             raise TooLarge(limit)
         return Fetched(data)
-    allow_private = settings.attachments_allow_private_networks
+    net = netpolicy.NetPolicy.from_settings(settings)
     tenant_id = ctx.message["tenant_id"]
     if mode == "http_url":
         url = att["storage_path"]
@@ -422,10 +363,10 @@ async def _fetch_source(ctx: pipeline.SendContext, att: dict[str, Any], limit: i
             else:
                 headers, auth = _auth_for(ctx, att)
                 if mode == "http_url":
-                    fetched = await http_fetch("GET", url, limit=limit, allow_private=allow_private,
+                    fetched = await http_fetch("GET", url, limit=limit, policy=net,
                                                headers=headers, auth=auth)
                 else:
-                    fetched = await http_fetch("POST", url, limit=limit, allow_private=allow_private, headers=headers,
+                    fetched = await http_fetch("POST", url, limit=limit, policy=net, headers=headers,
                                                auth=auth, json_body={"storage_path": att["storage_path"]},
                                                follow=False)
     except TimeoutError:

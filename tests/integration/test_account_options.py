@@ -19,7 +19,7 @@ import pytest
 
 from infra.supervisor import LocalSystem
 from services.sender import verp
-from tests.integration.conftest import fresh_state, running_system, wait_until
+from tests.conftest import fresh_state, running_system, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
 

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.integration.conftest import Tenant
+from tests.conftest import Tenant
 
 
 def test_status_and_instance_config_with_write_only_secrets(admin: httpx.Client, new_tenant) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 from tests.support.static_server import StaticServer
 

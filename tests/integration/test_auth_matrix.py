@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN
 
 IDENTITIES = ("none", "bad", "other", "own", "admin")
 # auth level -> expected status per identity ("ok" = the route's success status)

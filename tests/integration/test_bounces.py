@@ -8,7 +8,7 @@ import smtplib
 import uuid
 
 from infra.supervisor import LocalSystem
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 
 

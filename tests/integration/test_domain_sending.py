@@ -18,7 +18,7 @@ from infra.supervisor import LocalSystem
 from services.common.avro import codec
 from services.common.topics import EVENTS
 from services.sender.dkim_core import verify
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 from tests.integration.test_domains import _Zone, dns_api  # noqa: F401  (module fixture: DNS server + API)
 from tests.support.smtp_server import FailFirst, RecordingSmtpServer
 

@@ -23,7 +23,7 @@ from dnslib import QTYPE, RR, TXT
 from dnslib.server import BaseResolver, DNSServer
 
 from infra.supervisor import LocalSystem, free_port
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

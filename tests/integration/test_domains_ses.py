@@ -20,7 +20,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from infra.supervisor import LocalSystem, free_port
-from tests.integration.conftest import REPO, wait_until
+from tests.conftest import REPO, wait_until
 
 pytestmark = pytest.mark.integration
 ADMIN = "ses-admin-" + uuid.uuid4().hex

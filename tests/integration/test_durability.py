@@ -10,7 +10,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.supervisor import LocalSystem
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 
 CONNECTIONS_PER_ACCOUNT = 8  # services.common.settings default: the sender's in-flight bound per account

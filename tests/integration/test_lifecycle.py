@@ -8,7 +8,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 
 HOLD_WAIT_S = 4.0  # how long "nothing arrives" is watched; the pipeline sends in well under a second

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 
 FUTURE = 4102444800  # 2100-01-01: stays deferred for the whole test
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from tests.integration.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN
 
 MAX_EXAMPLES = 25
 # no input to vary, and a global side effect on the shared test system: covered by the auth matrix

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.integration.conftest import wait_until
+from tests.conftest import wait_until
 from tests.support.sns_server import SnsTestServer, ses_bounce, ses_complaint
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from infra.supervisor import LocalSystem
-from tests.integration.conftest import SUPPORT_NARROW_TOKEN, SUPPORT_TOKEN, Tenant, wait_until
+from tests.conftest import SUPPORT_NARROW_TOKEN, SUPPORT_TOKEN, Tenant, wait_until
 from tests.integration.test_durability import _all_topic_bytes
 
 

@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from tests.integration.conftest import wait_until
+from tests.conftest import wait_until
 
 
 def test_suppression_crud_and_isolation(new_tenant) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import Tenant, wait_until
+from tests.conftest import Tenant, wait_until
 
 KEYS = {"id", "name", "active", "client_base_url", "last_sync_ts", "next_sync_due", "in_dnd"}
 

@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 
-from tests.integration.conftest import Tenant
+from tests.conftest import Tenant
 
 
 def _client(system, key: str) -> httpx.Client:

@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from tests.integration.conftest import wait_until
+from tests.conftest import wait_until
 
 HTML = '<html><body><p>Hi</p><a href="https://example.org/landing?a=1&amp;b=2">go</a></body></html>'
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem, free_port
-from tests.integration.conftest import REPO, wait_until
+from tests.conftest import REPO, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
 

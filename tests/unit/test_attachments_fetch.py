@@ -29,7 +29,7 @@ def conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
     holder: dict[str, Any] = {"allow": True}
 
     def settings() -> Settings:
-        return Settings(secret_key=KEY, state_dir=tmp_path, attachments_allow_private_networks=holder["allow"],
+        return Settings(secret_key=KEY, state_dir=tmp_path, allow_private_networks=holder["allow"],
                         attachments_max_bytes=4096, attachments_hard_max_bytes=1 << 20,
                         api_port=18999, attachments_fetch_timeout_s=5)
 

@@ -11,18 +11,22 @@ import os
 import pytest
 
 from services.common import signed_links
+from services.common.netpolicy import NetPolicy
 from services.sender import pipeline
 from services.sender.attachments import (
     ByteCache,
     Fetched,
     LargeFilePolicy,
     Prepared,
-    address_allowed,
     cache_key,
     md5_matches,
     resolve_in_root,
 )
 from services.sender.prepare_mime import with_links
+
+
+def address_allowed(ip: str, allow_private: bool) -> bool:
+    return NetPolicy(allow_private=allow_private).address_allowed(ip)
 
 
 @pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254",

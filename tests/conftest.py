@@ -69,7 +69,7 @@ def system() -> Iterator[LocalSystem]:
         # SES webhook tests (test_ses_webhook.py): their test CA and HTTPS server on localhost
         "POSTBUS_SNS_CA_FILE": str(state / "sns-test-ca.pem"),
         "POSTBUS_SNS_CERT_HOST_PATTERN": r"^(sns\.[a-z0-9-]+\.amazonaws\.com|localhost:\d+)$",
-        "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ATTACHMENTS_ALLOW_PRIVATE_NETWORKS": "1",
+        "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ALLOW_PRIVATE_NETWORKS": "1",
     }) as sys_:
         yield sys_
 

@@ -1,0 +1,76 @@
+"""A second whole system for the adversarial tests, run with the production network policy:
+private targets refused (``POSTBUS_ALLOW_PRIVATE_NETWORKS=false``) except the one network an
+operator would list for an internal receiver, ``127.0.0.2/32``. Client apps and SMTP servers of the
+tests listen there (the positive control: the system can reach them), while every attack aims at the
+same listener through 127.0.0.1, ``localhost``, ``[::1]``, mapped forms and so on.
+
+Tests that need no particular network policy use the session ``system`` of ``tests/conftest.py``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.supervisor import LocalSystem
+from tests.conftest import ADMIN_TOKEN, Tenant, fresh_state, running_system
+from tests.support.client_app import ClientApp
+from tests.support.smtp_server import RecordingSmtpServer
+
+ALLOWED_HOST = "127.0.0.2"  # the operator-listed internal network (loopback alias on Linux)
+
+
+@pytest.fixture(scope="session")
+def secure_system() -> Iterator[LocalSystem]:
+    with running_system(fresh_state("secure"), ADMIN_TOKEN, kafka_heap="256m", env={
+        "POSTBUS_ALLOW_PRIVATE_NETWORKS": "false",
+        "POSTBUS_ALLOWED_PRIVATE_NETWORKS": f"{ALLOWED_HOST}/32",
+        "POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
+        "POSTBUS_REPORTER_RETRY_MAX_S": "2",
+    }) as sys_:
+        yield sys_
+
+
+@pytest.fixture(scope="session")
+def secure_admin(secure_system: LocalSystem) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=secure_system.url("api"), headers={"X-API-Token": ADMIN_TOKEN}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def secure_smtp() -> Iterator[RecordingSmtpServer]:
+    with RecordingSmtpServer(host=ALLOWED_HOST) as s:
+        yield s
+
+
+@pytest.fixture
+def secure_tenant(secure_system: LocalSystem, secure_admin: httpx.Client,
+                  secure_smtp: RecordingSmtpServer) -> Iterator[Callable[..., Tenant]]:
+    """A fresh tenant of the secure system whose client app listens on every loopback address (so
+    the same listener is reachable as 127.0.0.2, allowed, and as 127.0.0.1/localhost, refused); its
+    ``client_base_url`` is the allowed address."""
+    made: list[Tenant] = []
+
+    def make(**tenant_fields: Any) -> Tenant:
+        client = ClientApp(token="s3cret", host="0.0.0.0").start()
+        tid = "s" + uuid.uuid4().hex[:10]
+        body = {"id": tid, "name": f"Tenant {tid}", "client_base_url": f"http://{ALLOWED_HOST}:{client.port}",
+                "client_auth": {"method": "bearer", "token": "s3cret"}, **tenant_fields}
+        r = secure_admin.post("/tenant", json=body)
+        assert r.status_code == 200, r.text
+        key = r.json()["api_key"]
+        http = httpx.Client(base_url=secure_system.url("api"), headers={"X-API-Token": key}, timeout=30)
+        r = http.post("/account", json={"id": "main", "host": secure_smtp.host, "port": secure_smtp.port,
+                                        "use_tls": False})
+        assert r.status_code == 200, r.text
+        t = Tenant(tid, key, "main", client, http)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.client.stop()
+        t.http.close()
