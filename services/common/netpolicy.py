@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,15 @@ import httpx
 
 MAX_REDIRECTS = 5
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise Unreachable(f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    return [str(info[4][0]) for info in infos]
 
 
 class Refused(Exception):
@@ -41,6 +50,10 @@ class Refused(Exception):
 
 class Unreachable(Exception):
     """The target could not be resolved or reached (temporary)."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 def _parse_networks(spec: str | Iterable[str]) -> tuple[Network, ...]:
@@ -68,6 +81,7 @@ def _canonical(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 class NetPolicy:
     allow_private: bool = False
     allowed_networks: tuple[Network, ...] = field(default_factory=tuple)
+    resolver: Resolver = system_resolver  # injectable for unit tests; production uses the system's
 
     @classmethod
     def from_settings(cls, settings: Any) -> NetPolicy:
@@ -112,11 +126,7 @@ class NetPolicy:
 
     async def resolve(self, host: str, port: int) -> str:
         """The address to connect to; every address the name resolves to must be allowed."""
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise Unreachable(f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}") from None
-        addresses = [str(info[4][0]) for info in infos]
+        addresses = await self.resolver(host, port)
         if not addresses:
             raise Unreachable(f"cannot resolve {host}")
         refused = [a for a in addresses if not self.address_allowed(a)]
@@ -161,7 +171,7 @@ class NetPolicy:
                     yield resp
                     return
             except httpx.TimeoutException:
-                raise Unreachable(f"timed out: {safe_url(url)}") from None
+                raise Unreachable(f"timed out: {safe_url(url)}", timeout=True) from None
             except httpx.TransportError as exc:
                 raise Unreachable(f"connection failed: {safe_url(url)}: {type(exc).__name__}") from None
         raise Refused(f"too many redirects: {safe_url(url)}")

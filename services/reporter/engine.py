@@ -14,12 +14,15 @@ from typing import Any
 
 import httpx
 
+from services.common import netpolicy
 from services.common.settings import Settings
 from services.reporter import metrics
 from services.reporter.protocol import Answer, backoff_delay, parse_answer, sync_url
 from services.reporter.schedule import SyncState, next_action
 
 log = logging.getLogger("postbus.reporter")
+
+MAX_ANSWER_BYTES = 1024 * 1024  # a sync answer is a small JSON object; more is not read
 
 # (table key, changelog partition) of each acknowledged report
 AckFn = Callable[[list[tuple[str, int]]], Awaitable[None]]
@@ -35,6 +38,7 @@ class Reporter:
         ack: AckFn,
         decrypt: Decrypt,
         http: httpx.AsyncClient | None = None,
+        net: netpolicy.NetPolicy | None = None,
     ) -> None:
         self.s = settings
         self._tenants = tenants
@@ -42,6 +46,8 @@ class Reporter:
         self._decrypt = decrypt
         self._http = http
         self._own_http = http is None
+        # sync calls go through the one outbound network policy (tenant-chosen URL: SSRF boundary)
+        self._net = net or netpolicy.NetPolicy.from_settings(settings)
         # tenant -> {table key: (report item, changelog partition)}, in arrival order
         self.pending: dict[str, dict[str, tuple[dict[str, Any], int]]] = {}
         self.state: dict[str, SyncState] = {}
@@ -127,10 +133,9 @@ class Reporter:
 
     async def start(self) -> None:
         if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=self.s.reporter_http_timeout_s,
+            self._http = netpolicy.client(
+                self.s.reporter_http_timeout_s,
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
-                follow_redirects=False,
             )
         self._running = True
         for tid in list(self.state):
@@ -232,15 +237,18 @@ class Reporter:
         t0 = time.perf_counter()
         try:
             headers, auth = self._auth(tenant)
-            resp = await self._http.post(
-                url,
-                json={"delivery_report": [item for _, item, _ in batch]},
-                headers=headers,
-                auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-            answer = parse_answer(resp.status_code, resp.content)
-        except httpx.TimeoutException:
-            answer = Answer(False, "timeout")
+            # no redirects: a callback answers itself; a 3xx is a non-acknowledgement like any other
+            async with self._net.stream(self._http, "POST", url, headers=headers, auth=auth, follow=False,
+                                        json_body={"delivery_report": [item for _, item, _ in batch]}) as resp:
+                body = await _read_limited(resp, MAX_ANSWER_BYTES)
+            answer = parse_answer(resp.status_code, body)
+        except netpolicy.Refused as exc:
+            answer = Answer(False, "blocked")
+            log.warning("sync call refused by the network policy",
+                        extra={"tenant_id": tenant_id, "reason": str(exc)})
+        except netpolicy.Unreachable as exc:
+            answer = Answer(False, "timeout" if exc.timeout else "conn_error")
+            log.debug("sync call failed", extra={"tenant_id": tenant_id, "error": str(exc)})
         except httpx.HTTPError as exc:
             answer = Answer(False, "conn_error")
             log.debug("sync call failed", extra={"tenant_id": tenant_id, "error": repr(exc)})
@@ -283,3 +291,14 @@ class Reporter:
             st.dnd_until = answer.next_sync_after
         if not self.pending.get(tenant_id):
             st.pending_since = None
+
+
+async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
+    """The answer body, at most ``limit`` bytes (a larger one reads as a bad body, never fills memory)."""
+    chunks, size = [], 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return b""
+        chunks.append(chunk)
+    return b"".join(chunks)

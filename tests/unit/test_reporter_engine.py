@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from services.common.netpolicy import NetPolicy
 from services.common.settings import Settings
 from services.reporter.engine import Reporter
 
@@ -27,8 +28,15 @@ class Client:
         return httpx.Response(status, content=raw)
 
 
+def resolving_to(*addresses: str) -> NetPolicy:
+    async def resolver(host: str, port: int) -> list[str]:
+        return list(addresses)
+
+    return NetPolicy(resolver=resolver)
+
+
 def make(
-    client: Client, tenant: dict[str, Any] | None, **settings: Any
+    client: Client, tenant: dict[str, Any] | None, net: NetPolicy | None = None, **settings: Any
 ) -> tuple[Reporter, list[tuple[str, int]]]:
     acked: list[tuple[str, int]] = []
 
@@ -37,7 +45,8 @@ def make(
 
     s = Settings(reporter_flush_ms=10, reporter_retry_max_s=0.05, reporter_batch_size=3, **settings)
     http = httpx.AsyncClient(transport=httpx.MockTransport(client.handler))
-    rep = Reporter(s, lambda tid: tenant if tid == "acme" else None, ack, lambda enc: f"dec({enc})", http)
+    rep = Reporter(s, lambda tid: tenant if tid == "acme" else None, ack, lambda enc: f"dec({enc})", http,
+                   net or resolving_to("93.184.216.34"))
     return rep, acked
 
 
@@ -69,7 +78,9 @@ async def test_batches_are_posted_with_auth_and_acknowledged() -> None:
         sizes = [len(body["delivery_report"]) for _, body in client.calls if body["delivery_report"]]
         assert sizes == [3, 3, 1]
         req = client.calls[0][0]
-        assert str(req.url) == "http://client.test/mail-proxy/sync"
+        # connected to the checked address, named as the tenant configured it
+        assert str(req.url) == "http://93.184.216.34/mail-proxy/sync"
+        assert req.headers["host"] == "client.test"
         assert req.headers["authorization"] == "Bearer dec(ENC)"
         assert acked[0] == ("acme\x1fe0", 5)
         assert rep.pending_count() == 0
@@ -135,5 +146,79 @@ async def test_run_now_override_clears_dnd() -> None:
         assert len(client.calls) == 1
         rep.run_now("acme", override_dnd=True)
         await wait_until(lambda: len(client.calls) == 2)
+    finally:
+        await rep.stop()
+
+
+async def _one_call(net: NetPolicy, answers: list[tuple[int, Any]] | None = None,
+                    tenant: dict[str, Any] | None = None) -> tuple[Client, Reporter, list[tuple[str, int]]]:
+    client = Client(answers or [(200, {"ok": True})])
+    rep, acked = make(client, tenant or TENANT, net)
+    rep.add("acme", "acme\x1fe1", item(1), 0)
+    await rep.start()
+    return client, rep, acked
+
+
+async def test_a_name_resolving_to_loopback_is_never_called() -> None:
+    # positive control: the same tenant, the same reporter code, a public address -> called and acked
+    client, rep, acked = await _one_call(resolving_to("93.184.216.34"))
+    try:
+        await wait_until(lambda: len(acked) == 1)
+    finally:
+        await rep.stop()
+    for bad in (["127.0.0.1"], ["::1"], ["::ffff:127.0.0.1"], ["169.254.169.254"], ["10.0.0.5"],
+                ["93.184.216.34", "127.0.0.1"]):  # one bad address among good ones is enough to refuse
+        client, rep, acked = await _one_call(resolving_to(*bad))
+        try:
+            await wait_until(lambda r=rep: r.state["acme"].last_outcome == "blocked")
+            assert client.calls == [] and acked == [] and rep.pending_count() == 1, bad
+        finally:
+            await rep.stop()
+
+
+async def test_operator_listed_private_network_is_allowed() -> None:
+    import ipaddress
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["10.1.2.3"]
+
+    net = NetPolicy(allowed_networks=(ipaddress.ip_network("10.1.0.0/16"),), resolver=resolver)
+    client, rep, acked = await _one_call(net)
+    try:
+        await wait_until(lambda: len(acked) == 1)
+        assert client.calls[0][0].url.host == "10.1.2.3"
+    finally:
+        await rep.stop()
+
+
+async def test_redirect_is_not_followed_and_not_acknowledged() -> None:
+    client = Client([(307, b""), (200, {"ok": True})])
+    original = client.handler
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        resp = original(request)
+        if resp.status_code == 307:
+            return httpx.Response(307, headers={"location": "http://127.0.0.1:8010/internal/replay"})
+        return resp
+
+    client.handler = handler  # type: ignore[method-assign]
+    rep, acked = make(client, TENANT)
+    rep.add("acme", "acme\x1fe1", item(1), 0)
+    await rep.start()
+    try:
+        await wait_until(lambda: len(acked) == 1)  # the retry to the configured URL acknowledges
+        hosts = {req.url.host for req, _ in client.calls}
+        assert hosts == {"93.184.216.34"}, hosts  # never the redirect target
+    finally:
+        await rep.stop()
+
+
+async def test_an_oversized_answer_is_not_an_acknowledgement() -> None:
+    client, rep, acked = await _one_call(resolving_to("93.184.216.34"),
+                                         [(200, b'{"ok": true, "x": "' + b"a" * (2 * 1024 * 1024) + b'"}'),
+                                          (200, {"ok": True})])
+    try:
+        await wait_until(lambda: len(acked) == 1)
+        assert len(client.calls) >= 2  # the first (oversized) answer did not count
     finally:
         await rep.stop()
