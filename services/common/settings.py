@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     # address it was sent to; unset/empty: envelope sender = return_path or from
     sender_verp_domain: str | None = None
 
+    # storage roots (common/storage_roots.py): the operator's named roots of the `storage` attachment
+    # mode and of large-file uploads, JSON {"name": "fsspec URL"} or {"name": {"url": ..., "tenants":
+    # [...]}}; "{tenant_id}" in a URL is the tenant's id. A tenant picks one by name
+    # (large_file_config.storage_root); attachments_storage_url is the root named "default"
+    storage_roots_json: str = "{}"
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
