@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ ACTIVE = ("pending", "deferred")
 
 MESSAGE_COLUMNS: tuple[str, ...] = (
     "tenant_id", "id", "pk", "account_id", "priority", "batch_code", "deferred_ms", "accepted_ms",
-    "subject", "from_addr", "to_addrs", "seq",
+    "subject", "from_addr", "to_addrs", "seq", "rcpt_addrs",
 )
 MARK_COLUMNS: tuple[str, ...] = ("tenant_id", "id", "kind", "seq", "ts_ms")
 REPORTED_COLUMNS: tuple[str, ...] = ("tenant_id", "event_id", "message_id", "ts_ms")
@@ -55,6 +56,9 @@ DDL = [
     ENGINE = ReplacingMergeTree
     ORDER BY (tenant_id, id, pk)
     """,
+    # every envelope recipient (to + cc + bcc, bare, lower case): inbound feedback is attributed
+    # only to these (services/metrics/inbound_lookup.py); added to older tables
+    "ALTER TABLE messages ADD COLUMN IF NOT EXISTS rcpt_addrs Array(String) DEFAULT []",
     # delete / cleanup marks per id; tenant deletion is a mark with id ''
     """
     CREATE TABLE IF NOT EXISTS message_marks (
@@ -93,8 +97,15 @@ def message_rows(add: dict[str, Any], offset: int) -> list[list[Any]]:
             m.get("batch_code") or "", int(m.get("deferred_ts") or 0), int(m["accepted_ts"]),
             m.get("subject") or "", m.get("from_addr") or "", list(m.get("to") or []),
             offset * SEQ_STRIDE + i,
+            envelope_recipients(m),
         ])
     return rows
+
+
+def envelope_recipients(m: dict[str, Any]) -> list[str]:
+    """The bare, lower-case addresses of to + cc + bcc (the message's envelope recipients)."""
+    raw = [*(m.get("to") or []), *(m.get("cc") or []), *(m.get("bcc") or [])]
+    return list(dict.fromkeys(a.strip().lower() for _, a in getaddresses(raw) if "@" in a))
 
 
 def mark_rows(tenant_id: str, ids: Iterable[str], kind: str, offset: int, ts_ms: int) -> list[list[Any]]:

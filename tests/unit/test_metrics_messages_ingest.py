@@ -40,7 +40,8 @@ def test_add_messages_become_submission_rows_in_command_order() -> None:
     assert [(r["id"], r["seq"]) for r in rows] == [("m1", 7 * mp.SEQ_STRIDE), ("m2", 7 * mp.SEQ_STRIDE + 1)]
     assert rows[0] == {"tenant_id": "t-a", "id": "m1", "pk": "p1", "account_id": "acc", "priority": 0,
                             "batch_code": "b", "deferred_ms": 5000, "accepted_ms": 42, "subject": "hi",
-                            "from_addr": "a@x.test", "to_addrs": ["b@y"], "seq": 7 * mp.SEQ_STRIDE}
+                            "from_addr": "a@x.test", "to_addrs": ["b@y"], "seq": 7 * mp.SEQ_STRIDE,
+                            "rcpt_addrs": ["b@y"]}
 
 
 def test_delete_cleanup_and_tenant_delete_become_marks() -> None:
