@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from prometheus_client import REGISTRY
+
 from services.sender.inbound.classify import analyse
+from services.sender.inbound.correlate import Target, events_for
 
 ARF = (
     "From: <staff@hotmail.example>\r\nTo: <abuse@acme.test>\r\nSubject: FW: Hello\r\nMIME-Version: 1.0\r\n"
@@ -36,3 +39,23 @@ def test_arf_other_feedback_type_and_headers_only() -> None:
     a = analyse(raw)
     assert a.complaint is not None and a.complaint.feedback_type == "fraud"
     assert a.hint.message_id == "m-9"
+
+
+def test_complaint_only_for_a_recipient_of_the_message() -> None:
+    a = analyse(ARF.encode())  # Original-Rcpt-To: bob@example.test
+
+    def target(*rcpts: str) -> Target:
+        return Target("acme", "m-9", "pk-9", "main", "acme.test", frozenset(rcpts))
+
+    [ev] = events_for(a, target("bob@example.test"), "raw", "smtp")
+    assert ev["type"] == "complaint" and ev["recipient"] == "bob@example.test" and ev["feedback_type"] == "abuse"
+    sample = {"kind": "complaint", "reason": "not_a_recipient"}
+    before = REGISTRY.get_sample_value("postbus_inbound_feedback_refused_total", sample) or 0.0
+    assert events_for(a, target("carol@example.test"), "raw", "smtp") == []
+    assert REGISTRY.get_sample_value("postbus_inbound_feedback_refused_total", sample) == before + 1
+    # a redacted report (no Original-Rcpt-To): the message's only recipient, none when it had several
+    redacted = analyse(ARF.replace("Original-Rcpt-To: <Bob@Example.test>\r\n", "").encode())
+    assert redacted.complaint is not None and redacted.complaint.recipient is None
+    [ev] = events_for(redacted, target("bob@example.test"), "raw", "smtp")
+    assert ev["recipient"] == "bob@example.test"
+    assert events_for(redacted, target("bob@example.test", "carol@example.test"), "raw", "smtp") == []

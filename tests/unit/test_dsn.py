@@ -3,8 +3,11 @@ non-standard bounces."""
 
 from __future__ import annotations
 
-from services.sender.inbound.classify import analyse
-from services.sender.inbound.dsn import classify_status, classify_text
+from prometheus_client import REGISTRY
+
+from services.sender.inbound.classify import Analysis, analyse
+from services.sender.inbound.correlate import Target, events_for
+from services.sender.inbound.dsn import Bounce, classify_status, classify_text
 
 ORIGINAL = (
     "From: app@acme.test\r\nTo: bob@example.test\r\nSubject: Hello\r\n"
@@ -134,3 +137,37 @@ def test_classification_rules() -> None:
     assert classify_text("550 5.1.1 user unknown") == ("hard", "5.1.1")
     assert classify_text("421 try again later") == ("soft", "421")
     assert classify_text("Host or domain name not found. Name service error: no such domain") == ("hard", None)
+
+
+def _target(*recipients: str) -> Target:
+    return Target("acme", "m-1", "0b7c-pk", "main", "acme.test", frozenset(recipients))
+
+
+def _refused(kind: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("postbus_inbound_feedback_refused_total", {"kind": kind, "reason": reason}) or 0.0
+
+
+def test_bounce_events_only_for_recipients_of_the_message() -> None:
+    a = analyse(POSTFIX.encode())  # names bob@example.test
+    [ev] = events_for(a, _target("bob@example.test", "carol@example.test"), "raw", "smtp")
+    assert ev["recipient"] == "bob@example.test" and ev["bounce_type"] == "hard"
+    # the same report about a message bob did not receive: no event, counted as refused
+    before = _refused("bounce", "not_a_recipient")
+    assert events_for(a, _target("carol@example.test"), "raw", "smtp") == []
+    assert _refused("bounce", "not_a_recipient") == before + 1
+    # recipients unknown (an old metrics answer): nothing attributed
+    assert events_for(a, Target("acme", "m-1", None, None, None, None), "raw", "smtp") == []
+
+
+def test_bounce_without_a_named_recipient_goes_to_the_only_recipient() -> None:
+    a = analyse(MICROSOFT.encode())
+    assert [b.recipient for b in a.bounces] == ["carol@contoso.test", "dave@contoso.test"]
+    nameless = Analysis("bounce", "heuristic", a.hint, [Bounce(None, "hard", "550", "user unknown")])
+    [ev] = events_for(nameless, _target("solo@example.test"), "raw", "smtp")
+    assert ev["recipient"] == "solo@example.test"
+    before = _refused("bounce", "no_recipient")
+    assert events_for(nameless, _target("carol@contoso.test", "dave@contoso.test"), "raw", "smtp") == []
+    assert _refused("bounce", "no_recipient") == before + 1
+    # a two-recipient DSN about a message sent to one of them: only that one
+    [ev] = events_for(a, _target("dave@contoso.test"), "raw", "smtp")
+    assert ev["recipient"] == "dave@contoso.test" and ev["bounce_type"] == "hard"

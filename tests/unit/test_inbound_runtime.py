@@ -11,7 +11,8 @@ from services.sender.inbound.correlate import correlate, events_for, pec_timeout
 from services.sender.inbound.imap_poller import new_uids, start_uid
 from tests.unit.test_dsn import POSTFIX
 
-KNOWN = {"tenant_id": "acme", "id": "m-1", "pk": "0b7c-pk", "account_id": "main", "from_addr": "app@acme.test"}
+KNOWN = {"tenant_id": "acme", "id": "m-1", "pk": "0b7c-pk", "account_id": "main", "from_addr": "app@acme.test",
+         "recipients": ["bob@example.test"]}
 
 
 async def _lookup(tenant_id: str | None, message_id: str | None, pk: str | None) -> dict[str, Any] | None:

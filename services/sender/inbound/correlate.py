@@ -6,21 +6,35 @@ recipient, ``To``/``Original-Recipient``...; only with ``sender_verp_domain`` se
 original's ``Message-ID`` when it is the generated ``<pk@domain>``. Either way the message must
 exist in the metrics service's message projection: a report naming an unknown message (or another
 tenant's id) is kept raw and emits nothing, so a forged DSN cannot write events into a tenant it does
-not know a real message of."""
+not know a real message of.
+
+Attribution: a bounce or complaint becomes an event only for an envelope recipient of the correlated
+message (services/common/feedback.py); a report naming anyone else (or nobody, for a message with
+several recipients) emits nothing for that address, is logged and counted in
+``postbus_inbound_feedback_refused_total{kind, reason}``. Nothing is suppressed or counted for it."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import Counter
+
+from services.common.feedback import attribute
 from services.sender import verp
 from services.sender.inbound.classify import Analysis, Hint
 
+log = logging.getLogger("postbus.inbound.correlate")
+
 VERP_SCAN_BYTES = 200_000
+REFUSED = Counter("postbus_inbound_feedback_refused_total",
+                  "bounce/complaint recipients of correlated inbound reports that were not attributed "
+                  "(not a recipient of the message, or none named on a message with several)", ["kind", "reason"])
 
 
 class Lookup(Protocol):
@@ -35,6 +49,7 @@ class Target:
     pk: str | None
     account_id: str | None
     sender_domain: str | None
+    recipients: frozenset[str] | None = None  # envelope recipients of the message (None: unknown)
 
 
 def _pk_of(rfc_message_id: str | None) -> str | None:
@@ -74,7 +89,9 @@ async def correlate(hint: Hint, lookup: Lookup, verp_target: tuple[str, str] | N
     if found is None:
         return None
     domain = (found.get("from_addr") or "").rpartition("@")[2].rstrip(">").lower() or None
-    return Target(found["tenant_id"], found["id"], found.get("pk"), found.get("account_id"), domain)
+    rcpts = found.get("recipients")
+    return Target(found["tenant_id"], found["id"], found.get("pk"), found.get("account_id"), domain,
+                  frozenset(str(r).lower() for r in rcpts) if isinstance(rcpts, list) else None)
 
 
 def event_id(raw_id: str, index: int, kind: str) -> str:
@@ -99,25 +116,41 @@ def events_for(analysis: Analysis, target: Target, raw_id: str, channel: str,
     """DeliveryEvents for one analysed report. ``channel``: ``smtp`` | ``imap``."""
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     out: list[dict[str, Any]] = []
+    refused: dict[str, int] = {}
+
+    def recipient_of(kind: str, named: str | None) -> str | None:
+        address, reason = attribute(named, target.recipients)
+        if reason is not None:
+            refused[reason] = refused.get(reason, 0) + 1
+            REFUSED.labels(kind, reason).inc()
+        return address
+
     if analysis.kind == "bounce":
         for i, b in enumerate(analysis.bounces):
+            if (recipient := recipient_of("bounce", b.recipient)) is None:
+                continue
             ev = _base(target, event_id(raw_id, i, "bounce"), "bounce", now_ms)
             smtp = b.code if b.code and b.code.isdigit() else None
-            ev.update(recipient=b.recipient, bounce_type=b.bounce_type, bounce_code=b.code,
+            ev.update(recipient=recipient, bounce_type=b.bounce_type, bounce_code=b.code,
                       bounce_reason=b.reason[:2000], smtp_code=int(smtp) if smtp else None,
                       source=f"dsn-{channel}")
             out.append(ev)
     elif analysis.kind == "complaint" and analysis.complaint is not None:
-        ev = _base(target, event_id(raw_id, 0, "complaint"), "complaint", now_ms)
-        ev.update(recipient=analysis.complaint.recipient, feedback_type=analysis.complaint.feedback_type,
-                  source="arf")
-        out.append(ev)
+        if (recipient := recipient_of("complaint", analysis.complaint.recipient)) is not None:
+            ev = _base(target, event_id(raw_id, 0, "complaint"), "complaint", now_ms)
+            ev.update(recipient=recipient, feedback_type=analysis.complaint.feedback_type, source="arf")
+            out.append(ev)
     elif analysis.kind == "pec" and analysis.pec is not None and analysis.pec.pec_event:
         ev = _base(target, event_id(raw_id, 0, "pec"), "pec", now_ms)
         ev.update(pec_event=analysis.pec.pec_event, recipient=analysis.pec.recipient,
                   error=analysis.pec.error if analysis.pec.pec_event == "pec_error" else None,
                   source=f"pec-{channel}")
         out.append(ev)
+    if refused:
+        # the address itself is not logged (it may be anyone's); the raw report is in the inbound topic
+        log.warning("inbound feedback not attributed: it names no recipient of the correlated message",
+                    extra={"kind": analysis.kind, "tenant_id": target.tenant_id, "message_id": target.message_id,
+                           "raw_id": raw_id, "refused": refused})
     return out
 
 
