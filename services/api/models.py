@@ -46,17 +46,38 @@ class TrackingConfig(BaseModel):
                               domain=record.get("tracking_domain"))
 
 
+class LargeFileConfig(BaseModel):
+    """Large attachments: warn, reject, or rewrite to a signed download link in storage. Storage is the
+    operator's: a tenant picks one of the operator's named roots (``storage_root``); a raw root URL
+    (``storage_url``) is an admin-only field (services/api/field_policy.py)."""
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    max_size_mb: float | None = Field(None, gt=0, le=1_000_000)
+    action: str | None = Field(None, pattern=r"^(?i:warn|reject|rewrite)$")
+    file_ttl_days: float | None = Field(None, gt=0, le=3650)
+    public_base_url: str | None = Field(None, max_length=500, description="base URL of download links")
+    storage_root: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                     description="name of one of the operator's storage roots")
+    storage_url: str | None = Field(None, max_length=2000, description=(
+        "admin only: a raw fsspec root URL (no protocol chains, no credentials; a local folder must "
+        "lie under POSTBUS_ATTACHMENTS_FILE_ROOTS)"))
+
+
 class _TenantFields(BaseModel):
-    """The tenant fields shared by create (POST /tenant) and partial update (PUT /tenant/{id})."""
+    """The tenant fields shared by create (POST /tenant) and partial update (PUT /tenant/{id}).
+    Who may write which of them: services/api/field_policy.py."""
     model_config = ConfigDict(extra="ignore")
     name: str | None = Field(None, max_length=200)
     client_base_url: HttpUrl | None = None
     client_sync_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
     client_attachment_path: str | None = Field(None, pattern=r"^/[^\s]*$", max_length=500)
     client_auth: ClientAuth | None = None
-    rate_limits: RateLimits | None = None
-    large_file_config: dict[str, Any] | None = None
+    rate_limits: RateLimits | None = Field(None, description="admin only")
+    large_file_config: LargeFileConfig | None = None
     tracking: TrackingConfig | None = None
+
+    def large_file_config_dict(self) -> dict[str, Any] | None:
+        return self.large_file_config.model_dump(exclude_unset=True) if self.large_file_config else None
 
 
 class TenantIn(_TenantFields):
@@ -142,7 +163,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 class TenantUpdate(_TenantFields):
     """PUT /tenant/{id}: every field optional; omitted fields keep their value."""
-    active: bool | None = None
+    active: bool | None = Field(None, description="admin only")
 
 
 class ClientAuthOut(BaseModel):

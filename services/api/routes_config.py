@@ -7,6 +7,7 @@ import time
 
 from fastapi import APIRouter, Request
 
+from services.api import field_policy, url_checks
 from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.commands import ConfigRecord
 from services.api.deps import state_of
@@ -64,6 +65,7 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
     actor = authenticate(request, st)
     require_admin(actor)
     now = int(time.time() * 1000)
+    url_checks.check_tenant_fields(body, body.id, st.settings)  # 422 (network policy, storage roots)
     previous = st.tenants.get(body.id)
     method, user, secret_enc = _client_auth(body, st.box, previous)
     tenant = {
@@ -78,7 +80,7 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
         "client_attachment_path": body.client_attachment_path,
         "rate_limit_hourly": body.rate_limits.hourly if body.rate_limits else None,
         "rate_limit_daily": body.rate_limits.daily if body.rate_limits else None,
-        "large_file_config_json": json.dumps(body.large_file_config) if body.large_file_config else None,
+        "large_file_config_json": json.dumps(body.large_file_config_dict()) if body.large_file_config else None,
         **(body.tracking or TrackingConfig()).record_fields(),
         "created_ts": previous["created_ts"] if previous else now,
         "updated_ts": now,
@@ -106,6 +108,7 @@ async def upsert_account(body: AccountIn, request: Request) -> Ok:
     st = state_of(request)
     actor = authenticate(request, st)
     tenant_id = scope_tenant(actor, body.tenant_id)
+    field_policy.check_write("account", actor, body)
     if not tenant_id:
         raise ApiError(400, "missing_tenant_id", "tenant_id is required with the admin token")
     if st.tenants.get(tenant_id) is None:

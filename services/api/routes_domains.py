@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, Field
 
-from services.api import domains_ses
+from services.api import domains_ses, field_policy
 from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.commands import Actor, CommandWriter, ConfigRecord
 from services.api.deps import state_of
@@ -49,6 +49,7 @@ _NAME = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid_domain, missing_tenant_id"},
     401: {"description": "missing/invalid token, or tenant_mismatch"},
+    403: {"description": "admin_only_field: a tenant key naming limits, tier, enforcement or status"},
     404: {"description": "domain_not_found (also for another tenant's domain), tenant_not_found"},
     503: {"description": "ledger_unavailable (the outbound ledger did not answer in time), log_unavailable"},
 }
@@ -276,6 +277,7 @@ async def put_outbound(name: str, request: Request, body: OutboundUpdate | None 
     actor = authenticate(request, st)
     name = _domain_name(name)
     body = body or OutboundUpdate()
+    field_policy.check_write("domain", actor, body)  # limits, tier, enforcement, status: admin only
     existing = rt.domains.get(name)
     if existing is None:
         rec = _new_record(st, actor, name, body.tenant_id)

@@ -1,7 +1,9 @@
 """GET /files/{token}: downloads of attachments that large_file_config moved to storage.
 
 The token is the whole authorisation (services/common/signed_links.py): it names one stored object
-and expires. Forged or malformed -> 403, expired / deleted tenant / missing object -> 404."""
+and expires. Forged or malformed -> 403, expired / deleted tenant / missing object -> 404. Defence in
+depth: the URL must still be a storage object (no protocol chains, no http(s), a local file inside an
+allowed storage folder), else 404."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.models import ErrorOut
-from services.common import signed_links
+from services.common import signed_links, storage_roots
 
 router = APIRouter()
 CHUNK = 256 * 1024
@@ -52,7 +54,11 @@ async def download(token: str, request: Request) -> Any:
     if state_of(request).tenants.get(link.tenant_id) is None:
         raise ApiError(404, "not_found", "file not found")  # a deleted tenant's links die with it
     try:
-        fh, size = await asyncio.to_thread(_open, link.url)
+        url = storage_roots.check_download_url(link.url, state_of(request).settings)
+    except storage_roots.StorageRootError:
+        raise ApiError(404, "not_found", "file not found") from None
+    try:
+        fh, size = await asyncio.to_thread(_open, url)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ApiError(404, "not_found", "file not found") from None
     except (OSError, ImportError, ValueError):

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
+from services.api import field_policy, url_checks
 from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.commands import ConfigRecord
 from services.api.deps import state_of
@@ -72,6 +73,14 @@ def account_out(a: dict[str, Any]) -> AccountOut:
                       created_at=iso(a["created_ts"]) or "", updated_at=iso(a["updated_ts"]) or "")
 
 
+def _stored_json(raw: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _tenant_or_404(st: ApiState, tenant_id: str) -> dict[str, Any]:
     tenant = st.tenants.get(tenant_id)
     if tenant is None:
@@ -105,12 +114,15 @@ async def get_tenant(tenant_id: str, request: Request) -> TenantOut:
 
 
 @router.put("/tenant/{tenant_id}", tags=["tenants"], response_model=Ok,
-            summary="Update a tenant (partial; the API key is unchanged)", responses=errors(400, 401, 404, 422))
+            summary="Update a tenant (partial; the API key is unchanged; admin-only fields need the admin token)",
+            responses=errors(400, 401, 403, 404, 422))
 async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request) -> Ok:
     st = state_of(request)
     actor = authenticate(request, st)
     scope_tenant(actor, tenant_id)
     tenant = dict(_tenant_or_404(st, tenant_id))
+    field_policy.check_write("tenant", actor, body)  # 403 admin_only_field before anything else
+    url_checks.check_tenant_fields(body, tenant_id, st.settings)  # 422, nothing written
     given = body.model_fields_set
     if "name" in given:
         tenant["name"] = body.name
@@ -126,7 +138,9 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request) ->
         tenant["rate_limit_hourly"] = body.rate_limits.hourly if body.rate_limits else None
         tenant["rate_limit_daily"] = body.rate_limits.daily if body.rate_limits else None
     if "large_file_config" in given:
-        tenant["large_file_config_json"] = json.dumps(body.large_file_config) if body.large_file_config else None
+        lfc = field_policy.keep_admin_subfields("tenant", "large_file_config", body.large_file_config_dict(),
+                                                _stored_json(tenant.get("large_file_config_json")), actor)
+        tenant["large_file_config_json"] = json.dumps(lfc) if lfc else None
     if "tracking" in given:
         tenant.update((body.tracking or TrackingConfig()).record_fields())
     if body.active is not None:

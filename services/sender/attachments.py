@@ -3,8 +3,10 @@
 Safe by default:
 - every HTTP fetch goes through the one network policy (``services/common/netpolicy.py``): every
   resolved address checked, the connection pinned to it, every redirect hop checked;
-- ``storage`` paths resolve inside the storage root (tenant ``large_file_config.storage_url`` or the
-  operator's ``attachments_storage_url``), and a local root must lie under an allowed folder;
+- ``storage`` roots are the operator's (services/common/storage_roots.py): a named root the tenant
+  chose (``large_file_config.storage_root``), an admin-set ``storage_url``, or the operator's default;
+  no protocol chains, allowed protocols only, a raw local root under an allowed folder; paths resolve
+  inside the root (symlinks resolved); http(s) roots are fetched through the network policy;
 - sizes are bounded while streaming, never after the fact.
 
 Failures a retry can fix (timeouts, connection errors, 5xx, 408/429) raise
@@ -22,15 +24,17 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import fsspec
 import httpx
 
-from services.common import netpolicy, signed_links
+from services.common import netpolicy, signed_links, storage_roots
 from services.common.crypto import load_secret_box
 from services.common.settings import Settings, get_settings
 from services.sender import pipeline
@@ -103,21 +107,11 @@ def _check_status(status: int, url: str) -> None:
 _safe = netpolicy.safe_url
 
 
-# --- storage (fsspec) -----------------------------------------------------------------------------------
-
-def _is_local(protocol: str | None) -> bool:
-    return protocol in (None, "file", "local")
-
+# --- storage (operator roots; fsspec for object stores) ---------------------------------------------------
 
 def file_roots(settings: Settings) -> list[str]:
-    roots = [r.strip() for r in settings.attachments_file_roots.split(",") if r.strip()]
-    if not roots:
-        roots = [str(settings.state_dir / "files")]
-    if settings.attachments_storage_url:
-        proto, path = fsspec.core.split_protocol(settings.attachments_storage_url)
-        if _is_local(proto):
-            roots.append(path)  # the operator's own storage root is trusted
-    return [os.path.realpath(r) for r in roots]
+    """Local folders an admin-set ``file://`` root may point into."""
+    return storage_roots.allowed_folders(settings)
 
 
 def _within(path: str, root: str) -> bool:
@@ -125,40 +119,68 @@ def _within(path: str, root: str) -> bool:
 
 
 def check_root(root: str, settings: Settings) -> str:
-    """A storage root URL, normalised; a local root must lie under an allowed folder."""
-    proto, path = fsspec.core.split_protocol(root)
-    if _is_local(proto):
-        real = os.path.realpath(path)
-        if not any(_within(real, allowed) for allowed in file_roots(settings)):
-            raise pipeline.PrepareError("storage_url points to a local folder that is not an allowed storage root")
-        return "file://" + real
-    if not path or ".." in path.split("/"):
-        raise pipeline.PrepareError("invalid storage_url")
-    return f"{proto}://{path.rstrip('/')}"
+    """An admin-set raw root URL, normalised: no protocol chains, an allowed protocol, no credentials;
+    a local root under an allowed folder (services/common/storage_roots.py)."""
+    try:
+        return storage_roots.check_raw_root(root, settings)
+    except storage_roots.StorageRootError as exc:
+        raise pipeline.PrepareError(f"storage_url refused: {exc.message}") from None
+
+
+def tenant_root(tenant_id: str, policy: LargeFilePolicy, settings: Settings) -> str | None:
+    """The tenant's storage root URL: the admin-set ``storage_url``, the chosen operator root
+    (``storage_root``), or the operator's ``default`` root (None: no storage)."""
+    cfg = {"storage_url": policy.storage_url, "storage_root": policy.storage_root}
+    try:
+        return storage_roots.tenant_root_url({k: v for k, v in cfg.items() if v is not None}, tenant_id, settings)
+    except storage_roots.StorageRootError as exc:
+        raise pipeline.PrepareError(f"storage refused: {exc.message}") from None
 
 
 def resolve_in_root(root_url: str, storage_path: str) -> str:
     """The full URL of ``storage_path`` (relative to the root, or a URL/absolute path inside it)."""
+    outside = pipeline.PrepareError("attachment storage_path is outside the configured storage")
+    if "::" in storage_path or "\\" in storage_path or any(ord(c) < 32 for c in storage_path):
+        raise outside
     proto, root = fsspec.core.split_protocol(root_url)
     given_proto, given = fsspec.core.split_protocol(storage_path)
     if given_proto is not None and (given_proto != proto and not (_is_local(given_proto) and _is_local(proto))):
-        raise pipeline.PrepareError("attachment storage_path is outside the configured storage")
+        raise outside
     if _is_local(proto):
         candidate = given if given_proto is not None or os.path.isabs(given) else os.path.join(root, given)
         real = os.path.realpath(candidate)
         if not _within(real, root) or real == root:
-            raise pipeline.PrepareError("attachment storage_path is outside the configured storage")
+            raise outside
         return "file://" + real
     rel = given[len(root):] if given_proto is not None and _within(given, root) else given
     if given_proto is not None and rel == given:
-        raise pipeline.PrepareError("attachment storage_path is outside the configured storage")
+        raise outside
     norm = posixpath.normpath("/" + rel.lstrip("/"))
     if ".." in rel.split("/") or norm == "/":
-        raise pipeline.PrepareError("attachment storage_path is outside the configured storage")
+        raise outside
+    if proto in storage_roots.HTTP_PROTOCOLS:
+        norm = quote(norm, safe="/")  # a path, never a query or fragment of the root's server
     return f"{proto}://{root.rstrip('/')}{norm}"
 
 
+def _is_local(protocol: str | None) -> bool:
+    return protocol in (None, "file", "local")
+
+
+def _read_local(path: str, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # resolved already: no symlink swap
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise IsADirectoryError(path)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(limit)
+    return data
+
+
 def _read_url(url: str, limit: int) -> bytes:
+    if url.startswith("file://"):
+        return _read_local(url.removeprefix("file://"), limit)
     with fsspec.open(url, "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
@@ -166,7 +188,19 @@ def _read_url(url: str, limit: int) -> bytes:
     return data
 
 
-async def storage_fetch(url: str, limit: int) -> Fetched:
+async def storage_fetch(url: str, limit: int, net: netpolicy.NetPolicy | None = None) -> Fetched:
+    """Read one stored object. http(s) roots go through the network policy like ``http_url``
+    attachments (every address checked, connection pinned, every redirect checked); object stores
+    (s3/gcs/az) use the endpoint and credentials of the operator's environment."""
+    if "::" in url:
+        raise pipeline.PrepareError("storage refused: protocol chains (::) are not allowed")
+    proto = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if proto in storage_roots.HTTP_PROTOCOLS:
+        if net is None:
+            raise pipeline.PrepareError("storage refused: no network policy for an http(s) root")
+        return await http_fetch("GET", url, limit=limit, policy=net)
+    if proto not in storage_roots.ALLOWED_PROTOCOLS:
+        raise pipeline.PrepareError("storage refused: protocol not allowed")
     try:
         return Fetched(await asyncio.to_thread(_read_url, url, limit))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -178,6 +212,15 @@ async def storage_fetch(url: str, limit: int) -> Fetched:
 
 
 def _write_url(url: str, data: bytes) -> None:
+    if url.startswith("file://"):
+        path = url.removeprefix("file://")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == len(data):
+            return  # content-addressed: a retry finds its earlier upload
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o640)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(fs._parent(path), exist_ok=True)
     if fs.exists(path) and fs.size(path) == len(data):
@@ -193,7 +236,8 @@ class LargeFilePolicy:
     enabled: bool = False
     max_bytes: int = 10 * MB
     action: str = "warn"  # warn | reject | rewrite
-    storage_url: str | None = None
+    storage_url: str | None = None  # admin-set raw root
+    storage_root: str | None = None  # the name of an operator root
     public_base_url: str | None = None
     ttl_days: float = 30.0
 
@@ -217,6 +261,7 @@ class LargeFilePolicy:
             max_bytes=max(1, int(max_mb * MB)),
             action=action if action in ("warn", "reject", "rewrite") else "warn",
             storage_url=cfg.get("storage_url") if isinstance(cfg.get("storage_url"), str) else None,
+            storage_root=cfg.get("storage_root") if isinstance(cfg.get("storage_root"), str) else None,
             public_base_url=cfg.get("public_base_url") if isinstance(cfg.get("public_base_url"), str) else None,
             ttl_days=ttl if ttl > 0 else 30.0,
         )
@@ -341,10 +386,10 @@ async def _fetch_source(ctx: pipeline.SendContext, att: dict[str, Any], limit: i
         url = base.rstrip("/") + ((ctx.tenant or {}).get("client_attachment_path") or DEFAULT_ATTACHMENT_PATH)
         descriptor = {"m": mode, "u": url, "p": att["storage_path"], "a": _auth_descriptor(att)}
     elif mode == "storage":
-        root = policy.storage_url or settings.attachments_storage_url
+        root = tenant_root(tenant_id, policy, settings)
         if not root:
-            raise pipeline.PrepareError("storage attachment but no storage_url is configured")
-        url = resolve_in_root(check_root(root, settings), att["storage_path"])
+            raise pipeline.PrepareError("storage attachment but no storage root is configured")
+        url = resolve_in_root(root, att["storage_path"])
         descriptor = {"m": mode, "u": url}
     else:
         raise pipeline.PrepareError(f"unknown attachment fetch_mode {mode!r}")
@@ -359,7 +404,7 @@ async def _fetch_source(ctx: pipeline.SendContext, att: dict[str, Any], limit: i
     try:
         async with asyncio.timeout(timeout * 2):  # whole fetch, redirects included
             if mode == "storage":
-                fetched = await storage_fetch(url, limit)
+                fetched = await storage_fetch(url, limit, net)
             else:
                 headers, auth = _auth_for(ctx, att)
                 if mode == "http_url":
@@ -414,14 +459,16 @@ async def prepare_attachment(ctx: pipeline.SendContext, att: dict[str, Any]) -> 
 async def _rewrite(ctx: pipeline.SendContext, att: dict[str, Any], data: bytes, policy: LargeFilePolicy,
                    settings: Settings) -> str:
     """Upload to the tenant's storage (content-addressed) and return a signed download link."""
-    root = policy.storage_url or settings.attachments_storage_url
-    if not root:
-        raise pipeline.PrepareError("large_file_config action rewrite needs a storage_url")
     tenant_id = ctx.message["tenant_id"]
+    root = tenant_root(tenant_id, policy, settings)
+    if not root:
+        raise pipeline.PrepareError("large_file_config action rewrite needs a storage root")
+    if root.split("://", 1)[0] in storage_roots.HTTP_PROTOCOLS:
+        raise pipeline.PrepareError("large_file_config action rewrite: an http(s) storage root is read-only")
     digest = hashlib.sha256(data).hexdigest()
     safe_tenant = hashlib.sha256(tenant_id.encode()).hexdigest()[:16]  # tenant ids are not path-safe per se
     name = att["filename"] if att["filename"] not in (".", "..") else "attachment"
-    url = resolve_in_root(check_root(root, settings), f"{safe_tenant}/{digest}/{name}")
+    url = resolve_in_root(root, f"{safe_tenant}/{digest}/{name}")
     try:
         await asyncio.to_thread(_write_url, url, data)
     except (ImportError, ValueError) as exc:
