@@ -159,3 +159,43 @@ async def test_large_file_actions(conf, static: StaticServer, tmp_path: Path) ->
     stored = Path(link.url.removeprefix("file://"))
     assert stored.is_relative_to(store)
     assert stored.read_bytes() == b"x" * 5000  # noqa: ASYNC240  (a test reading one small file)
+
+
+async def test_storage_roots_never_reach_server_files_or_internal_urls(conf, static: StaticServer,
+                                                                       tmp_path: Path) -> None:
+    """Records written before the fix (a tenant-set storage_url) are checked again at fetch time."""
+    for chained in ("simplecache::file:///", "filecache::file:///", "file:///", "memory://x"):
+        tenant = {"large_file_config_json": json.dumps({"storage_url": chained})}
+        with pytest.raises(pipeline.PrepareError, match="refused") as err:
+            await prepare_attachment(ctx(tenant), att("etc/hostname", "storage"))
+        assert not err.value.temporary
+    # an http(s) root is fetched through the network policy: refused for loopback by default ...
+    tenant = {"large_file_config_json": json.dumps({"storage_url": static.url})}
+    conf["allow"] = False
+    with pytest.raises(pipeline.PrepareError, match="non-public"):
+        await prepare_attachment(ctx(tenant), att("doc.pdf", "storage"))
+    assert static.hits("/doc.pdf") == 0
+    # ... and served once the operator allows private networks (the positive control)
+    conf["allow"] = True
+    assert (await prepare_attachment(ctx(tenant), att("doc.pdf", "storage"))).data == PDF
+
+
+async def test_named_operator_root(conf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "srv" / "t1"
+    shared.mkdir(parents=True)
+    (shared / "a.pdf").write_bytes(PDF)
+    base = attachments.get_settings
+
+    def settings() -> Settings:
+        roots = {"shared": f"file://{tmp_path}/srv/{{tenant_id}}",
+                 "vip": {"url": f"file://{tmp_path}/srv", "tenants": []}}
+        return base().model_copy(update={"storage_roots_json": json.dumps(roots)})
+
+    monkeypatch.setattr(attachments, "get_settings", settings)
+    tenant = {"large_file_config_json": json.dumps({"storage_root": "shared"})}
+    assert (await prepare_attachment(ctx(tenant), att("a.pdf", "storage"))).data == PDF
+    with pytest.raises(pipeline.PrepareError, match="outside"):
+        await prepare_attachment(ctx(tenant), att("../t2/a.pdf", "storage"))
+    vip = {"large_file_config_json": json.dumps({"storage_root": "vip"})}
+    with pytest.raises(pipeline.PrepareError, match="refused"):
+        await prepare_attachment(ctx(vip), att("t1/a.pdf", "storage"))

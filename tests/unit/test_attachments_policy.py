@@ -158,3 +158,78 @@ def test_attachment_auth_is_validated_and_encrypted() -> None:
             make(bad)
     with pytest.raises(Rejected, match="not accepted"):
         make({"method": "bearer", "token": "tok"}, encrypt=None)
+
+
+# --- storage roots are operator configuration (services/common/storage_roots.py) -----------------------
+
+def _roots_settings(tmp_path, **kw):
+    from services.common.settings import Settings
+    return Settings(state_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize(("url", "code"), [
+    ("simplecache::file:///", "storage_url_not_allowed"), ("filecache::s3://b/p", "storage_url_not_allowed"),
+    ("file::simplecache::/etc", "storage_url_not_allowed"), ("file:///", "storage_url_not_allowed"),
+    ("/", "storage_url_not_allowed"),
+    ("memory://x", "storage_url_not_allowed"), ("ftp://h/p", "storage_url_not_allowed"),
+    ("github://o:r@main/", "storage_url_not_allowed"), ("s3://AKIA:secret@bucket/p", "credentials_in_url"),
+    ("https://u:p@files.example/x", "credentials_in_url"), ("az://c/p?sig=abc", "credentials_in_url"),
+    ("relative/path", "invalid_storage_url"), ("file://host/etc", "invalid_storage_url"),
+    ("s3://b/../x", "invalid_storage_url")])
+def test_storage_urls_are_refused(url: str, code: str) -> None:
+    from services.common.storage_roots import StorageRootError, normalise
+    with pytest.raises(StorageRootError) as err:
+        normalise(url)
+    assert err.value.code == code
+    assert "secret" not in err.value.message and "sig=" not in err.value.message
+
+
+def test_raw_local_roots_must_lie_under_an_allowed_folder(tmp_path) -> None:
+    from services.common.storage_roots import StorageRootError, check_raw_root
+    s = _roots_settings(tmp_path)
+    (tmp_path / "files" / "acme").mkdir(parents=True)
+    os.symlink("/etc", tmp_path / "files" / "etc-link")
+    assert check_raw_root(f"file://{tmp_path}/files/acme", s) == f"file://{tmp_path}/files/acme"
+    for bad in ("file:///etc", f"file://{tmp_path}", f"file://{tmp_path}/files/../x", f"file://{tmp_path}/files/etc-link"):
+        with pytest.raises(StorageRootError) as err:
+            check_raw_root(bad, s)
+        assert err.value.code == "storage_url_not_allowed"
+
+
+def test_named_roots_placeholder_and_tenant_restriction(tmp_path) -> None:
+    from services.common.storage_roots import StorageRootError, operator_roots, tenant_root_url
+    roots = json.dumps({"shared": "file:///srv/pb/{tenant_id}", "vip": {"url": "s3://bucket/vip", "tenants": ["t1"]}})
+    s = _roots_settings(tmp_path, storage_roots_json=roots, attachments_storage_url="s3://bucket/default")
+    assert set(operator_roots(s)) == {"shared", "vip", "default"}
+    assert tenant_root_url({"storage_root": "shared"}, "t2", s) == "file:///srv/pb/t2"
+    assert tenant_root_url({"storage_root": "vip"}, "t1", s) == "s3://bucket/vip"
+    assert tenant_root_url({}, "t2", s) == "s3://bucket/default"
+    for cfg, tid in (({"storage_root": "vip"}, "t2"), ({"storage_root": "nope"}, "t1")):
+        with pytest.raises(StorageRootError) as err:
+            tenant_root_url(cfg, tid, s)
+        assert err.value.code == "unknown_storage_root"
+    assert tenant_root_url({}, "t1", _roots_settings(tmp_path)) is None  # no default root: no storage
+    bad = _roots_settings(tmp_path, storage_roots_json=json.dumps({"x": "simplecache::file:///srv"}))
+    with pytest.raises(StorageRootError) as err:
+        operator_roots(bad)
+    assert err.value.code == "storage_roots_misconfigured"
+
+
+def test_chained_or_foreign_storage_paths_stay_refused(tmp_path) -> None:
+    base = "file://" + str(tmp_path)
+    for bad in ("simplecache::file:///etc/hostname", "x::y", "a\\..\\..\\etc", "http://127.0.0.1/x"):
+        with pytest.raises(pipeline.PrepareError):
+            resolve_in_root(base, bad)
+    # an http(s) root keeps the path a path: no query or fragment injected into the root's server
+    assert resolve_in_root("https://files.example/pre", "a b?x=1#f") == "https://files.example/pre/a%20b%3Fx%3D1%23f"
+
+
+def test_download_urls_must_be_storage_objects(tmp_path) -> None:
+    from services.common.storage_roots import StorageRootError, check_download_url
+    s = _roots_settings(tmp_path)
+    (tmp_path / "files" / "a").mkdir(parents=True)
+    assert check_download_url(f"file://{tmp_path}/files/a/x.bin", s) == f"file://{tmp_path}/files/a/x.bin"
+    for bad in ("file:///etc/passwd", "simplecache::file:///etc/passwd", "http://169.254.169.254/x",
+                f"file://{tmp_path}/files"):
+        with pytest.raises(StorageRootError):
+            check_download_url(bad, s)
