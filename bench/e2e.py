@@ -43,11 +43,11 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def sender_stages(url: str) -> dict[str, float]:
+def sender_stages(url: str, headers: dict[str, str]) -> dict[str, float]:
     """Mean seconds per send stage, from the sender's Prometheus histogram."""
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers=headers, timeout=10).text.splitlines():
         for suffix, into in (("_sum", sums), ("_count", counts)):
             prefix = f"postbus_sender_stage_seconds{suffix}{{stage=\""
             if line.startswith(prefix):
@@ -56,9 +56,9 @@ def sender_stages(url: str) -> dict[str, float]:
     return {k: round(sums[k] / counts[k] * 1000, 2) for k in sums if counts.get(k)}
 
 
-def sender_counter(url: str, name: str) -> float:
+def sender_counter(url: str, name: str, headers: dict[str, str]) -> float:
     """Sum of a sender counter over all its label sets."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
@@ -131,6 +131,7 @@ def main() -> None:
     try:
         system.start()
         api = system.url("api")
+        internal = {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}  # Prometheus ports
         tenants: list[tuple[str, str]] = []
         with httpx.Client(base_url=api, headers={"X-API-Token": "bench-admin"}, timeout=30) as admin:
             for i in range(args.tenants):
@@ -186,7 +187,7 @@ def main() -> None:
             "tenants": args.tenants,
             "batch": args.batch,
             "temp_fail_rate": args.temp_fail_rate,
-            "deferred_events": sender_counter(system.url("sender"), "gmp_deferred_total"),
+            "deferred_events": sender_counter(system.url("sender"), "gmp_deferred_total", internal),
             "ingest_msg_per_s": round(total / ingest_s, 1),
             "delivered_msg_per_s": round(len(first_arrival) / (last_delivery - t_start), 1),
             "reported_msg_per_s": round(len(report_times) / (last_report - t_start), 1) if report_times else 0,
@@ -195,7 +196,7 @@ def main() -> None:
                 "p99": round(pct(latencies, 99), 3),
                 "mean": round(statistics.fmean(latencies), 3) if latencies else None,
             },
-            "sender_stage_mean_ms": sender_stages(system.url("sender")),
+            "sender_stage_mean_ms": sender_stages(system.url("sender"), internal),
             "missing_at_sink": len(missing),
             "duplicates_at_sink": duplicates,
             "missing_reports": len(unreported),

@@ -151,7 +151,7 @@ class LocalSystem:
         for name in services:
             if name not in SERVICES:
                 raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
-            path = "/health" if name in ("api", "metrics") else "/metrics"
+            path = "/health"  # the only path of every port that needs no credential
             self.services[name] = Service(name, MODULES.get(name, f"services.{name}"), f"http://127.0.0.1:{self.ports[name]}{path}")
 
     # ------------------------------------------------------------------ configuration
@@ -180,7 +180,8 @@ class LocalSystem:
 
     def service_env(self) -> dict[str, str]:
         """The environment every service runs with. Inherited POSTBUS_* variables are dropped so a
-        developer's shell cannot leak into tests; pass them through ``env`` when wanted."""
+        developer's shell cannot leak into tests; pass them through ``env`` when wanted.
+        ``POSTBUS_INTERNAL_TOKEN`` (the internal service credential) is the same for all services."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBUS_")}
         env.update(
             PYTHONUNBUFFERED="1",
@@ -199,6 +200,11 @@ class LocalSystem:
         )
         if self.admin_token:
             env["POSTBUS_ADMIN_TOKEN"] = self.admin_token
+        if "POSTBUS_INTERNAL_TOKEN" not in self.extra_env:
+            # one internal service credential for every service (generated once into the state dir)
+            from services.common.internal_auth import dev_token
+
+            env["POSTBUS_INTERNAL_TOKEN"] = dev_token(self.state_dir)
         # the repo first on the path, whatever is installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         env.update(self.extra_env)

@@ -126,6 +126,12 @@ def new_tenant(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtpServ
         t.http.close()
 
 
+def internal_headers(system: LocalSystem) -> dict[str, str]:
+    """The internal service credential of a test system: the metrics service's routes and the
+    Prometheus ports of sender/reporter/inbound answer 401 without it."""
+    return {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last = None

@@ -1,14 +1,17 @@
-"""Instance config, bounce reload, status, command log and its export."""
+"""Instance config, bounce reload, status, command log and its export, analytics replay."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
 
+import httpx
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
 from services.api import command_log
 from services.api.auth import authenticate, require_admin
@@ -31,6 +34,7 @@ from services.api.state import ApiState
 from services.common.topics import CONFIG_INSTANCE
 
 router = APIRouter()
+log = logging.getLogger("postbus.api.admin")
 
 INSTANCE_KEY = "instance"
 DEFAULT_RETENTION_S = 7 * 86400
@@ -182,3 +186,29 @@ async def export_command_log(
         raise ApiError(503, "command_log_unavailable", f"the command topic cannot be read: {exc}") from exc
     return StreamingResponse(lines, media_type="application/x-ndjson",
                              headers={"Content-Disposition": 'attachment; filename="command-log.ndjson"'})
+
+
+class MetricsReplayIn(BaseModel):
+    confirm: bool = Field(False, description="must be true: the analytics tables are dropped and rebuilt")
+
+
+@router.post("/admin/replay/metrics", tags=["instance"], status_code=202, response_model=Ok,
+             summary="Drop the analytics (ClickHouse) tables and rebuild them from the event log (admin)",
+             responses=errors(400, 401, 403, 422))
+async def replay_metrics(request: Request, body: MetricsReplayIn | None = None) -> Ok:
+    """The operators' only way to the metrics service's internal replay: admin token, explicit
+    ``{"confirm": true}``; the API calls the metrics service with the internal service credential.
+    Progress: ``rows``/``caught_up`` of the metrics service's ingest status."""
+    st = state_of(request)
+    require_admin(authenticate(request, st))
+    if body is None or not body.confirm:
+        raise ApiError(400, "confirmation_required",
+                       'replay drops and rebuilds every analytics table: send {"confirm": true}')
+    try:
+        r = await st.metrics.post("/internal/replay", headers={"X-Postbus-Actor": "admin"}, timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise ApiError(503, "metrics_unavailable", "the metrics service did not answer") from exc
+    if r.status_code != 202:
+        raise ApiError(503, "metrics_unavailable", f"the metrics service answered {r.status_code}")
+    log.info("metrics replay requested by the admin")
+    return Ok()

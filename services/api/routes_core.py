@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.api.auth import authenticate
 from services.api.deps import state_of
-from services.api.gmp_metrics import gmp_text
+from services.api.gmp_metrics import check_access, gmp_text
 from services.api.models import RunNowOut
 
 router = APIRouter()
@@ -22,7 +22,9 @@ async def health(request: Request) -> dict[str, object]:
 
 @router.get("/metrics", tags=["public"], response_class=Response, summary="Prometheus metrics (text format)")
 async def metrics(request: Request) -> Response:
-    body = generate_latest().decode() + await gmp_text(state_of(request))
+    st = state_of(request)
+    check_access(request, st)  # public unless POSTBUS_METRICS_REQUIRE_ADMIN
+    body = generate_latest().decode() + await gmp_text(st)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

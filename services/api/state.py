@@ -1,5 +1,6 @@
 """Everything the API process holds: settings, the command writer, the config views, the
-metrics-service client. Built once at start-up (see app.lifespan) and reached through ``deps``."""
+metrics-service client (which sends the internal service credential on every call). Built once at
+start-up (see app.lifespan) and reached through ``deps``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -16,6 +18,7 @@ from services.api.commands import CommandWriter
 from services.common.apikeys import pepper_from
 from services.common.config_view import ConfigView
 from services.common.crypto import SecretBox, load_secret_box
+from services.common.internal_auth import auth_headers, load_internal_token
 from services.common.settings import Settings
 from services.common.topics import (
     CONFIG_ACCOUNTS,
@@ -64,12 +67,15 @@ class ApiState:
     suspensions: ConfigView | None = None
     # reporter's per-tenant sync status (key tenant_id); see routes_messages_read
     sync_status: ConfigView | None = None
+    # the delivery counters snapshot of the public /metrics (gmp_metrics.CountersSnapshot, made lazily)
+    gmp_snapshot: Any = None
 
     @classmethod
     def build(cls, settings: Settings) -> ApiState:
         box = load_secret_box(settings)
         key_material = settings.secret_key or (Path(settings.state_dir) / "secret.key").read_text()
         bootstrap = settings.kafka_bootstrap
+        internal_token = load_internal_token(settings)  # outside dev mode: no start without it
         return cls(
             settings=settings,
             admin_token=load_admin_token(settings),
@@ -79,7 +85,8 @@ class ApiState:
             tenants=ConfigView(bootstrap, CONFIG_TENANTS, "Tenant"),
             accounts=ConfigView(bootstrap, CONFIG_ACCOUNTS, "Account"),
             apikeys=ConfigView(bootstrap, CONFIG_APIKEYS, "ApiKey"),
-            metrics=httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0),
+            metrics=httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0,
+                                      headers=auth_headers(internal_token)),
             instance=ConfigView(bootstrap, CONFIG_INSTANCE, "Instance"),
             suspensions=ConfigView(bootstrap, CONFIG_SUSPENSIONS, "Suspension"),
             sync_status=ConfigView(bootstrap, STATUS_SYNC, "SyncStatus"),

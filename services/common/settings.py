@@ -163,6 +163,18 @@ class Settings(BaseSettings):
     # (large_file_config.storage_root); attachments_storage_url is the root named "default"
     storage_roots_json: str = "{}"
 
+    # internal service credential (common/internal_auth.py): required on every route of the metrics
+    # service and of the Prometheus ports of sender/reporter/inbound except a bare GET /health, and
+    # sent by every client of the metrics service. Outside dev mode a service refuses to start
+    # without it (at least 16 characters); dev mode generates one into <state_dir>/internal.token.
+    # prometheus_host: listen address of the sender/reporter/inbound Prometheus ports.
+    # The API's public /metrics: delivery counters from a snapshot at most api_metrics_snapshot_s old
+    # (one refresh shared by concurrent scrapes); metrics_require_admin: the admin token is required
+    internal_token: str | None = None
+    prometheus_host: str = "127.0.0.1"
+    api_metrics_snapshot_s: float = Field(5.0, ge=0, le=300)
+    metrics_require_admin: bool = False
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

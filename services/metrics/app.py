@@ -1,6 +1,9 @@
-"""Internal query API of the metrics service (no auth: binds to 127.0.0.1 by default).
+"""Internal query API of the metrics service. Binds to 127.0.0.1 by default (``metrics_host``), and
+every route but ``GET /health`` needs the internal service credential (``POSTBUS_INTERNAL_TOKEN``, as
+``Authorization: Bearer`` or ``X-Internal-Token``; 401 ``internal_auth_required`` otherwise; see
+common/internal_auth.py). Operators replay through the API's admin route ``POST /admin/replay/metrics``.
 
-    GET  /health                                   liveness + ingest connection
+    GET  /health                                   liveness + ingest connection (public)
     GET  /metrics                                  Prometheus text
     GET  /internal/tenants/{tenant_id}/metrics     distinct messages per outcome over ?window=24h|7d|...
                                                    (&group_by=domain|provider: per sending domain / provider)
@@ -12,6 +15,7 @@
     GET  /internal/inbound/resolve                 the message an inbound report is about (tenant+id or pk)
     GET  /internal/inbound/pec-overdue             PEC messages without any receipt (pec_timeout scan)
     GET  /internal/ingest-status                   per-partition next offset, caught_up, rows
+    POST /internal/ingest/wait                     wait until given offsets are loaded (read-your-writes)
     POST /internal/replay                          drop tables, re-read the events topic from 0
 """
 
@@ -27,18 +31,23 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.common.internal_auth import InternalAuthMiddleware, load_internal_token
 from services.common.settings import Settings
 from services.common.topics import EVENTS
-from services.metrics import analytics, inbound_lookup
+from services.metrics import analytics, inbound_lookup, ingest_wait
 from services.metrics.ingest import Ingestor
 from services.metrics.store import AsyncStore, Counts, Store, parse_window
 
 log = logging.getLogger("postbus.metrics.app")
 
 MAX_IDS = 1000
+REQUESTS = PromCounter("postbus_metrics_requests_total",
+                       "Requests answered by the metrics service (after authentication), by route and status",
+                       ["route", "status"])
 
 
 class MetricsSettings(Settings):
@@ -68,7 +77,9 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI:
-    """``store`` lets tests inject an opened store; otherwise the DSN of the settings is opened."""
+    """``store`` lets tests inject an opened store; otherwise the DSN of the settings is opened.
+    Raises MissingInternalToken outside dev mode without POSTBUS_INTERNAL_TOKEN."""
+    token = load_internal_token(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,6 +105,16 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
             log.info("metrics service stopped")
 
     app = FastAPI(title="postbus-metrics (internal)", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+        response: Response = await call_next(request)
+        REQUESTS.labels(getattr(request.scope.get("route"), "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    # added last = outermost: an unauthenticated request never reaches routing, validation, the
+    # store or the request counter
+    app.add_middleware(InternalAuthMiddleware, token=token)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -202,10 +223,14 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
                     "rows": rows, "replaying": False, "connected": False}
         return {**(await ing.status()), "rows": rows}
 
+    @app.post("/internal/ingest/wait")
+    async def ingest_wait_route(request: Request, body: ingest_wait.WaitRequest) -> Any:
+        return await ingest_wait.wait(request.app.state.ingestor, body)
+
     @app.post("/internal/replay", status_code=202)
     async def replay(request: Request) -> dict[str, Any]:
         ing: Ingestor | None = request.app.state.ingestor
-        log.info("replay requested")
+        log.info("replay requested", extra={"requested_by": request.headers.get("x-postbus-actor", "internal")})
         if ing is None:
             await request.app.state.store.reset()
         else:

@@ -29,13 +29,14 @@ from typing import Any
 import faust
 from aiokafka.admin import AIOKafkaAdminClient
 from faust.types import TP
-from prometheus_client import start_http_server
 
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app
+from services.common.http_server import start_metrics_server
+from services.common.internal_auth import load_internal_token
 from services.common.settings import get_settings
 from services.common.topics import (
     COMMANDS,
@@ -81,6 +82,7 @@ def _tenant(tenant_id: str) -> dict[str, Any] | None:
 
 
 _box = load_secret_box(settings)
+load_internal_token(settings)  # outside dev mode: no start without POSTBUS_INTERNAL_TOKEN
 
 
 def _decrypt(token: str | None) -> str | None:
@@ -270,7 +272,7 @@ async def _restore_sync_status() -> None:
 async def _start_reporter() -> None:
     global _view, _admin
     try:
-        start_http_server(settings.reporter_metrics_port)
+        start_metrics_server(settings, settings.reporter_metrics_port)  # /metrics needs the internal token
     except OSError as exc:
         log.error("metrics port unavailable", extra={"port": settings.reporter_metrics_port, "error": str(exc)})
     _view = ConfigView(

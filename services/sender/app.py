@@ -15,13 +15,12 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app, table_put
+from services.common.http_server import start_metrics_server
 from services.common.settings import get_settings
 from services.common.topics import (
     COMMANDS,
@@ -341,7 +340,8 @@ def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
         return cached[1]
     target = make_target(account_key, account["host"], account["port"], account.get("user"),
                          box.decrypt(account.get("password_enc")), account.get("use_tls"),
-                         account.get("tls_verify", True) is not False, account.get("ca_bundle_pem"))
+                         account.get("tls_verify", True) is not False, account.get("ca_bundle_pem"),
+                         allow_insecure_auth=account.get("allow_insecure_auth") is True)
     _targets[account_key] = (account["updated_ts"], target)
     return target
 
@@ -567,7 +567,7 @@ async def _shutdown(app: Any, **kwargs: Any) -> None:
 def main() -> None:
     from services.common.faust_support import run_worker
 
-    start_http_server(settings.sender_metrics_port, addr="127.0.0.1")
+    start_metrics_server(settings, settings.sender_metrics_port)  # /metrics needs the internal token
     run_worker(app, "sender", settings.log_level)
 
 from services.sender import dkim_sign as _dkim_sign  # noqa: E402, F401  DKIM transform (needs `app`: imported last)

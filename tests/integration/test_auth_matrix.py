@@ -77,6 +77,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/instance/reload-bounce"): Route("admin"),
     ("GET", "/command-log"): Route("admin", query={"limit": "1"}),
     ("GET", "/command-log/export"): Route("admin", query=T),
+    # without {"confirm": true} the admin gets 400 confirmation_required (no replay of the shared
+    # system here; test_durability.py replays through this route and checks the rebuild)
+    ("POST", "/admin/replay/metrics"): Route("admin", body={}, overrides={"admin": 400}),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/metrics"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/status"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/config"): Route("smtp"),

@@ -10,7 +10,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.supervisor import LocalSystem
-from tests.conftest import Tenant, wait_until
+from tests.conftest import ADMIN_TOKEN, Tenant, internal_headers, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 
 CONNECTIONS_PER_ACCOUNT = 8  # services.common.settings default: the sender's in-flight bound per account
@@ -55,7 +55,7 @@ def test_replay_rebuilds_identical_metrics(system: LocalSystem, new_tenant) -> N
     t: Tenant = new_tenant()
     msgs = [t.message(f"p-{i}") for i in range(5)] + [t.message("p-bad", to=["reject@example.test"])]
     assert t.http.post("/commands/add-messages", json={"messages": msgs}).json()["queued"] == 6
-    metrics = httpx.Client(base_url=system.url("metrics"), timeout=30)
+    metrics = httpx.Client(base_url=system.url("metrics"), headers=internal_headers(system), timeout=30)
 
     def snapshot() -> dict[str, dict]:
         out = {}
@@ -66,8 +66,10 @@ def test_replay_rebuilds_identical_metrics(system: LocalSystem, new_tenant) -> N
 
     before = wait_until(lambda: (s := snapshot())["24h"]["sent"] == 5 and s["24h"]["error"] == 1 and s,
                         what="metrics before replay")
-    r = metrics.post("/internal/replay")
-    assert r.status_code == 202
+    # operators replay through the API's admin route, which calls the metrics service's internal one
+    r = httpx.post(system.url("api") + "/admin/replay/metrics", json={"confirm": True},
+                   headers={"X-API-Token": ADMIN_TOKEN}, timeout=30)
+    assert r.status_code == 202, r.text
     empty = snapshot()["24h"]
     assert empty["sent"] <= 5  # tables were dropped: counting starts again from offset 0
 

@@ -8,7 +8,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Tenant, wait_until
+from tests.conftest import Tenant, internal_headers, wait_until
 from tests.support.smtp_server import RecordingSmtpServer
 
 HOLD_WAIT_S = 4.0  # how long "nothing arrives" is watched; the pipeline sends in well under a second
@@ -190,7 +190,7 @@ def test_sender_exports_gmp_counters_at_zero_for_every_account(system, new_tenan
     want = {"tenant_id": t.id, "account_id": t.account_id}
 
     def samples() -> dict[str, float]:
-        text = httpx.get(system.url("sender") + "/metrics", timeout=10).text
+        text = httpx.get(system.url("sender") + "/metrics", headers=internal_headers(system), timeout=10).text
         return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                 if s.labels == want or s.name == "gmp_pending_messages"}
 

@@ -32,6 +32,8 @@ from services.metrics.store import Store
 pytestmark = pytest.mark.integration
 
 BOOTSTRAP = os.environ.get("POSTBUS_METRICS_TEST_KAFKA", "127.0.0.1:19192")
+INTERNAL_TOKEN = "ingest-test-internal-" + uuid.uuid4().hex
+INTERNAL = {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -85,6 +87,7 @@ class MetricsProcess:
             "POSTBUS_KAFKA_BOOTSTRAP": BOOTSTRAP,
             "POSTBUS_METRICS_PORT": str(self.port),
             "POSTBUS_METRICS_BATCH_MS": "100",
+            "POSTBUS_INTERNAL_TOKEN": INTERNAL_TOKEN,
             "PYTHONPATH": str(REPO),
         }
         log = self.log_path.open("ab")
@@ -182,7 +185,7 @@ async def test_ingest_restart_replay_and_sigterm(
 
     service.start()
     await service.wait_ready()
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=service.url, headers=INTERNAL, timeout=30) as c:
         status = await wait_caught_up(c, min_rows=127)
         assert await tenant_metrics(c, tenant) == expected
         assert (await tenant_metrics(c, other))["sent"] == 7
@@ -214,7 +217,7 @@ async def test_ingest_restart_replay_and_sigterm(
     # restart on the same ClickHouse path: resumes from stored offsets, nothing counted twice
     service.start()
     await service.wait_ready()
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=service.url, headers=INTERNAL, timeout=30) as c:
         status = await wait_caught_up(c)
         assert await tenant_metrics(c, tenant) == {**expected, "sent": 110, "delivered": 110}
 
@@ -234,7 +237,7 @@ async def test_ingest_restart_replay_and_sigterm(
     store.close()
     service.start()
     await service.wait_ready()
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=service.url, headers=INTERNAL, timeout=30) as c:
         rebuilt = await wait_caught_up(c, min_rows=after_replay["rows"])
         assert rebuilt["partitions"] == after_replay["partitions"]
         assert {t: await tenant_metrics(c, t) for t in (tenant, other)} == before

@@ -67,8 +67,13 @@ def test_messages_travel_to_smtp_and_reports_reach_the_client(new_tenant, smtp: 
     assert data["window"] == "24h"
 
     # the seed's Prometheus series on the public /metrics, labelled by tenant and account
-    text = httpx.get(f"{t.http.base_url}/metrics").text
     labels = f'{{tenant_id="{t.id}",account_id="main"}}'
+    # served from a snapshot refreshed every few seconds (POSTBUS_API_METRICS_SNAPSHOT_S)
+    def scrape() -> str | None:
+        text = httpx.get(f"{t.http.base_url}/metrics").text
+        return text if f"gmp_sent_total{labels} 2.0" in text else None
+
+    text = wait_until(scrape, timeout=15, what="the /metrics snapshot")
     assert f"gmp_sent_total{labels} 2.0" in text
     assert f"gmp_errors_total{labels} 1.0" in text
     assert f"gmp_deferred_total{labels} 0.0" in text and f"gmp_rate_limited_total{labels} 0.0" in text

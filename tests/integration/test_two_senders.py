@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem, free_port
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, internal_headers, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
 
@@ -54,7 +54,8 @@ def two_senders() -> Iterator[tuple[LocalSystem, str]]:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     second = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _up(second) or proc.poll() is not None, 120, what="second sender")
+        wait_until(lambda: _up(second, internal_headers(sys_)) or proc.poll() is not None, 120,
+                   what="second sender")
         assert proc.poll() is None, "the second sender exited"
         yield sys_, second
     finally:
@@ -71,15 +72,15 @@ def two_senders() -> Iterator[tuple[LocalSystem, str]]:
             shutil.rmtree(state, ignore_errors=True)
 
 
-def _up(url: str) -> bool:
+def _up(url: str, headers: dict[str, str]) -> bool:
     try:
-        return httpx.get(f"{url}/metrics", timeout=2).status_code == 200
+        return httpx.get(f"{url}/metrics", headers=headers, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def _sent_total(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _sent_total(url: str, headers: dict[str, str]) -> float:
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gmp_sent_total{"))
 
 
@@ -128,7 +129,8 @@ def test_two_senders_never_double_send_and_share_one_rate_limit(two_senders, smt
         assert max(windows.values()) == 50 and all(n <= 50 for n in windows.values()), windows
 
         # both instances did part of the work
-        first, other = _sent_total(system.url("sender")), _sent_total(second)
+        headers = internal_headers(system)
+        first, other = _sent_total(system.url("sender"), headers), _sent_total(second, headers)
         assert first + other >= 600 and first > 0 and other > 0, (first, other)
     finally:
         for c in clients:

@@ -126,8 +126,8 @@ def test_internal_api_contracts(store: Store) -> None:
     from services.metrics.app import MetricsSettings, create_app
 
     scenario(store)
-    app = create_app(MetricsSettings(metrics_ingest=False), store=store)
-    with TestClient(app) as client:
+    app = create_app(MetricsSettings(metrics_ingest=False, internal_token="unit-internal-token"), store=store)
+    with TestClient(app, headers={"X-Internal-Token": "unit-internal-token"}) as client:
         r = client.get("/internal/messages", params={"tenant_id": "t-a", "include_history": "true"})
         assert r.status_code == 200
         body = r.json()

@@ -210,8 +210,9 @@ async def test_concurrent_calls_from_threads_are_safe(store: Store) -> None:
 
 @pytest.fixture
 def api(store: Store) -> Iterator[tuple[TestClient, Store]]:
-    settings = MetricsSettings(metrics_ingest=False, kafka_bootstrap="127.0.0.1:1")
-    with TestClient(create_app(settings, store=store)) as client:
+    token = "unit-internal-token"
+    settings = MetricsSettings(metrics_ingest=False, kafka_bootstrap="127.0.0.1:1", internal_token=token)
+    with TestClient(create_app(settings, store=store), headers={"Authorization": f"Bearer {token}"}) as client:
         yield client, store
 
 

@@ -10,11 +10,11 @@ import logging
 import signal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client import start_http_server
 
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
+from services.common.http_server import start_metrics_server
 from services.common.logs import setup_logging
 from services.common.settings import get_settings
 from services.common.topics import COMMANDS, CONFIG_INSTANCE, IMAP_POSITION
@@ -70,7 +70,7 @@ async def main() -> None:
     tasks = [asyncio.create_task(poller.run(), name="imap-poller"),
              asyncio.create_task(watch_reloads(settings.kafka_bootstrap, poller), name="reloads"),
              asyncio.create_task(pec_timeout.run(inbound, settings), name="pec-timeout")]
-    start_http_server(settings.inbound_metrics_port, addr="127.0.0.1")
+    start_metrics_server(settings, settings.inbound_metrics_port)  # /metrics needs the internal token
     log.info("inbound ready", extra={"smtp_port": settings.inbound_smtp_port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

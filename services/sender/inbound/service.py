@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
 from services.common.avro import codec
+from services.common.internal_auth import auth_headers, load_internal_token
 from services.common.settings import Settings
 from services.common.topics import EVENTS, INBOUND_RAW
 from services.sender.inbound.classify import analyse
@@ -41,7 +42,9 @@ class Inbound:
         self.settings = settings
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
                                          max_request_size=max(1_048_576, settings.inbound_max_message_bytes + 65536))
-        self.http = httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0)
+        # the metrics service's internal routes need the service credential (refuses to start without)
+        self.http = httpx.AsyncClient(base_url=settings.metrics_url, timeout=10.0,
+                                      headers=auth_headers(load_internal_token(settings)))
 
     async def start(self) -> None:
         await self.producer.start()
