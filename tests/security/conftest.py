@@ -8,8 +8,10 @@ Tests that need no particular network policy use the session ``system`` of ``tes
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,10 +25,18 @@ from tests.support.smtp_server import RecordingSmtpServer
 ALLOWED_HOST = "127.0.0.2"  # the operator-listed internal network (loopback alias on Linux)
 
 
+def storage_roots(state: Path) -> str:
+    """The operator's named storage roots: one folder per tenant, and one no tenant may choose."""
+    return json.dumps({"shared": f"file://{state}/roots/{{tenant_id}}",
+                       "vip": {"url": f"file://{state}/roots/vip", "tenants": []}})
+
+
 @pytest.fixture(scope="session")
 def secure_system() -> Iterator[LocalSystem]:
-    with running_system(fresh_state("secure"), ADMIN_TOKEN, kafka_heap="256m", env={
+    state = fresh_state("secure")
+    with running_system(state, ADMIN_TOKEN, kafka_heap="256m", env={
         "POSTBUS_ALLOW_PRIVATE_NETWORKS": "false",
+        "POSTBUS_STORAGE_ROOTS_JSON": storage_roots(state),  # test_storage_roots.py
         "POSTBUS_ALLOWED_PRIVATE_NETWORKS": f"{ALLOWED_HOST}/32",
         "POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
         "POSTBUS_REPORTER_RETRY_MAX_S": "2",
