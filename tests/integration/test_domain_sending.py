@@ -103,10 +103,12 @@ def test_mail_from_a_verified_domain_is_dkim_signed_and_counted_once(
 
 @pytest.mark.parametrize("enforcement", ["hard", "soft"])
 def test_sender_applies_the_domain_quota(new_tenant: Callable[..., Tenant], smtp: RecordingSmtpServer,
-                                         enforcement: str) -> None:
+                                         admin: httpx.Client, enforcement: str) -> None:
     t = new_tenant()
     name = domain()
-    r = t.http.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 2, "outbound_enforcement": enforcement})
+    assert t.http.put(f"/domains/{name}/outbound", json={}).status_code == 200  # the tenant registers it
+    # quotas and enforcement are the operator's (services/api/field_policy.py)
+    r = admin.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 2, "outbound_enforcement": enforcement})
     assert r.status_code == 200, r.text
     for i in (1, 2):
         send(t, f"q-{i}", f"app@{name}")
@@ -118,7 +120,7 @@ def test_sender_applies_the_domain_quota(new_tenant: Callable[..., Tenant], smtp
         assert mail_of(smtp, t.id, "q-3") is None
         assert outbound(t, name)["outbound_sent_today"] == 2
         # the limit lifted: mail goes again
-        assert t.http.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 0}).status_code == 200
+        assert admin.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 0}).status_code == 200
         send(t, "q-4", f"app@{name}")
         wait_until(lambda: mail_of(smtp, t.id, "q-4"), timeout=60, what="q-4 sent")
     else:  # soft: sent and counted (billed) over the limit
@@ -145,7 +147,7 @@ def _event(t: Tenant, name: str, etype: str, i: int, ts: int, **kw: Any) -> dict
 
 
 def test_bounce_rate_suspends_the_domain_with_evidence(system: LocalSystem, new_tenant: Callable[..., Tenant],
-                                                      smtp: RecordingSmtpServer) -> None:
+                                                      smtp: RecordingSmtpServer, admin: httpx.Client) -> None:
     t = new_tenant()
     name = domain()
     assert t.http.put(f"/domains/{name}/outbound", json={}).status_code == 200
@@ -175,10 +177,14 @@ def test_bounce_rate_suspends_the_domain_with_evidence(system: LocalSystem, new_
     report = wait_until(lambda: final_report(t, "after-suspension"), timeout=60, what="refused")
     assert "error_ts" in report and report["error"].startswith("outbound_suspended"), report
     assert mail_of(smtp, t.id, "after-suspension") is None
-    r = t.http.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 1000})
+    r = admin.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 1000})
     assert r.json()["outbound_status"] == "suspended"
-    # re-activated by the tenant: the evidence goes, mail flows again
+    # the tenant cannot lift its own suspension (admin-only field) ...
     r = t.http.put(f"/domains/{name}/outbound", json={"outbound_status": "active"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only_field", r.text
+    assert outbound(t, name)["outbound_status"] == "suspended"
+    # ... the operator re-activates it: the evidence goes, mail flows again
+    r = admin.put(f"/domains/{name}/outbound", json={"outbound_status": "active"})
     assert r.json()["outbound_status"] == "active"
     wait_until(lambda: outbound(t, name)["suspension_evidence"] is None, timeout=60, what="evidence cleared")
     send(t, "after-activation", f"app@{name}")
