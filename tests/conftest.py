@@ -25,7 +25,7 @@ from infra.supervisor import LocalSystem
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-" + uuid.uuid4().hex
 SUPPORT_TOKEN = "support-" + uuid.uuid4().hex  # scopes smtp:read + tenant:read
 SUPPORT_NARROW_TOKEN = "support-narrow-" + uuid.uuid4().hex  # scope smtp:read only

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-Answer = tuple[int, Any]  # (status, JSON body or bytes)
+Answer = tuple[int, Any] | tuple[int, Any, dict[str, str]]  # (status, JSON body or bytes[, extra headers])
 
 
 @dataclass
@@ -174,10 +174,13 @@ class ClientApp:
             authorized=self._authorized(headers),
             status=0,
         )
+        extra: dict[str, str] = {}
         if not req.authorized:
             status, payload = 401, {"error": "unauthorized"}
         else:
-            status, payload = self._answer(req)
+            answer = self._answer(req)
+            status, payload = answer[0], answer[1]
+            extra = answer[2] if len(answer) > 2 else {}  # type: ignore[misc]
         req.status = status
         with self._cond:
             self._requests.append(req)
@@ -187,6 +190,8 @@ class ClientApp:
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(data)))
+        for name, value in extra.items():
+            h.send_header(name, value)
         h.end_headers()
         h.wfile.write(data)
 
