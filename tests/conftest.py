@@ -49,7 +49,9 @@ def fresh_state(name: str) -> Path:
 def running_system(state: Path, admin_token: str, env: dict[str, str],
                    kafka_heap: str = "256m") -> Iterator[LocalSystem]:
     """A whole system (own broker, topics, services) on free ports; for the session, and for the test
-    modules whose settings differ from the session's."""
+    modules whose settings differ from the session's. Test servers listen on loopback, so private
+    targets are allowed unless ``env`` says otherwise (tests/security runs the production policy)."""
+    env = {"POSTBUS_ALLOW_PRIVATE_NETWORKS": "1", **env}
     sys_ = LocalSystem.with_free_ports(state, admin_token=admin_token, kafka_heap=kafka_heap, env=env)
     sys_.start()
     try:
@@ -69,6 +71,8 @@ def system() -> Iterator[LocalSystem]:
         # SES webhook tests (test_ses_webhook.py): their test CA and HTTPS server on localhost
         "POSTBUS_SNS_CA_FILE": str(state / "sns-test-ca.pem"),
         "POSTBUS_SNS_CERT_HOST_PATTERN": r"^(sns\.[a-z0-9-]+\.amazonaws\.com|localhost:\d+)$",
+        # IMAP bounce poller (test_bounces.py): the test dovecot's certificate, written there by the test
+        "POSTBUS_INBOUND_IMAP_CA_FILE": str(state / "imap-test-ca.pem"),
         "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ALLOW_PRIVATE_NETWORKS": "1",
     }) as sys_:
         yield sys_

@@ -98,11 +98,15 @@ class AccountIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str = Field(..., pattern=ID_PATTERN)
     tenant_id: str | None = Field(None, description="defaults to the calling tenant")
-    host: str = Field(..., min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.\-:\[\]]+$")
+    host: str = Field(..., min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.\-:\[\]]+$", description=(
+        "SMTP server name or address; loopback/private/link-local addresses are refused (422 "
+        "host_not_allowed) unless the operator's network policy allows them"))
     port: int = Field(587, ge=1, le=65535)
     user: str | None = Field(None, max_length=320)
     password: str | None = Field(None, max_length=1000, description="write-only; never returned")
-    use_tls: bool | None = Field(None, description="true: implicit TLS; false: plain; null: STARTTLS if offered")
+    use_tls: bool | None = Field(None, description=(
+        "true: implicit TLS; false: plain; null: STARTTLS if offered. With a user, AUTH is only sent "
+        "over TLS: STARTTLS is required (also with false) unless allow_insecure_auth"))
     batch_size: int | None = Field(None, ge=1, le=10000)
     limit_per_minute: int | None = Field(None, ge=0, le=INT32_MAX)
     limit_per_hour: int | None = Field(None, ge=0, le=INT32_MAX)
@@ -113,6 +117,9 @@ class AccountIn(BaseModel):
     tls_verify: bool = Field(True, description="verify the server certificate; false is an explicit opt-out")
     ca_bundle_pem: CaBundlePem | None = Field(None, max_length=MAX_PEM_CHARS, description=(
         "extra CA certificates (PEM) trusted for this account's TLS, on top of the system CAs"))
+    allow_insecure_auth: bool = Field(False, description=(
+        "explicit opt-in: send the password even when the connection is not encrypted (no TLS, no "
+        "STARTTLS offered); default false: such a message fails and no AUTH is sent"))
 
 
 class Ok(BaseModel):
@@ -220,6 +227,7 @@ class AccountOut(BaseModel):
     max_connections: int | None = None
     tls_verify: bool = True
     ca_bundle_pem: str | None = None
+    allow_insecure_auth: bool = False
     created_at: str
     updated_at: str
 

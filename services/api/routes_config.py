@@ -16,6 +16,7 @@ from services.api.models import AccountIn, ClientAuth, Ok, TenantCreated, Tenant
 from services.api.state import account_key
 from services.common.apikeys import new_api_key
 from services.common.crypto import SecretBox
+from services.common.netpolicy import NetPolicy
 from services.common.topics import CONFIG_ACCOUNTS, CONFIG_APIKEYS, CONFIG_TENANTS
 
 router = APIRouter()
@@ -113,6 +114,9 @@ async def upsert_account(body: AccountIn, request: Request) -> Ok:
         raise ApiError(400, "missing_tenant_id", "tenant_id is required with the admin token")
     if st.tenants.get(tenant_id) is None:
         raise ApiError(404, "tenant_not_found", f"tenant {tenant_id!r} does not exist")
+    refusal = NetPolicy.from_settings(st.settings).host_refusal(body.host)  # the sender checks again
+    if refusal:
+        raise ApiError(422, "host_not_allowed", f"host {refusal}")
     now = int(time.time() * 1000)
     key = account_key(tenant_id, body.id)
     previous = st.accounts.get(key)
@@ -134,6 +138,7 @@ async def upsert_account(body: AccountIn, request: Request) -> Ok:
         "max_connections": body.max_connections,
         "tls_verify": body.tls_verify,
         "ca_bundle_pem": body.ca_bundle_pem,
+        "allow_insecure_auth": body.allow_insecure_auth,
         "created_ts": previous["created_ts"] if previous else now,
         "updated_ts": now,
     }

@@ -124,6 +124,17 @@ class NetPolicy:
             return "points to the server itself (localhost)"
         return None
 
+    def host_refusal(self, host: str) -> str | None:
+        """:meth:`literal_refusal` for a bare host name or address (an SMTP account's ``host``, IPv6
+        with or without brackets); None: acceptable before resolution (the connection is checked again)."""
+        h = host.strip()
+        if h.startswith("[") and h.endswith("]"):
+            h = h[1:-1]
+        if not h or any(c in h for c in "/?#@[] "):
+            return "is not a valid host name"
+        why = self.literal_refusal(f"http://[{h}]/" if ":" in h else f"http://{h}/")
+        return "is not a valid host name" if why in ("not a valid URL", "has no host") else why
+
     async def resolve(self, host: str, port: int) -> str:
         """The address to connect to; every address the name resolves to must be allowed."""
         addresses = await self.resolver(host, port)

@@ -175,6 +175,24 @@ class Settings(BaseSettings):
     api_metrics_snapshot_s: float = Field(5.0, ge=0, le=300)
     metrics_require_admin: bool = False
 
+    # wire credentials and unbounded input (sender/smtp_pool, inbound/imap_poller, api/body_limit,
+    # api/message_validation, sender/prepare_mime): sender_allow_insecure_auth lets every account send
+    # AUTH over an unencrypted SMTP connection (default: only an account with allow_insecure_auth);
+    # the IMAP bounce poller verifies certificates against the system CAs plus inbound_imap_ca_file
+    # and never sends LOGIN in clear unless inbound_imap_allow_plaintext_login; request bodies are
+    # capped before parsing (api_max_body_bytes, webhook/public POST routes api_max_webhook_body_bytes);
+    # attachments per message: count, and total decoded size of inline (base64) content, which travels
+    # in the command record (the broker's default record limit is 1 MiB; big files go by URL/storage);
+    # the sender's attachment bytes being prepared at once (sender_attachments_inflight_bytes)
+    sender_allow_insecure_auth: bool = False
+    inbound_imap_ca_file: str | None = None
+    inbound_imap_allow_plaintext_login: bool = False
+    api_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    api_max_webhook_body_bytes: int = Field(1024 * 1024, ge=1024)
+    messages_max_attachments: int = Field(20, ge=0)
+    messages_max_attachment_bytes: int = Field(512 * 1024, ge=0)
+    sender_attachments_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

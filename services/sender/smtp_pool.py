@@ -3,7 +3,18 @@
 TLS: implicit (``use_tls`` true, or port 465 when unset), STARTTLS when offered (unset), or plain
 (false). Certificates are verified by default against the system CAs plus the optional
 ``sender_ca_bundle`` and the account's own ``ca_bundle_pem``; only an account with ``tls_verify``
-false, or listed in ``sender_tls_insecure_accounts``, skips verification. Each account has its own
+false, or listed in ``sender_tls_insecure_accounts``, skips verification.
+
+Credentials: AUTH (the account's password) is only sent over TLS. An account with a ``user`` whose
+connection is not implicit TLS upgrades with STARTTLS (also when ``use_tls`` is false); a server
+that does not offer it (or an attacker who stripped it) fails the message with
+:class:`InsecureAuthRefused` before any AUTH, unless the account sets ``allow_insecure_auth`` or
+the operator ``sender_allow_insecure_auth``.
+
+Network policy: the account's host is tenant input. It is resolved through
+:class:`services.common.netpolicy.NetPolicy` (every address must be allowed) and the session
+connects to the checked address, with the configured host name for TLS (SNI and certificate); a
+refused target fails the message with :class:`TargetRefused`. Each account has its own
 pool of ``max_connections`` sessions (one per sender worker; the setting's default when unset).
 Timeouts: connect, each command, and the whole transaction are separate settings. A process-wide
 semaphore caps the SMTP transactions running at once (``sender_max_concurrent_smtp``)."""
@@ -12,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -20,6 +32,7 @@ from typing import Any
 
 import aiosmtplib
 
+from services.common.netpolicy import NetPolicy, Refused, Unreachable
 from services.common.settings import get_settings
 
 log = logging.getLogger("postbus.sender.smtp")
@@ -39,20 +52,31 @@ class SmtpTarget:
     ca_pem: str | None = None  # the account's extra CAs (PEM text)
     connect_timeout_s: float = 15.0
     send_timeout_s: float = 300.0
+    allow_insecure_auth: bool = False  # the account's (or the operator's) opt-in to AUTH without TLS
 
     def __repr__(self) -> str:  # never the password, even in a traceback
         return f"SmtpTarget({self.host}:{self.port}, user={self.user!r}, use_tls={self.use_tls})"
 
 
+class InsecureAuthRefused(Exception):
+    """AUTH would go over an unencrypted connection (no TLS, no STARTTLS offered): permanent."""
+
+
+class TargetRefused(Exception):
+    """The network policy refuses the account's SMTP host: permanent."""
+
+
 def make_target(account_key: str, host: str, port: int, user: str | None, password: str | None,
-                use_tls: bool | None, tls_verify: bool = True, ca_pem: str | None = None) -> SmtpTarget:
+                use_tls: bool | None, tls_verify: bool = True, ca_pem: str | None = None,
+                allow_insecure_auth: bool = False) -> SmtpTarget:
     """The account's target with the process's TLS and timeout settings."""
     s = get_settings()
     return SmtpTarget(host=host, port=port, user=user, password=password, use_tls=use_tls,
                       timeout_s=s.sender_command_timeout_s, ehlo_name=s.sender_ehlo_name,
                       validate_certs=tls_verify and verify_certs(account_key), ca_bundle=s.sender_ca_bundle,
                       ca_pem=ca_pem or None,
-                      connect_timeout_s=s.sender_connect_timeout_s, send_timeout_s=s.sender_send_timeout_s)
+                      connect_timeout_s=s.sender_connect_timeout_s, send_timeout_s=s.sender_send_timeout_s,
+                      allow_insecure_auth=bool(allow_insecure_auth) or s.sender_allow_insecure_auth)
 
 
 def verify_certs(account_key: str) -> bool:
@@ -82,6 +106,32 @@ def tls_context(validate: bool, ca_bundle: str | None, ca_pem: str | None = None
     return ctx
 
 
+async def open_checked_socket(host: str, port: int, timeout_s: float) -> socket.socket:
+    """A TCP socket connected to ``host``'s address as checked by the network policy (every address
+    the name resolves to must be allowed; no second resolution)."""
+    policy = NetPolicy.from_settings(get_settings())
+    try:
+        ip = await asyncio.wait_for(policy.resolve(host, port), timeout_s)
+    except Refused as exc:
+        raise TargetRefused(f"SMTP host refused by the network policy: {exc}") from None
+    except Unreachable as exc:
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from None
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout_s)
+    except TimeoutError:
+        sock.close()
+        raise aiosmtplib.SMTPConnectTimeoutError(f"Timed out connecting to {host} on port {port}") from None
+    except OSError as exc:
+        sock.close()
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 _slots: asyncio.Semaphore | None = None
 
 
@@ -106,19 +156,41 @@ class Connection:
     async def _connect(self) -> aiosmtplib.SMTP:
         t = self.target
         implicit = t.use_tls is True or (t.use_tls is None and t.port == 465)
+        sock = await open_checked_socket(t.host, t.port, t.connect_timeout_s)
         client = aiosmtplib.SMTP(
-            hostname=t.host,
-            port=t.port,
+            hostname=t.host,  # the configured name: TLS SNI and certificate check
+            sock=sock,  # connected to the address the network policy checked
             use_tls=implicit,
-            start_tls=False if (t.use_tls is False or implicit) else None,
+            start_tls=False,  # decided below, once the server's extensions are known
             timeout=t.timeout_s,
             local_hostname=t.ehlo_name,
             validate_certs=t.validate_certs,
             tls_context=tls_context(t.validate_certs, t.ca_bundle, t.ca_pem),
         )
         try:
-            await asyncio.wait_for(client.connect(), t.connect_timeout_s)
+            try:
+                await asyncio.wait_for(client.connect(), t.connect_timeout_s)
+            except BaseException:
+                sock.close()
+                raise
+            encrypted = implicit
+            if not implicit:
+                # STARTTLS when offered (use_tls unset), and always before a password unless the
+                # account opted in to AUTH in clear
+                wants_tls = t.use_tls is None or (bool(t.user) and not t.allow_insecure_auth)
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()  # an SMTP (not ESMTP) server: no extensions, no STARTTLS
+                if wants_tls and client.supports_extension("starttls"):
+                    await client.starttls()
+                    encrypted = True
             if t.user:
+                if not encrypted and not t.allow_insecure_auth:
+                    raise InsecureAuthRefused(
+                        f"{t.host}:{t.port} offers no STARTTLS (or it was stripped): the account's password "
+                        "is never sent over an unencrypted connection; use a TLS port (use_tls true), "
+                        "fix the server, or opt in with the account's allow_insecure_auth")
                 await client.login(t.user, t.password or "")
         except BaseException:
             client.close()

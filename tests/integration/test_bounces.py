@@ -139,7 +139,9 @@ def test_imap_poller_reads_dsns_from_a_real_dovecot_mailbox(system: LocalSystem,
         t.message("i-1", to=["a@example.test"]), t.message("i-2", to=["b@example.test"])]}).status_code == 200
     h1, h2 = _sent_headers(smtp, t.id, "i-1"), _sent_headers(smtp, t.id, "i-2")
     wait_until(lambda: _report(t, "i-2", "sent_ts"), timeout=60, what="sent report")
-    with DovecotServer() as imap:
+    # STARTTLS with a test certificate the sender trusts (POSTBUS_INBOUND_IMAP_CA_FILE of the session)
+    with DovecotServer(tls=True) as imap:
+        (system.state_dir / "imap-test-ca.pem").write_bytes(imap.cert_path.read_bytes())
         imap.append(_dsn(h1, "a@example.test", "5.1.1", "550 5.1.1 user unknown").encode())
         r = admin.put("/instance", json={"bounce": {
             "enabled": True, "imap_host": imap.host, "imap_port": imap.port, "imap_user": imap.user,
@@ -149,6 +151,8 @@ def test_imap_poller_reads_dsns_from_a_real_dovecot_mailbox(system: LocalSystem,
         try:
             rep = wait_until(lambda: _report(t, "i-1", "bounce_ts"), timeout=60, what="bounce from IMAP")
             assert rep["bounce_type"] == "hard" and rep["bounce_code"] == "5.1.1"
+            # the poller logged in over TLS (the server's own readiness check logs in without)
+            assert any("Login: user=" in line and ", TLS" in line for line in imap.log_text().splitlines())
             # a later message in the same mailbox: read once, the first one is not read again
             imap.append(_dsn(h2, "b@example.test", "5.1.2", "550 5.1.2 no such domain").encode())
             assert admin.post("/instance/reload-bounce").status_code == 200

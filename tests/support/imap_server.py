@@ -1,5 +1,8 @@
 """A real IMAP server for tests: Debian's dovecot on loopback with a throwaway configuration in a
 temporary directory (plain auth allowed on loopback, one passwd-file user, maildir storage).
+``tls=True``: STARTTLS offered with a self-signed certificate for 127.0.0.1/localhost made at start
+(``cert_path``: the PEM a client must trust); plaintext LOGIN stays allowed by the server, so a
+client's refusal to use it is its own.
 
     with DovecotServer() as imap:
         imap.append(b"From: ...")   # into INBOX of imap.user
@@ -23,7 +26,7 @@ state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{d}/mail/%u
@@ -61,7 +64,9 @@ def _free_port() -> int:
 
 
 class DovecotServer:
-    def __init__(self, user: str = "bounces", password: str = "imap-secret") -> None:
+    def __init__(self, user: str = "bounces", password: str = "imap-secret", *, tls: bool = False) -> None:
+        self.tls = tls
+        self.cert_path: Path | None = None
         self.host = "127.0.0.1"
         self.port = _free_port()
         self.user = user
@@ -79,7 +84,14 @@ class DovecotServer:
         (d / "mail").mkdir()
         shutil.chown(d / "mail", "nobody", "nogroup")
         (d / "passwd").write_text(f"{self.user}:{{PLAIN}}{self.password}\n")
-        (d / "dovecot.conf").write_text(CONF.format(d=d, port=self.port))
+        ssl_conf = "ssl = no"
+        if self.tls:
+            from tests.support.smtp_server import make_self_signed_cert
+
+            (d / "tls").mkdir()
+            self.cert_path, key_path = make_self_signed_cert(d / "tls", "imap.test")
+            ssl_conf = f"ssl = yes\nssl_cert = <{self.cert_path}\nssl_key = <{key_path}"
+        (d / "dovecot.conf").write_text(CONF.format(d=d, port=self.port, ssl=ssl_conf))
         self._dir = d
         self._proc = subprocess.Popen(["dovecot", "-F", "-c", str(d / "dovecot.conf")], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -100,6 +112,13 @@ class DovecotServer:
             m.login(self.user, self.password)
             typ, data = m.append(mailbox, None, None, raw)
             assert typ == "OK", data
+
+    def log_text(self) -> str:
+        """dovecot's log so far (``imap-login: Login: user=<...>`` for every successful LOGIN)."""
+        try:
+            return (self._dir / "dovecot.log").read_text(errors="replace") if self._dir else ""
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self._proc is not None:

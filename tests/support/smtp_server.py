@@ -205,6 +205,7 @@ class RecordingSmtpServer:
         self._rejected: list[tuple[ReceivedMessage, str]] = []
         self._rcpts: list[RcptAttempt] = []
         self.auth_failures = 0
+        self.auth_attempts = 0  # every AUTH PLAIN/LOGIN exchange the server saw, right or wrong
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> RecordingSmtpServer:
@@ -284,6 +285,8 @@ class RecordingSmtpServer:
 
     # ---------------------------------------------------------------- records
     def _authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        with self._cond:
+            self.auth_attempts += 1
         if isinstance(auth_data, LoginPassword) and self.auth is not None:
             user = auth_data.login.decode("utf-8", "replace")
             password = auth_data.password.decode("utf-8", "replace")
@@ -333,6 +336,7 @@ class RecordingSmtpServer:
             self._rejected.clear()
             self._rcpts.clear()
             self.auth_failures = 0
+            self.auth_attempts = 0
 
     def wait_for(
         self,

@@ -4,7 +4,13 @@ with the stdlib ``imaplib`` in a worker thread, hands each to :class:`Inbound`, 
 position durably: UIDVALIDITY + last UID per mailbox as a compacted record on
 ``postbus.inbound.imap-position``, written after each message is processed. Messages are fetched
 with ``BODY.PEEK[]`` (the mailbox is not modified). A ``bounce.reload`` command or a change of the
-instance config makes it reconnect with the new settings at once."""
+instance config makes it reconnect with the new settings at once.
+
+TLS: port 993 is implicit TLS; any other port upgrades with STARTTLS when the server offers it.
+Certificates are always verified (system CAs plus ``inbound_imap_ca_file``, host name checked). The
+password never goes over an unencrypted connection: a server without STARTTLS is refused before
+LOGIN (:class:`PlaintextLoginRefused`) unless the operator sets
+``inbound_imap_allow_plaintext_login``."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import contextlib
 import imaplib
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +27,7 @@ from typing import Any
 from services.common.avro import codec
 from services.common.config_view import ConfigView
 from services.common.crypto import SecretBox
+from services.common.settings import get_settings
 from services.common.topics import IMAP_POSITION
 from services.sender.inbound.service import Inbound
 
@@ -37,6 +45,11 @@ class ImapConfig:
     password: str | None
     mailbox: str
     interval_s: float
+    ca_file: str | None = None  # extra CA certificates (PEM file) trusted on top of the system's
+    allow_plaintext_login: bool = False  # the operator's explicit opt-in to LOGIN without TLS
+
+    def __repr__(self) -> str:  # never the password, even in a traceback
+        return f"ImapConfig({self.key})"
 
     @property
     def key(self) -> str:
@@ -46,6 +59,7 @@ class ImapConfig:
 def config_from(instance: dict[str, Any] | None, box: SecretBox) -> ImapConfig | None:
     if not instance or not instance.get("bounce_enabled") or not instance.get("bounce_imap_host"):
         return None
+    settings = get_settings()
     return ImapConfig(
         host=instance["bounce_imap_host"],
         port=int(instance.get("bounce_imap_port") or 993),
@@ -53,7 +67,43 @@ def config_from(instance: dict[str, Any] | None, box: SecretBox) -> ImapConfig |
         password=box.decrypt(instance.get("bounce_imap_password_enc")),
         mailbox=instance.get("bounce_mailbox") or "INBOX",
         interval_s=float(max(1, instance.get("bounce_poll_interval_seconds") or 60)),
+        ca_file=settings.inbound_imap_ca_file or None,
+        allow_plaintext_login=settings.inbound_imap_allow_plaintext_login,
     )
+
+
+class PlaintextLoginRefused(RuntimeError):
+    """The IMAP server offers no TLS: the password is not sent."""
+
+
+def tls_context(cfg: ImapConfig) -> ssl.SSLContext:
+    """A verifying context: system CAs plus the configured CA file, host name checked."""
+    ctx = ssl.create_default_context()
+    if cfg.ca_file:
+        ctx.load_verify_locations(cafile=cfg.ca_file)
+    return ctx
+
+
+def connect(cfg: ImapConfig, timeout_s: float = 30.0) -> imaplib.IMAP4:
+    """An IMAP session ready for LOGIN: TLS (implicit on 993, else STARTTLS), verified; without TLS
+    only when nothing secret will be sent or the operator allowed plaintext login."""
+    ctx = tls_context(cfg)
+    if cfg.port == 993:
+        return imaplib.IMAP4_SSL(cfg.host, cfg.port, ssl_context=ctx, timeout=timeout_s)
+    imap = imaplib.IMAP4(cfg.host, cfg.port, timeout=timeout_s)
+    try:
+        if "STARTTLS" in imap.capabilities:
+            imap.starttls(ssl_context=ctx)
+        elif cfg.user and not cfg.allow_plaintext_login:
+            raise PlaintextLoginRefused(
+                f"IMAP server {cfg.host}:{cfg.port} offers no STARTTLS (or it was stripped): the password "
+                "is never sent over an unencrypted connection; use port 993 (implicit TLS) or enable "
+                "STARTTLS on the server (operator opt-out: POSTBUS_INBOUND_IMAP_ALLOW_PLAINTEXT_LOGIN)")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            imap.shutdown()
+        raise
+    return imap
 
 
 def start_uid(position: dict[str, Any] | None, uidvalidity: int) -> int:
@@ -74,8 +124,7 @@ def new_uids(search_data: list[bytes | None], last_uid: int) -> list[int]:
 def fetch_new(cfg: ImapConfig, position: dict[str, Any] | None, timeout_s: float = 30.0
               ) -> tuple[int, list[tuple[int, bytes]]]:
     """Blocking: connect, select read-only, return (uidvalidity, [(uid, raw message)]) after the position."""
-    cls = imaplib.IMAP4_SSL if cfg.port == 993 else imaplib.IMAP4
-    imap = cls(cfg.host, cfg.port, timeout=timeout_s)
+    imap = connect(cfg, timeout_s)
     try:
         if cfg.user:
             imap.login(cfg.user, cfg.password or "")
