@@ -71,10 +71,15 @@ def check_large_file_config(cfg: dict[str, Any] | None, tenant_id: str, settings
         return
     check_public_base_url(cfg.get("public_base_url"))
     if cfg.get("storage_url") is not None:
+        field = "large_file_config.storage_url"
         try:
-            storage_roots.check_raw_root(cfg["storage_url"], settings)
+            root = storage_roots.check_raw_root(cfg["storage_url"], settings)
         except storage_roots.StorageRootError as exc:
-            raise _refuse(exc.code, "large_file_config.storage_url", exc.message) from None
+            raise _refuse(exc.code, field, exc.message) from None
+        if root.split("://", 1)[0] in storage_roots.HTTP_PROTOCOLS:  # fetched through the network policy
+            why = NetPolicy.from_settings(settings).literal_refusal(root)
+            if why is not None:
+                raise _refuse("url_not_allowed", field, why)
     if cfg.get("storage_root") is not None:
         try:
             storage_roots.check_root_name(cfg["storage_root"], tenant_id, settings)

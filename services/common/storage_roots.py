@@ -52,6 +52,14 @@ class Root:
         return self.tenants is None or tenant_id in self.tenants
 
 
+_IPV6_HOST = re.compile(r"^(https?://)\[[0-9A-Fa-f:.]+\]", re.IGNORECASE)
+
+
+def has_chain(url: str) -> bool:
+    """An fsspec protocol chain (``a::b://``): ``::`` anywhere but in an http(s) IPv6 host literal."""
+    return "::" in _IPV6_HOST.sub(r"\1", url)
+
+
 def parse_url(url: Any) -> tuple[str, str]:
     """``(protocol, rest)`` of a storage root URL; ``rest`` of a file root is an absolute path.
     Raises :class:`StorageRootError` (messages never repeat the URL: it may hold a secret)."""
@@ -59,7 +67,7 @@ def parse_url(url: Any) -> tuple[str, str]:
         raise StorageRootError("invalid_storage_url", "the storage URL is empty")
     if len(url) > 2000 or any(ord(c) < 32 or ord(c) == 127 for c in url) or "\\" in url:
         raise StorageRootError("invalid_storage_url", "the storage URL holds control characters or backslashes")
-    if "::" in url:
+    if has_chain(url):
         raise StorageRootError("storage_url_not_allowed", "protocol chains (::) are not allowed in storage URLs")
     if "://" in url:
         proto, rest = url.split("://", 1)

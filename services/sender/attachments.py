@@ -192,7 +192,7 @@ async def storage_fetch(url: str, limit: int, net: netpolicy.NetPolicy | None = 
     """Read one stored object. http(s) roots go through the network policy like ``http_url``
     attachments (every address checked, connection pinned, every redirect checked); object stores
     (s3/gcs/az) use the endpoint and credentials of the operator's environment."""
-    if "::" in url:
+    if storage_roots.has_chain(url):
         raise pipeline.PrepareError("storage refused: protocol chains (::) are not allowed")
     proto = url.split("://", 1)[0].lower() if "://" in url else "file"
     if proto in storage_roots.HTTP_PROTOCOLS:

@@ -233,3 +233,10 @@ def test_download_urls_must_be_storage_objects(tmp_path) -> None:
                 f"file://{tmp_path}/files"):
         with pytest.raises(StorageRootError):
             check_download_url(bad, s)
+
+
+def test_an_ipv6_http_root_is_not_a_protocol_chain() -> None:
+    from services.common.storage_roots import has_chain, normalise
+    assert normalise("http://[::1]:8080/pre/") == "http://[::1]:8080/pre"  # the network policy decides
+    assert not has_chain("https://[2001:db8::1]/x")
+    assert has_chain("http://[::1]/a::b") and has_chain("s3://[::1]/x") and has_chain("simplecache::file:///")
