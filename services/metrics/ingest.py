@@ -91,6 +91,8 @@ class Ingestor:
         self._replay_requests: list[asyncio.Future[None]] = []
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # set (and replaced) whenever ``positions`` moves: wakes the read-your-writes waiters
+        self._progress = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def _load_positions(self) -> dict[TP, int]:
@@ -205,6 +207,7 @@ class Ingestor:
             self.positions = {p: 0 for p in self.positions}
             self.rows_ingested = 0
             self.replaying = True
+            self._advanced()  # waiters learn that a replay runs
             self._replay_started = time.monotonic()
             if self.consumer is not None:
                 assigned = list(self.consumer.assignment())
@@ -304,6 +307,7 @@ class Ingestor:
             for topic in {t for t, _ in moved}:
                 await self.store.store_offsets(topic, {p: o for (t, p), o in moved.items() if t == topic})
             self.positions.update(moved)
+            self._advanced()
             try:
                 await self.consumer.commit(
                     {TopicPartition(t, p): OffsetAndMetadata(o, "") for (t, p), o in moved.items()}
@@ -342,6 +346,32 @@ class Ingestor:
             )
         elif rows or dead:
             log.debug("batch ingested", extra={"rows": rows, "dead_letters": dead})
+
+    # -- read-your-writes --------------------------------------------------------------------------
+    def _advanced(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def reached(self, targets: dict[TP, int]) -> bool:
+        """Every (topic, partition) loaded into ClickHouse up to (excluding) its target offset."""
+        return all(target <= 0 or self.positions.get(tp, 0) >= target for tp, target in targets.items())
+
+    async def wait_for(self, targets: dict[TP, int], timeout_s: float) -> str:
+        """Wait until :meth:`reached`; "reached", or why not: "replaying" (a replay is rebuilding the
+        tables: fail fast), "timeout"."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.reached(targets):
+            if self.replaying or self._replay_requests:
+                return "replaying"
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return "timeout"
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                return "reached" if self.reached(targets) else "timeout"
+        return "reached"
 
     # -- status ----------------------------------------------------------------------------------
     async def caught_up(self, timeout_s: float = 3.0) -> bool:

@@ -9,7 +9,13 @@ is needed for exact answers, and a replay from offset 0 rebuilds the same state.
 
 Ordering: commands are keyed by tenant, so one tenant's commands share a partition and their
 offsets order them. ``seq = offset * SEQ_STRIDE + index in the command`` orders submissions; a mark
-hides the submissions with a smaller seq (a message re-submitted after a delete is visible again).
+hides the submissions with a smaller seq (a message re-submitted after a delete is visible again),
+except that a delete mark does not hide a submission the sender had already finished (sent, error,
+rejected: the sender deletes pending messages only).
+
+Sent is final per id: the sender never sends an id twice, so when an earlier submission of an id was
+sent, a later one (accepted before the API could see the send, or overtaking it in flight) shows that
+send, not a pending message that will never go out.
 """
 
 from __future__ import annotations
@@ -219,8 +225,9 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
         ) AS r ON e.event_id = r.event_id
         GROUP BY e.mid, e.epk
     """
+    # per id: the newest delete mark, the newest cleanup / tenant-delete mark, the newest mark's time
     marks_sql = f"""
-        SELECT id, max(seq), max(ts_ms) FROM message_marks
+        SELECT id, maxIf(seq, kind = 'deleted'), maxIf(seq, kind != 'deleted'), max(ts_ms) FROM message_marks
         WHERE tenant_id = {{t:String}} AND (id = ''{" OR id IN {ids:Array(String)}" if ids is not None else " OR 1"})
         GROUP BY id
     """
@@ -228,8 +235,11 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
         subs = store._client.query(subs_sql, parameters=params).result_rows
         evs = store._client.query(events_sql, parameters=params).result_rows
         marks = store._client.query(marks_sql, parameters=params).result_rows
-    mark_by_id = {r[0]: (int(r[1]), int(r[2])) for r in marks}
-    tenant_mark = mark_by_id.pop("", (-1, -1))
+    # id -> (delete mark seq, cleanup / tenant-delete mark seq, newest mark ms); 0 = none
+    mark_by_id = {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in marks}
+    no_mark = (-1, -1, -1)
+    tenant_mark = mark_by_id.pop("", no_mark)
+    tenant_hide_seq, tenant_ms = max(tenant_mark[0], tenant_mark[1]), tenant_mark[2]
     groups: dict[str, dict[str, tuple[Any, ...]]] = {}
     for row in evs:
         groups.setdefault(row[0], {})[row[1]] = row
@@ -240,11 +250,22 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
         sub = {"pk": r[1], "account_id": r[2], "priority": int(r[3]), "batch_code": r[4],
                "deferred_ms": int(r[5]), "accepted_ms": int(r[6]), "subject": r[7], "from_addr": r[8],
                "to_addrs": list(r[9])}
-        mark_seq = max(mark_by_id.get(mid, (-1, -1))[0], tenant_mark[0])
-        if mark_seq > seq:
-            continue
+        delete_seq, hide_seq, _ = mark_by_id.get(mid, no_mark)
+        if max(hide_seq, tenant_hide_seq) > seq:
+            continue  # cleaned up, or its tenant deleted
         st = MessageState(mid, sub["pk"], tenant_id, sub, "pending", seq)
-        ev = groups.get(mid, {}).get(sub["pk"])
+        by_pk = groups.get(mid, {})
+        ev = by_pk.get(sub["pk"])
+        if ev is None or not ev[10]:
+            # the sender never sends an id twice: a sent earlier submission is the id's outcome,
+            # whatever was queued after it (ignored by the sender as already sent, or overtaken
+            # while that send was in flight). Never "pending forever".
+            earlier = [row for pk, row in by_pk.items() if pk != sub["pk"] and row[10] and int(row[2]) > tenant_ms]
+            if earlier:
+                ev = max(earlier, key=lambda row: int(row[2]))
+                st.pk = ev[1]
+        if delete_seq > seq and not (ev is not None and (ev[10] or ev[11] or ev[12])):
+            continue  # deleted; unless the sender had already finished it (it deletes pending ones only)
         if ev is None and sub["deferred_ms"] > now_ms:
             st.status = "deferred"  # not sent before deferred_ts
         _apply_events(st, ev)
@@ -256,7 +277,7 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
         if mid in known:
             continue
         ev = max(by_pk.values(), key=lambda row: row[6])
-        mark_ms = max(mark_by_id.get(mid, (-1, -1))[1], tenant_mark[1])
+        mark_ms = max(mark_by_id.get(mid, no_mark)[2], tenant_mark[2])
         if mark_ms >= int(ev[6]):
             continue
         st = MessageState(mid, ev[1], tenant_id, None, "pending", 0)
