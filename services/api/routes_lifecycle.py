@@ -2,7 +2,9 @@
 
 suspend/activate write the tenant's new ``Suspension`` record on ``postbus.config.suspensions``
 in one transaction with the command; the sender follows both. delete/cleanup ask the metrics
-service's message projection which ids qualify and append one command the sender applies."""
+service's message projection which ids qualify, once it has loaded the tenant's partitions up to
+their end offsets at request time (read-your-writes, ``projection.py``), and append one command the
+sender applies."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from services.api.auth import authenticate, scope_tenant
 from services.api.commands import Actor, ConfigRecord
 from services.api.deps import state_of
 from services.api.errors import ApiError
+from services.api.projection import ALL_TOPICS, STATE_TOPICS, ProjectionUnavailable, wait_for_tenant
 from services.api.state import ApiState
 from services.common.topics import CONFIG_SUSPENSIONS
 from services.sender import suspension
@@ -137,12 +140,12 @@ async def _metrics_post(st: ApiState, path: str, body: dict[str, Any]) -> dict[s
         r = await st.metrics.post(path, json=body)
     except httpx.HTTPError as exc:
         log.warning("metrics service unreachable", extra={"path": path, "error": str(exc)})
-        raise ApiError(503, "metrics_unavailable", "the message projection is unavailable; retry later") from None
+        raise ProjectionUnavailable("the message projection is unavailable; retry later") from None
     if r.status_code == 404:
         return None
     if r.status_code != 200:
         log.warning("metrics service error", extra={"path": path, "status": r.status_code})
-        raise ApiError(503, "metrics_unavailable", "the message projection is unavailable; retry later")
+        raise ProjectionUnavailable("the message projection is unavailable; retry later")
     data = r.json()
     return data if isinstance(data, dict) else {}
 
@@ -153,24 +156,32 @@ async def _append_ids(st: ApiState, ctype: str, tid: str, actor: Actor, route: s
                                  for chunk in chunks])
 
 
+_UNAVAILABLE = {503: {"description": "projection_unavailable: the message projection is down, replaying, or did "
+                                     "not reach the tenant's latest writes within projection_wait_timeout_s; "
+                                     "nothing was changed"}}
+
+
 @router.post("/commands/delete-messages", tags=["commands"], response_model=DeleteMessagesOut,
-             responses={**_ERRORS, 503: {"description": "metrics_unavailable"}},
+             responses={**_ERRORS, **_UNAVAILABLE},
              summary="Remove pending messages from the queue by id")
 async def delete_messages(body: DeleteMessagesIn, request: Request, tenant_id: str | None = _TENANT) -> Any:
     st = state_of(request)
     actor, tid = _tenant(request, st, tenant_id)
     ids = list(dict.fromkeys(body.ids))  # dedupe, keep order
+    if not ids:
+        return DeleteMessagesOut(removed=0, not_found=[], unauthorized=[])
+    # read-your-writes: the projection has every submission, delete and outcome of the tenant
+    # written before this request, so pending / final / unknown are exact as of now
+    await wait_for_tenant(st, tid, STATE_TOPICS)
     found = await _metrics_post(st, "/internal/messages/lookup", {"tenant_id": tid, "ids": ids}) or {}
     pending = set(found.get("pending") or ())
     final = set(found.get("final") or ())
     others = set(found.get("other_tenants") or ()) - pending - final
     not_found = [i for i in ids if i not in pending and i not in final and i not in others]
-    # the projection may lag the queue: ids it does not know yet are deleted too if the sender has
-    # them pending (its keys are per tenant, so another tenant's message cannot be touched)
-    targets = [i for i in ids if i in pending or i in not_found]
+    targets = [i for i in ids if i in pending]
     if targets:
         await _append_ids(st, "messages.delete", tid, actor, "POST /commands/delete-messages", targets)
-    return DeleteMessagesOut(removed=sum(1 for i in ids if i in pending), not_found=not_found,
+    return DeleteMessagesOut(removed=len(targets), not_found=not_found,
                              unauthorized=[i for i in ids if i in others])
 
 
@@ -181,13 +192,14 @@ def _retention_s(st: ApiState) -> int:
 
 
 @router.post("/commands/cleanup-messages", tags=["commands"], response_model=CleanupMessagesOut,
-             responses={**_ERRORS, 503: {"description": "metrics_unavailable"}},
+             responses={**_ERRORS, **_UNAVAILABLE},
              summary="Remove fully reported messages older than the retention")
 async def cleanup_messages(request: Request, body: CleanupMessagesIn | None = None,
                            tenant_id: str | None = _TENANT) -> Any:
     st = state_of(request)
     actor, tid = _tenant(request, st, tenant_id)
     older = body.older_than_seconds if body and body.older_than_seconds is not None else _retention_s(st)
+    await wait_for_tenant(st, tid, ALL_TOPICS)  # read-your-writes: every outcome and acknowledgement so far
     found = await _metrics_post(st, "/internal/messages/cleanup", {"tenant_id": tid, "older_than_seconds": older})
     ids = [str(i) for i in (found or {}).get("ids") or ()]
     await _append_ids(st, "messages.cleanup", tid, actor, "POST /commands/cleanup-messages", ids)

@@ -21,6 +21,7 @@ from services.api.message_validation import (
     validate_message,
 )
 from services.api.models import AddMessagesIn, AddMessagesOut
+from services.api.projection import SENT_TOPICS, wait_for_tenant
 from services.api.state import ApiState, account_key
 
 log = logging.getLogger("postbus.api.messages")
@@ -30,9 +31,15 @@ COMMAND_CHUNK = 200  # messages per command record: keeps records well under the
 
 
 async def _already_sent(st: ApiState, tenant_id: str, ids: list[str]) -> set[str]:
-    """Ids of this tenant that were already sent, from the metrics service's projection. The
-    sender enforces the same rule from its own table, so a metrics outage degrades to that."""
+    """Ids of this tenant that were already sent, from the metrics service's projection, once it has
+    loaded every delivery event of the tenant written before this call (so an id whose sent report
+    the client already has is always found). The sender's table is the authority and enforces the
+    same rule: when the projection is unavailable or slower than ``projection_sent_check_wait_s``,
+    or the id is being sent at this very moment, the message is accepted, the sender ignores the
+    resubmission and the listing shows the original send (``status: sent``), never a pending one."""
     try:
+        if st.settings.projection_sent_check_wait_s > 0:
+            await wait_for_tenant(st, tenant_id, SENT_TOPICS, timeout_s=st.settings.projection_sent_check_wait_s)
         r = await st.metrics.post("/internal/sent-ids", json={"tenant_id": tenant_id, "ids": ids})
         r.raise_for_status()
         return set(r.json().get("sent", []))

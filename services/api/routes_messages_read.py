@@ -1,7 +1,9 @@
 """GET /messages and GET /tenants/sync-status: reads served by projections.
 
 Messages come from the metrics service's message projection (ClickHouse: submissions from the
-command topic, delivery events, report acknowledgements); sync status from the reporter's compacted
+command topic, delivery events, report acknowledgements), read only once the projection has loaded
+the tenant's partitions up to their end offsets at request time (``projection.py``: a client sees
+its own writes, 503 ``projection_unavailable`` otherwise); sync status from the reporter's compacted
 ``postbus.status.sync`` records joined with the tenants view."""
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.api.auth import authenticate, require_admin, scope_tenant
 from services.api.deps import state_of
 from services.api.errors import ApiError
+from services.api.projection import ALL_TOPICS, ProjectionUnavailable, wait_for_tenant
 
 log = logging.getLogger("postbus.api.messages_read")
 router = APIRouter()
@@ -82,7 +85,7 @@ class SyncStatusOut(BaseModel):
 
 
 def _unavailable() -> ApiError:
-    return ApiError(503, "metrics_unavailable", "the message projection (metrics service) is not reachable")
+    return ProjectionUnavailable("the message projection (metrics service) is not reachable; retry later")
 
 
 @router.get(
@@ -93,7 +96,8 @@ def _unavailable() -> ApiError:
     responses={
         400: {"description": "admin call without tenant_id"},
         401: {"description": "missing/invalid token, or another tenant's id (tenant_mismatch)"},
-        503: {"description": "the metrics service is not reachable"},
+        503: {"description": "projection_unavailable: the message projection is down, replaying, or did not "
+                             "reach the tenant's latest writes within projection_wait_timeout_s"},
     },
 )
 async def list_messages(
@@ -109,6 +113,7 @@ async def list_messages(
     tid = scope_tenant(actor, tenant_id or None)
     if not tid:
         raise ApiError(400, "missing_tenant_id", "tenant_id is required with the admin token")
+    await wait_for_tenant(st, tid, ALL_TOPICS)  # read-your-writes
     try:
         r = await st.metrics.get("/internal/messages", params={
             "tenant_id": tid, "active_only": str(active_only).lower(),

@@ -193,6 +193,15 @@ class Settings(BaseSettings):
     messages_max_attachment_bytes: int = Field(512 * 1024, ge=0)
     sender_attachments_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
 
+    # read-your-writes of the message projection (api/projection.py): GET /messages, delete-messages
+    # and cleanup-messages wait until the metrics service has loaded the tenant's partitions up to
+    # their end offsets at request time, at most projection_wait_timeout_s, else 503
+    # projection_unavailable; add-messages waits at most projection_sent_check_wait_s for the
+    # tenant's delivery events before its "already sent" check (after it: accepted, the sender's
+    # own guard decides and the listing shows the original send)
+    projection_wait_timeout_s: float = Field(10.0, gt=0, le=120)
+    projection_sent_check_wait_s: float = Field(3.0, ge=0, le=120)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
