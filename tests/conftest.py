@@ -73,6 +73,7 @@ def system() -> Iterator[LocalSystem]:
         "POSTBUS_SNS_CERT_HOST_PATTERN": r"^(sns\.[a-z0-9-]+\.amazonaws\.com|localhost:\d+)$",
         # IMAP bounce poller (test_bounces.py): the test dovecot's certificate, written there by the test
         "POSTBUS_INBOUND_IMAP_CA_FILE": str(state / "imap-test-ca.pem"),
+        "POSTBUS_SNS_TOPIC_ARNS": "arn:aws:sns:eu-west-1:123456789012:ses",  # sns_server.TOPIC
         "POSTBUS_LOG_LEVEL": "INFO", "POSTBUS_ALLOW_PRIVATE_NETWORKS": "1",
     }) as sys_:
         yield sys_

@@ -202,6 +202,14 @@ class Settings(BaseSettings):
     projection_wait_timeout_s: float = Field(10.0, gt=0, le=120)
     projection_sent_check_wait_s: float = Field(3.0, ge=0, le=120)
 
+    # SES feedback over SNS (api/routes_webhooks.py, common/sns.py): sns_topic_arns (above) must list
+    # the topics; a message whose signed Timestamp is older than sns_max_age_s or ahead of this
+    # clock by more than sns_clock_skew_s is refused, and so is a MessageId seen within that window
+    # (per API process, at most sns_replay_cache_size ids)
+    sns_max_age_s: int = Field(3600, ge=60, le=7 * 86400)
+    sns_clock_skew_s: int = Field(300, ge=0, le=3600)
+    sns_replay_cache_size: int = Field(200_000, ge=1000, le=10_000_000)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

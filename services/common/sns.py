@@ -3,7 +3,13 @@
 The signing certificate is fetched from ``SigningCertURL`` only if that URL is https on a host the
 configured pattern allows (default: ``sns.<region>.amazonaws.com``), and cached per URL. The same
 rule guards ``SubscribeURL`` before a subscription is confirmed. Tests configure the host pattern
-and a CA bundle (``POSTBUS_SNS_CERT_HOST_PATTERN``, ``POSTBUS_SNS_CA_FILE``)."""
+and a CA bundle (``POSTBUS_SNS_CERT_HOST_PATTERN``, ``POSTBUS_SNS_CA_FILE``).
+
+A valid signature only proves that *some* AWS account's topic sent the message. The caller also
+checks (services/api/routes_webhooks.py): the ``TopicArn`` against the operator's list
+(:func:`allowed_topics`; none configured = nothing accepted), the signed ``Timestamp`` against a
+maximum age and clock skew (:func:`check_timestamp`), and the ``MessageId`` against a
+:class:`ReplayCache` of the ids seen within that window."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import base64
 import binascii
 import re
 import ssl
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +39,90 @@ CACHE_SIZE = 64
 
 class SnsError(Exception):
     """The message is not a genuine SNS message (or its certificate cannot be had)."""
+
+
+class StaleMessage(SnsError):
+    """The message's signed Timestamp is missing, too old or too far in the future."""
+
+
+def allowed_topics(setting: str) -> frozenset[str]:
+    """The topic ARNs of ``POSTBUS_SNS_TOPIC_ARNS`` (comma-separated); empty = no topic is accepted."""
+    return frozenset(a.strip() for a in (setting or "").split(",") if a.strip())
+
+
+def parse_timestamp(value: Any) -> float:
+    """SNS ``Timestamp`` (ISO 8601, ``2024-01-01T10:00:00.000Z``) -> POSIX seconds."""
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise StaleMessage("Timestamp missing")
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise StaleMessage("Timestamp is not ISO 8601") from exc
+    if ts.tzinfo is None:
+        raise StaleMessage("Timestamp has no time zone")
+    return ts.timestamp()
+
+
+def check_timestamp(msg: dict[str, Any], max_age_s: float, skew_s: float, now: float | None = None) -> float:
+    """The message's Timestamp (POSIX seconds) if it is at most ``max_age_s`` old and at most
+    ``skew_s`` ahead of ``now``; else :class:`StaleMessage`. (SNS retries a failed delivery with the
+    original Timestamp, so ``max_age_s`` must exceed the topic's retry period.)"""
+    ts = parse_timestamp(msg.get("Timestamp"))
+    now = time.time() if now is None else now
+    if ts < now - max_age_s:
+        raise StaleMessage(f"Timestamp is older than {int(max_age_s)} s")
+    if ts > now + skew_s:
+        raise StaleMessage("Timestamp is in the future")
+    return ts
+
+
+class ReplayCache:
+    """The SNS MessageIds seen by this process within the Timestamp window, bounded.
+
+    ``reserve`` claims an id (False: seen before, or being handled right now); ``release`` gives it
+    back when handling failed, so SNS's own retry of the same message is accepted. An id is kept until
+    its Timestamp leaves the window (after that the Timestamp check refuses it anyway). Beyond
+    ``max_entries`` the ids closest to expiry are dropped first, and ``overflowed`` counts them.
+
+    Per process: several API processes each keep their own ids, so a replay that reaches another
+    process within the window is not recognised here. Such a replay can only repeat the feedback of
+    the same recipients of the same message (their suppression is idempotent and the analytics
+    count a message once), but the outbound domain's bounce/complaint counters and the tenant's
+    reports would see it again: route SNS to one API process when that matters."""
+
+    def __init__(self, max_age_s: float, skew_s: float, max_entries: int = 200_000) -> None:
+        self.window_s = max_age_s + skew_s
+        self.max_entries = max_entries
+        self.overflowed = 0
+        self._ids: OrderedDict[str, float] = OrderedDict()  # id -> expiry (POSIX seconds)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _expire(self, now: float) -> None:
+        # insertion order is nearly expiry order (Timestamps arrive roughly in order): stop at the first
+        # live entry; a late one is dropped on a later call
+        while self._ids:
+            key, expiry = next(iter(self._ids.items()))
+            if expiry > now:
+                break
+            del self._ids[key]
+
+    def reserve(self, message_id: str, timestamp: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        self._expire(now)
+        expiry = self._ids.get(message_id)
+        if expiry is not None and expiry > now:
+            return False
+        self._ids[message_id] = timestamp + self.window_s
+        self._ids.move_to_end(message_id)
+        while len(self._ids) > self.max_entries:
+            self._ids.popitem(last=False)
+            self.overflowed += 1
+        return True
+
+    def release(self, message_id: str) -> None:
+        self._ids.pop(message_id, None)
 
 
 def string_to_sign(msg: dict[str, Any]) -> bytes:

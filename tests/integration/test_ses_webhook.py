@@ -1,6 +1,9 @@
-"""POST /webhooks/ses with SNS messages signed by a test CA's certificate served over HTTPS:
-subscription confirmation, a hard bounce (event, suppression, domain bounce count), a complaint,
-and refusals (forged signature, certificate URL on a non-SNS host or over http)."""
+"""POST /webhooks/ses with SNS messages signed by a test CA's certificate served over HTTPS, from the
+topic the session system lists (POSTBUS_SNS_TOPIC_ARNS, tests/conftest.py): subscription
+confirmation, a hard bounce (event, suppression, domain bounce count), a complaint, and refusals
+(forged signature, certificate URL on a non-SNS host or over http). Feedback is about messages the
+system really sent; the attacks (unlisted topics, stale or replayed messages, other tenants,
+non-recipients) are in tests/security/test_feedback_forgery.py."""
 
 from __future__ import annotations
 
@@ -55,12 +58,21 @@ def test_forged_and_wrong_host_are_refused(sns: SnsTestServer, hook: httpx.Clien
     assert hook.post("/webhooks/ses", content=b"not json").status_code == 400
 
 
-def test_hard_bounce_and_complaint_are_recorded(new_tenant, sns: SnsTestServer, hook: httpx.Client) -> None:
+def test_hard_bounce_and_complaint_are_recorded(new_tenant, smtp, sns: SnsTestServer, hook: httpx.Client) -> None:
     t = new_tenant()
     domain = f"{t.id}.example.test"
+    bounced, complainer = f"gone-{uuid.uuid4().hex[:6]}@example.test", f"angry-{uuid.uuid4().hex[:6]}@example.test"
+    # real messages first (feedback is attributed only to a message Postbus sent, and its recipients)
+    r = t.http.post("/commands/add-messages", json={"messages": [
+        t.message("ses-1", to=[bounced], **{"from": f"app@{domain}"}),
+        t.message("ses-2", to=[complainer], **{"from": f"app@{domain}"}),
+        t.message("ses-3", to=["soft@example.test"], **{"from": f"app@{domain}"})]})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: {m.message["X-Postbus-Message-Id"] for m in smtp.messages
+                        if m.message["X-Postbus-Tenant"] == t.id} >= {"ses-1", "ses-2", "ses-3"},
+               timeout=60, what="the messages at the SMTP server")
     r = t.http.put(f"/domains/{domain}/outbound", json={})
     assert r.status_code == 200, r.text
-    bounced, complainer = f"gone-{uuid.uuid4().hex[:6]}@example.test", f"angry-{uuid.uuid4().hex[:6]}@example.test"
     r = _post(hook, sns.sign(sns.notification(ses_bounce(t.id, "ses-1", bounced, f"app@{domain}"))))
     assert r.status_code == 200 and r.json()["notification"] == "Bounce" and r.json()["events"] == 1, r.text
     r = _post(hook, sns.sign(sns.notification(ses_complaint(t.id, "ses-2", complainer, f"app@{domain}")), version=1))
@@ -68,10 +80,10 @@ def test_hard_bounce_and_complaint_are_recorded(new_tenant, sns: SnsTestServer, 
     # a transient bounce is an event but suppresses nothing
     r = _post(hook, sns.sign(sns.notification(ses_bounce(t.id, "ses-3", "soft@example.test", f"app@{domain}",
                                                          permanent=False))))
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["events"] == 1, r.text
     # uncorrelated (unknown tenant): acknowledged, nothing recorded
     r = _post(hook, sns.sign(sns.notification(ses_bounce("no-such-tenant", "m", "z@example.test", "a@nowhere.test"))))
-    assert r.status_code == 200 and r.json()["ignored"], r.text
+    assert r.status_code == 200 and r.json()["ignored"] and r.json()["events"] == 0, r.text
 
     def suppressed() -> dict:
         return {s["address"]: s for s in t.http.get("/suppressions").json()["suppressions"]}

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from services.common import track_tokens as tt
-from services.common.sns import SnsError, Verifier, check_url
+from services.common.sns import (
+    ReplayCache,
+    SnsError,
+    StaleMessage,
+    Verifier,
+    allowed_topics,
+    check_timestamp,
+    check_url,
+)
 from services.sender import suppression
 from services.sender.mime import build_message
 from services.sender.tracking import apply, rewrite_html
@@ -117,3 +125,26 @@ def test_sns_signatures_v1_v2_forged_and_wrong_host(tmp_path: Path) -> None:
         assert len(server.confirmations) == 1
     finally:
         server.stop()
+
+
+def test_sns_topic_list_timestamp_window_and_replay_cache() -> None:
+    assert allowed_topics("") == frozenset() and allowed_topics(" , ") == frozenset()
+    assert allowed_topics("arn:a, arn:b") == {"arn:a", "arn:b"}
+    now = 1_700_000_000.0
+    ok = {"Timestamp": "2023-11-14T22:13:20.000Z"}  # == now
+    assert check_timestamp(ok, 3600, 300, now=now) == now
+    assert check_timestamp(ok, 3600, 300, now=now + 3599) == now
+    assert check_timestamp(ok, 3600, 300, now=now - 299) == now  # the sender's clock a little ahead
+    for msg, at in ((ok, now + 3601), (ok, now - 301), ({"Timestamp": "yesterday"}, now), ({}, now),
+                    ({"Timestamp": "2023-11-14T22:13:20"}, now)):  # no time zone
+        with pytest.raises(StaleMessage):
+            check_timestamp(msg, 3600, 300, now=at)
+
+    cache = ReplayCache(3600, 300, max_entries=3)
+    assert cache.reserve("a", now, now=now) and not cache.reserve("a", now, now=now + 10)
+    cache.release("a")  # a failed attempt: SNS's retry of the same id is accepted
+    assert cache.reserve("a", now, now=now + 20)
+    assert cache.reserve("b", now, now=now) and cache.reserve("c", now, now=now) and cache.reserve("d", now, now=now)
+    assert len(cache) == 3 and cache.overflowed == 1  # bounded: the oldest id went first
+    # ids leave once their Timestamp is out of the window (the Timestamp check refuses them then)
+    assert cache.reserve("e", now + 4000, now=now + 3901) and len(cache) == 1
