@@ -24,6 +24,7 @@ from services.api import (
     routes_tracking,
     routes_webhooks,
 )
+from services.api.body_limit import BodyLimit
 from services.api.errors import install_error_handlers
 from services.api.state import ApiState
 from services.common.settings import Settings, get_settings
@@ -69,4 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         REQUESTS.labels(name, str(response.status_code)).inc()
         return response
 
+    # added last, so outermost: request bodies are capped before routing, authentication or parsing
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes,
+                       small_max_bytes=settings.api_max_webhook_body_bytes)
     return app

@@ -1,5 +1,9 @@
 """Validation of add-messages payloads: each message is accepted (as an Avro ``Message`` dict)
-or rejected with a stable, human-readable reason. Pure functions: no I/O."""
+or rejected with a stable, human-readable reason. Pure functions: no I/O.
+
+Bounds per message (settings): at most ``messages_max_attachments`` attachments ("too many
+attachments") and at most ``messages_max_attachment_bytes`` of decoded inline (base64) content
+("attachments too large"); the request body itself is capped before parsing (api/body_limit.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from email.utils import getaddresses, parseaddr
 from typing import Any
+
+from services.common.settings import get_settings
 
 MAX_MESSAGES_PER_CALL = 1000
 MAX_ID_LEN = 255
@@ -26,7 +32,11 @@ _RESERVED_HEADERS = {"from", "to", "cc", "bcc", "subject", "message-id", "date",
 
 
 class Rejected(ValueError):
-    pass
+    """A message refused with a human-readable reason; ``code`` is a stable identifier when set."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 def normalize_priority(value: Any, default: int = DEFAULT_PRIORITY) -> int:
@@ -171,7 +181,13 @@ def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None)
         return []
     if not isinstance(value, list):
         raise Rejected("invalid attachments: must be a list")
+    settings = get_settings()
+    max_count, max_bytes = settings.messages_max_attachments, settings.messages_max_attachment_bytes
+    if len(value) > max_count:
+        raise Rejected(f"too many attachments: {len(value)} (the limit is {max_count} per message)",
+                       code="too_many_attachments")
     out = []
+    inline_bytes = 0
     for i, att in enumerate(value):
         if not isinstance(att, dict):
             raise Rejected(f"invalid attachment #{i}: must be an object")
@@ -185,9 +201,12 @@ def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None)
             raise Rejected(f"invalid attachment #{i}: unknown fetch_mode {mode!r}")
         if mode == "base64":
             try:
-                base64.b64decode(path.removeprefix("base64:"), validate=True)
+                inline_bytes += len(base64.b64decode(path.removeprefix("base64:"), validate=True))
             except ValueError:
                 raise Rejected(f"invalid attachment #{i}: storage_path is not valid base64") from None
+            if inline_bytes > max_bytes:
+                raise Rejected(f"attachments too large: over {max_bytes} bytes of inline (base64) content "
+                               "per message; send larger files by URL or storage", code="attachments_too_large")
         out.append({"filename": filename, "storage_path": path, "fetch_mode": mode,
                     "mime_type": att.get("mime_type") if isinstance(att.get("mime_type"), str) else None,
                     "content_md5": att.get("content_md5") if isinstance(att.get("content_md5"), str) else None,
