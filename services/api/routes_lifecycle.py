@@ -22,9 +22,10 @@ from services.api.commands import Actor, ConfigRecord
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.projection import ALL_TOPICS, STATE_TOPICS, ProjectionUnavailable, wait_for_tenant
+from services.api.routes_admin import INSTANCE_KEY, instance_record
 from services.api.state import ApiState
-from services.common.topics import CONFIG_SUSPENSIONS
-from services.sender import suspension
+from services.common import suspension
+from services.common.topics import CONFIG_INSTANCE, CONFIG_SUSPENSIONS
 
 log = logging.getLogger("postbus.api.lifecycle")
 router = APIRouter()
@@ -42,7 +43,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 class SuspensionOut(BaseModel):
     ok: bool = True
-    tenant_id: str
+    tenant_id: str | None = Field(..., description="null: the admin's instance-wide switch (no tenant_id)")
     batch_code: str | None = Field(None, description="the batch acted on; null = all batches")
     suspended_batches: list[str] = Field(..., description="batch codes currently held")
     suspended_all: bool = Field(..., description="true while every batch (and unbatched mail) is held")
@@ -88,6 +89,8 @@ _locks: dict[str, asyncio.Lock] = {}
 async def _change_suspension(request: Request, tenant_id: str | None, batch_code: str | None,
                              action: str) -> SuspensionOut:
     st = state_of(request)
+    if not tenant_id and authenticate(request, st).kind == "admin":
+        return await _toggle_scheduler(request, st, action)
     actor, tid = _tenant(request, st, tenant_id)
     batch_code = (batch_code or "").strip() or None  # empty = all, like omitted
     if batch_code is not None and len(batch_code) > 255:
@@ -112,7 +115,24 @@ async def _change_suspension(request: Request, tenant_id: str | None, batch_code
         )
         await st.wait_visible(offsets)
     return SuspensionOut(tenant_id=tid, batch_code=None if batch_code in (None, suspension.ALL) else batch_code,
-                         suspended_batches=record["batches"], suspended_all=record["all"])
+                         # genro 0.6: "*" listed when everything is held
+                         suspended_batches=([suspension.ALL] if record["all"] else []) + record["batches"],
+                         suspended_all=record["all"])
+
+
+async def _toggle_scheduler(request: Request, st: ApiState, action: str) -> SuspensionOut:
+    """The seed's admin suspend/activate without a tenant "toggles the scheduler": the instance's
+    ``active`` switch (as ``PUT /instance``), which the sender honours for every tenant."""
+    actor = authenticate(request, st)
+    async with _locks.setdefault(INSTANCE_KEY, asyncio.Lock()):
+        rec = {**instance_record(st), "active": action == "activate", "updated_ts": int(time.time() * 1000)}
+        offsets = await st.writer.append_config(
+            "instance.update", None, actor, f"POST /commands/{action}", "Instance", rec,
+            [ConfigRecord(CONFIG_INSTANCE, INSTANCE_KEY, "Instance", rec)])
+        await st.wait_visible(offsets)
+    off = action == "suspend"
+    return SuspensionOut(tenant_id=None, batch_code=None, suspended_batches=[suspension.ALL] if off else [],
+                         suspended_all=off)
 
 
 _BATCH = Query(None, description="the batch to act on; omitted or * = all batches")

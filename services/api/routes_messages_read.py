@@ -141,7 +141,8 @@ async def list_messages(
 async def sync_status(request: Request) -> SyncStatusOut:
     st = state_of(request)
     require_admin(authenticate(request, st))
-    interval = float(st.settings.reporter_sync_interval_s)
+    stored = st.instance.get("instance") if st.instance is not None else None
+    interval = float((stored or {}).get("sync_interval_seconds") or st.settings.reporter_sync_interval_s)
     now = time.time()
     rows = []
     for tid, tenant in sorted(st.tenants.items.items()):

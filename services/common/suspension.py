@@ -52,3 +52,16 @@ def is_held(rec: dict[str, Any] | None, batch_code: str | None) -> bool:
 def newer(current: dict[str, Any] | None, candidate: dict[str, Any]) -> bool:
     """The sender learns a record twice (command stream and config topic): keep the latest."""
     return current is None or candidate["updated_ts"] >= current["updated_ts"]
+
+
+INSTANCE_KEY = "instance"  # the one record of postbus.config.instance
+
+
+def switched_off(instance: dict[str, Any] | None, tenant: dict[str, Any] | None) -> str | None:
+    """Why nothing of this tenant may be sent now, by the on/off switches (``PUT /instance``
+    ``active``, the admin's tenant-less suspend, the tenant's ``active``); None: switched on."""
+    if instance is not None and instance.get("active") is False:
+        return "instance inactive"
+    if tenant is not None and tenant.get("active") is False:
+        return "tenant inactive"
+    return None

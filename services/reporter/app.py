@@ -40,6 +40,7 @@ from services.common.internal_auth import load_internal_token
 from services.common.settings import get_settings
 from services.common.topics import (
     COMMANDS,
+    CONFIG_INSTANCE,
     CONFIG_TENANTS,
     DEADLETTER,
     EVENTS,
@@ -72,6 +73,7 @@ status_topic = app.topic(STATUS_SYNC, key_serializer="raw", value_serializer="ra
 pending_reports = app.Table("pending_reports", partitions=settings.topic_partitions)
 
 _view: ConfigView | None = None
+_instance: ConfigView | None = None
 # ack markers to tombstone, per partition: heap of (event offset, key)
 _markers: dict[int, list[tuple[int, str]]] = {}
 _admin: AIOKafkaAdminClient | None = None
@@ -113,7 +115,12 @@ async def _ack(entries: list[tuple[str, int]]) -> None:
     await app.producer.flush()
 
 
-reporter = Reporter(settings, _tenant, _ack, _decrypt)
+def _instance_interval() -> float | None:
+    rec = _instance.get("instance") if _instance is not None else None
+    return (rec or {}).get("sync_interval_seconds") or None
+
+
+reporter = Reporter(settings, _tenant, _ack, _decrypt, interval_s=_instance_interval)
 
 
 async def _dead_letter(message: Any, reason: str) -> None:
@@ -270,7 +277,7 @@ async def _restore_sync_status() -> None:
 
 @app.task
 async def _start_reporter() -> None:
-    global _view, _admin
+    global _view, _admin, _instance
     try:
         start_metrics_server(settings, settings.reporter_metrics_port)  # /metrics needs the internal token
     except OSError as exc:
@@ -279,6 +286,9 @@ async def _start_reporter() -> None:
         settings.kafka_bootstrap, CONFIG_TENANTS, "Tenant", on_change=reporter.on_tenant_change
     )
     await _view.start()
+    _instance = ConfigView(settings.kafka_bootstrap, CONFIG_INSTANCE, "Instance",
+                           on_change=lambda key, value: reporter.on_interval_change())
+    await _instance.start()
     _admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await _admin.start()
     await _restore_sync_status()  # before the flusher starts: no early calls during a DND
@@ -294,6 +304,8 @@ class _Shutdown(faust.Service):  # type: ignore[misc]
         await reporter.stop()
         if _view is not None:
             await _view.stop()
+        if _instance is not None:
+            await _instance.stop()
         if _admin is not None:
             await _admin.close()
 

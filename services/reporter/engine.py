@@ -39,6 +39,7 @@ class Reporter:
         decrypt: Decrypt,
         http: httpx.AsyncClient | None = None,
         net: netpolicy.NetPolicy | None = None,
+        interval_s: Callable[[], float | None] | None = None,
     ) -> None:
         self.s = settings
         self._tenants = tenants
@@ -48,6 +49,8 @@ class Reporter:
         self._own_http = http is None
         # sync calls go through the one outbound network policy (tenant-chosen URL: SSRF boundary)
         self._net = net or netpolicy.NetPolicy.from_settings(settings)
+        # the idle-call interval: the instance's sync_interval_seconds (PUT /instance), else the setting
+        self._interval_s = interval_s or (lambda: None)
         # tenant -> {table key: (report item, changelog partition)}, in arrival order
         self.pending: dict[str, dict[str, tuple[dict[str, Any], int]]] = {}
         self.state: dict[str, SyncState] = {}
@@ -118,6 +121,15 @@ class Reporter:
         st.dnd_until = max(st.dnd_until, dnd_until or 0.0)
         st.wake.set()
 
+    def interval_s(self) -> float:
+        value = self._interval_s()
+        return float(value) if value else self.s.reporter_sync_interval_s
+
+    def on_interval_change(self) -> None:
+        """A new interval applies at once: every loop re-decides."""
+        for st in self.state.values():
+            st.wake.set()
+
     def take_dirty(self) -> list[str]:
         out, self.dirty = sorted(self.dirty), set()
         return out
@@ -126,7 +138,7 @@ class Reporter:
         now = time.time()
         out = {}
         for tid, st in self.state.items():
-            row = st.status(now, self.s.reporter_sync_interval_s)
+            row = st.status(now, self.interval_s())
             row["pending"] = len(self.pending.get(tid, ()))
             out[tid] = row
         return out
@@ -208,7 +220,7 @@ class Reporter:
             active=bool(tenant and tenant.get("active", True)),
             batch_size=self.s.reporter_batch_size,
             linger_s=self.s.reporter_flush_ms / 1000.0,
-            interval_s=self.s.reporter_sync_interval_s,
+            interval_s=self.interval_s(),
         )
 
     def _auth(self, tenant: dict[str, Any]) -> tuple[dict[str, str], httpx.Auth | None]:

@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any
 
+from services.common import suspension
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
@@ -25,6 +26,7 @@ from services.common.settings import get_settings
 from services.common.topics import (
     COMMANDS,
     CONFIG_ACCOUNTS,
+    CONFIG_INSTANCE,
     CONFIG_SUSPENSIONS,
     CONFIG_TENANTS,
     DEADLETTER,
@@ -32,7 +34,7 @@ from services.common.topics import (
     SENDER_APP,
 )
 from services.sender import metrics as m
-from services.sender import pipeline, prepare_mime, suspension, throttle  # noqa: F401  (prepare_mime registers the builder)
+from services.sender import pipeline, prepare_mime, throttle  # noqa: F401  (prepare_mime registers the builder)
 from services.sender.mime import envelope_recipients, envelope_sender
 from services.sender.outcomes import Failure, classify, gave_up, retry_due_ms
 from services.sender.scheduler import Lane, Ownership, Scheduler
@@ -85,8 +87,18 @@ def _on_suspension(key: str, value: dict[str, Any] | None) -> None:
     _release(key)
 
 
+def _on_tenant(key: str, value: dict[str, Any] | None) -> None:
+    _release(key)  # an inactive tenant switched on again
+
+
+def _on_instance(key: str, value: dict[str, Any] | None) -> None:
+    for tenant_id in list(_held):
+        _release(tenant_id)  # the instance switched on again
+
+
 accounts = ConfigView(settings.kafka_bootstrap, CONFIG_ACCOUNTS, "Account", on_change=_on_account)
-tenants = ConfigView(settings.kafka_bootstrap, CONFIG_TENANTS, "Tenant")
+tenants = ConfigView(settings.kafka_bootstrap, CONFIG_TENANTS, "Tenant", on_change=_on_tenant)
+instance_view = ConfigView(settings.kafka_bootstrap, CONFIG_INSTANCE, "Instance", on_change=_on_instance)
 suspensions_view = ConfigView(settings.kafka_bootstrap, CONFIG_SUSPENSIONS, "Suspension",
                               on_change=_on_suspension_record)
 m.PENDING.set_function(lambda: scheduler.pending() + sum(len(keys) for keys in _held.values()))
@@ -181,28 +193,33 @@ async def _rebuild_schedule() -> None:
 
 # --- lifecycle commands: suspend/activate, delete, cleanup, reject, tenant/account deletion ----------
 
+def _is_held(tenant_id: str, batch_code: str | None) -> bool:
+    """Suspended batch, suspended tenant, inactive tenant or inactive instance."""
+    return (suspension.is_held(_suspensions.get(tenant_id), batch_code)
+            or suspension.switched_off(instance_view.get(suspension.INSTANCE_KEY), tenants.get(tenant_id)) is not None)
+
+
 def _hold_if_suspended(key: str) -> bool:
     value = messages.data.get(key)
     if value is None or value.get("s") != "pending":
         return False
     msg = value["m"]
-    if not suspension.is_held(_suspensions.get(msg["tenant_id"]), msg.get("batch_code")):
+    if not _is_held(msg["tenant_id"], msg.get("batch_code")):
         return False
     _held.setdefault(msg["tenant_id"], set()).add(key)
     return True
 
 
 def _release(tenant_id: str) -> None:
-    """Push back the held messages the tenant's current suspension no longer covers."""
+    """Push back the held messages the tenant's current suspension and switches no longer cover."""
     held = _held.get(tenant_id)
     if not held:
         return
-    rec = _suspensions.get(tenant_id)
     for key in list(held):
         value = messages.data.get(key)
         if value is None or value.get("s") != "pending":
             held.discard(key)
-        elif not suspension.is_held(rec, value["m"].get("batch_code")):
+        elif not _is_held(tenant_id, value["m"].get("batch_code")):
             held.discard(key)
             _schedule(key, value)
     if not held:
@@ -348,7 +365,8 @@ def _target(account_key: str, account: dict[str, Any]) -> SmtpTarget:
 
 async def _worker(account_key: str, lane: Lane) -> None:
     conn: Connection | None = None
-    await suspensions_view.ready.wait()  # never send before knowing what is suspended
+    # never send before knowing what is suspended or switched off
+    await asyncio.gather(suspensions_view.ready.wait(), instance_view.ready.wait(), tenants.ready.wait())
     while not lane.closed and not _excess_worker(account_key):
         try:
             key = lane.pop(now_ms())
@@ -552,7 +570,7 @@ async def _send_events(tenant_id: str, events: list[dict[str, Any]]) -> None:
 
 @app.task
 async def _start_views() -> None:
-    await asyncio.gather(accounts.start(), tenants.start(), suspensions_view.start())
+    await asyncio.gather(accounts.start(), tenants.start(), suspensions_view.start(), instance_view.start())
 
 
 @app.on_before_shutdown.connect  # type: ignore[misc]
@@ -561,7 +579,8 @@ async def _shutdown(app: Any, **kwargs: Any) -> None:
         for task in tasks:
             task.cancel()
     await asyncio.gather(*(t for ts in _workers.values() for t in ts), return_exceptions=True)
-    await asyncio.gather(accounts.stop(), tenants.stop(), suspensions_view.stop(), return_exceptions=True)
+    await asyncio.gather(accounts.stop(), tenants.stop(), suspensions_view.stop(), instance_view.stop(),
+                         return_exceptions=True)
 
 
 def main() -> None:

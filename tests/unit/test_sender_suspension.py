@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.sender import suspension as s
+from services.common import suspension as s
 from services.sender.scheduler import Scheduler
 
 
