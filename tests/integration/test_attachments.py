@@ -147,3 +147,20 @@ def test_large_files_rejected_or_rewritten_to_a_signed_link(system, new_tenant, 
     for bad in (forged, token[:-3] + "AAA", "garbage"):
         r = httpx.get(f"{system.url('api')}/files/{bad}", timeout=30)
         assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_link", r.text
+
+
+def test_an_http_storage_root_is_fetched_through_the_network_policy(system, admin: httpx.Client, new_tenant,
+                                                                    smtp: RecordingSmtpServer,
+                                                                    static: StaticServer) -> None:
+    """An admin-set http(s) storage root (this system allows private networks; the secure system's
+    tests/security/test_storage_roots.py shows the same root refused under the production policy)."""
+    t: Tenant = new_tenant()
+    r = admin.put(f"/tenant/{t.id}", json={"large_file_config": {"storage_url": static.url + "/"}})
+    assert r.status_code == 200, r.text
+    att = {"filename": "report.pdf", "storage_path": "report.pdf", "fetch_mode": "storage"}
+    escape = {"filename": "x", "storage_path": "../../etc/hostname", "fetch_mode": "storage"}
+    _queue(t, t.message("att-http-root", attachments=[att]), t.message("att-http-escape", attachments=[escape]))
+    assert "sent_ts" in _final(t, "att-http-root"), t.client.reports_for("att-http-root")
+    assert _files(wait_until(lambda: _mail(smtp, t.id, "att-http-root"), timeout=60)) == {"report.pdf": PDF}
+    assert "outside the configured storage" in _final(t, "att-http-escape")["error"]
+    assert _mail(smtp, t.id, "att-http-escape") is None

@@ -42,7 +42,9 @@ def test_tenant_list_get_and_partial_update_keep_the_key(system, admin: httpx.Cl
     # the API key still works after the update
     assert t.http.get("/accounts").status_code == 200
 
-    # active_only filter
+    # active_only filter (active is an admin-only field: services/api/field_policy.py)
+    r = t.http.put(f"/tenant/{t.id}", json={"active": False})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only_field", r.text
     assert admin.put(f"/tenant/{t.id}", json={"active": False}).status_code == 200
     assert t.id not in {x["id"] for x in admin.get("/tenants", params={"active_only": True}).json()["tenants"]}
     assert t.id in {x["id"] for x in admin.get("/tenants", params={"active_only": False}).json()["tenants"]}
