@@ -31,7 +31,9 @@ class Servers:
         self.plain = RecordingSmtpServer().start()
         self.starttls = RecordingSmtpServer(starttls=True, server_hostname="starttls.test").start()
         self.implicit = RecordingSmtpServer(implicit_tls=True, server_hostname="implicit.test").start()
-        self.auth = RecordingSmtpServer(auth=("mailer", "right-password")).start()
+        # AUTH is only sent over TLS (no allow_insecure_auth): STARTTLS with a certificate in the bundle
+        self.auth = RecordingSmtpServer(auth=("mailer", "right-password"), starttls=True,
+                                        server_hostname="auth.test").start()
 
     def stop(self) -> None:
         for s in (self.plain, self.starttls, self.implicit, self.auth):
@@ -49,7 +51,8 @@ def servers() -> Iterator[Servers]:
 def engine(servers: Servers) -> Iterator[LocalSystem]:
     state = fresh_state("engine")
     bundle = state / "test-ca.pem"
-    bundle.write_bytes(Path(servers.starttls.cert_path).read_bytes() + Path(servers.implicit.cert_path).read_bytes())
+    bundle.write_bytes(b"".join(Path(s.cert_path).read_bytes() for s in (servers.starttls, servers.implicit,
+                                                                          servers.auth)))
     with running_system(state, ADMIN, env={
         "POSTBUS_SENDER_RETRY_BASE_S": "0.3",
         "POSTBUS_SENDER_MAX_ATTEMPTS": "3",
@@ -166,7 +169,7 @@ def test_auth_failure_is_permanent_and_auth_success_sends(tenant, servers: Serve
     assert t.deferrals("bad-1") == []
     assert "sent_ts" in t.final("good-1")
     [got] = srv.wait_for(1, timeout=30, predicate=lambda m: m.message["X-Postbus-Message-Id"] == "good-1")
-    assert got.auth_user == "mailer"
+    assert got.auth_user == "mailer" and got.tls
 
 
 def test_starttls_and_implicit_tls_are_verified_with_the_ca_bundle(tenant, servers: Servers) -> None:
