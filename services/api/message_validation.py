@@ -176,6 +176,9 @@ def _attachment_auth(value: Any, i: int, encrypt: Callable[[str], str | None] | 
     return {"method": method, "user": user, "secret_enc": encrypt(secret)}
 
 
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+
+
 def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None) -> list[dict[str, Any]]:
     if value is None:
         return []
@@ -199,6 +202,9 @@ def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None)
         mode = att.get("fetch_mode") or infer_fetch_mode(path)
         if mode not in ("base64", "http_url", "endpoint", "storage"):
             raise Rejected(f"invalid attachment #{i}: unknown fetch_mode {mode!r}")
+        if mode in ("http_url", "storage") and _USERINFO.match(path):  # never into the command log
+            raise Rejected(f"invalid attachment #{i}: storage_path must not carry credentials (user:password@); "
+                           "use the attachment's auth", code="credentials_in_url")
         if mode == "base64":
             try:
                 inline_bytes += len(base64.b64decode(path.removeprefix("base64:"), validate=True))

@@ -111,3 +111,20 @@ def test_paths_must_be_paths(path: str) -> None:
         url_checks.check_client_path(path, "client_sync_path")
     assert (err.value.code, err.value.details) == ("invalid_path", {"field": "client_sync_path"})
     url_checks.check_client_path("/mail-proxy/sync", "client_sync_path")
+
+
+def test_attachment_urls_with_credentials_are_rejected() -> None:
+    from services.api.message_validation import Rejected, _attachments
+    for path in ("https://user:topsecret@files.example/a.pdf", "s3://KEY:topsecret@bucket/a.pdf"):
+        with pytest.raises(Rejected) as err:
+            _attachments([{"filename": "a.pdf", "storage_path": path}])
+        assert "credentials" in str(err.value) and "topsecret" not in str(err.value)
+    assert _attachments([{"filename": "a.pdf", "storage_path": "https://files.example/a.pdf?X-Amz-Signature=1"}])
+
+
+def test_admin_http_storage_roots_pass_the_literal_network_check(tmp_path: Path) -> None:
+    for url in ("http://169.254.169.254/", "http://127.0.0.1:8010/", "http://[::1]/"):
+        with pytest.raises(ApiError) as err:
+            url_checks.check_large_file_config({"storage_url": url}, "t1", _settings(tmp_path))
+        assert (err.value.code, err.value.details) == ("url_not_allowed", {"field": "large_file_config.storage_url"})
+    url_checks.check_large_file_config({"storage_url": "https://files.example/pre"}, "t1", _settings(tmp_path))
