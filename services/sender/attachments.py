@@ -109,11 +109,6 @@ _safe = netpolicy.safe_url
 
 # --- storage (operator roots; fsspec for object stores) ---------------------------------------------------
 
-def file_roots(settings: Settings) -> list[str]:
-    """Local folders an admin-set ``file://`` root may point into."""
-    return storage_roots.allowed_folders(settings)
-
-
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
