@@ -4,15 +4,28 @@ A domain belongs to the tenant that registers it (``PUT /domains/{name}/outbound
 the admin names ``tenant_id``). Its config is a ``Domain`` record on ``postbus.config.domains``
 written with its command; counters live in the sender's outbound ledger, which applies the
 ``domain.*`` commands in partition order and answers on ``postbus.domain.results``. Another
-tenant's domain is answered 404, as if it did not exist."""
+tenant's domain is answered 404, as if it did not exist, except where a registration meets it.
+
+Ownership (``domain_quota.claim_state``): a verified domain is its tenant's for good (another
+tenant's registration: 409 ``sender_domain_not_owned``); an unverified registration is a claim
+that blocks other registrations (409 ``domain_claim_pending``) for
+``POSTBUS_DOMAIN_CLAIM_EXPIRY_HOURS`` and is then taken over by the next tenant that registers the
+name. Before that, another tenant may prove DNS control (native backend): its ``ses-verify`` answers
+a challenge token of its own, and its ``ses-status`` finding that token in DNS releases the claim
+to it. A takeover is a ``domain.update`` naming ``replaces_tenant``; the ledger moves the domain's
+entry to the new tenant."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiokafka.errors import KafkaError
@@ -44,6 +57,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(tags=["outbound domains"], lifespan=_lifespan)
+log = logging.getLogger("postbus.api.domains")
 
 _NAME = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -51,6 +65,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing/invalid token, or tenant_mismatch"},
     403: {"description": "admin_only_field: a tenant key naming limits, tier, enforcement or status"},
     404: {"description": "domain_not_found (also for another tenant's domain), tenant_not_found"},
+    409: {"description": "registering a name another tenant holds: sender_domain_not_owned (verified by it), "
+                         "domain_claim_pending (its unverified claim has not expired yet)"},
     503: {"description": "ledger_unavailable (the outbound ledger did not answer in time), log_unavailable"},
 }
 _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -194,11 +210,50 @@ def _new_record(st: ApiState, actor: Actor, name: str, tenant_id: str | None) ->
             "dkim_next_private_key_enc": None, "dkim_next_status": dns_check.NOT_STARTED, "dkim_retired_selectors": []}
 
 
-async def _save(st: ApiState, rt: DomainRuntime, actor: Actor, ctype: str, route: str, rec: dict[str, Any]) -> None:
-    """The command and the domain's new record in one transaction; returns once readable here."""
+def _claimant(st: ApiState, actor: Actor, existing: dict[str, Any] | None, tenant_id: str | None) -> str | None:
+    """The tenant a registration of an already registered name is for, when that is not the
+    record's own tenant (None: the owner's own update, or the admin acting on it)."""
+    if existing is None:
+        return None
+    if actor.kind == "tenant":
+        tid = scope_tenant(actor, tenant_id)  # a tenant key naming another tenant: 401 tenant_mismatch
+    else:
+        tid = tenant_id or existing["tenant_id"]
+        if tid != existing["tenant_id"] and st.tenants.get(tid) is None:
+            raise ApiError(404, "tenant_not_found", f"tenant {tid!r} does not exist")
+    return tid if tid != existing["tenant_id"] else None
+
+
+def _taken_over(st: ApiState, existing: dict[str, Any], tenant_id: str) -> str:
+    """Another tenant registering ``existing``'s name: refused while the name is verified by its
+    tenant or its unverified claim is live; an expired claim is released (returns its tenant)."""
+    expiry_ms = _expiry_ms(st)
+    state = q.claim_state(existing, tenant_id, q.now_ms(), expiry_ms)
+    if state == q.VERIFIED_OTHER:
+        raise ApiError(409, q.NOT_OWNED, f"domain {existing['name']!r} is verified by another tenant")
+    if state == q.PENDING_OTHER:
+        until = datetime.fromtimestamp(q.claim_expires_ms(existing, expiry_ms) / 1000, tz=UTC)
+        raise ApiError(409, "domain_claim_pending",
+                       f"domain {existing['name']!r} is claimed by another tenant and not verified; the claim "
+                       f"expires at {until.isoformat(timespec='seconds')}, or prove control of its DNS first: "
+                       f"POST /domains/{{name}}/ses-verify, publish the TXT record, GET /domains/{{name}}/ses-status")
+    return str(existing["tenant_id"])
+
+
+def _challenge_token(st: ApiState, tenant_id: str, name: str) -> str:
+    """The verification token another tenant publishes to take over an unverified claim: its own
+    (the claim holder's token proves nothing about it), stable without being stored."""
+    mac = hmac.new(st.pepper, f"postbus-domain-claim\0{tenant_id}\0{name}".encode(), hashlib.sha256)
+    return "pbclaim-" + mac.hexdigest()[:40]
+
+
+async def _save(st: ApiState, rt: DomainRuntime, actor: Actor, ctype: str, route: str, rec: dict[str, Any],
+                replaces: str | None = None) -> None:
+    """The command and the domain's new record in one transaction; returns once readable here.
+    ``replaces``: the tenant whose unverified claim this registration takes over."""
     payload = {"request_id": uuid.uuid4().hex, "name": rec["name"], "tenant_id": rec["tenant_id"],
                "status": rec["status"], "daily_limit": rec["daily_limit"], "monthly_limit": rec["monthly_limit"],
-               "enforcement": rec["enforcement"]}
+               "enforcement": rec["enforcement"], "verified": bool(rec["verified"]), "replaces_tenant": replaces}
     try:
         offsets = await st.writer.append_config(ctype, rec["tenant_id"], actor, route, "DomainCommand", payload,
                                                 [ConfigRecord(CONFIG_DOMAINS, rec["name"], "Domain", rec)])
@@ -278,24 +333,24 @@ async def put_outbound(name: str, request: Request, body: OutboundUpdate | None 
     name = _domain_name(name)
     body = body or OutboundUpdate()
     field_policy.check_write("domain", actor, body)  # limits, tier, enforcement, status: admin only
-    existing = rt.domains.get(name)
-    if existing is None:
-        rec = _new_record(st, actor, name, body.tenant_id)
-    else:
-        rec = dict(_owned(actor, rt, name))
-        if body.tenant_id is not None and body.tenant_id != rec["tenant_id"]:
-            scope_tenant(actor, body.tenant_id)  # a tenant key naming another tenant: 401 tenant_mismatch
-            raise ApiError(409, "domain_tenant_conflict", "the domain is registered to another tenant")
-        # an automatic suspension stays until a caller sets the status explicitly
-        rec["status"] = _ledger_status(rt.status.get(name), rec)
-    for field, key in (("outbound_daily_limit", "daily_limit"), ("outbound_monthly_limit", "monthly_limit"),
-                       ("outbound_tier", "tier"), ("outbound_enforcement", "enforcement"),
-                       ("outbound_status", "status")):
-        value = getattr(body, field)
-        if value is not None:
-            rec[key] = value
-    rec["updated_ts"] = q.now_ms()
-    await _save(st, rt, actor, "domain.update", "PUT /domains/{name}/outbound", rec)
+    async with rt.claims:  # decided on the view, then written: one registration at a time here
+        existing = rt.domains.get(name)
+        claimant = _claimant(st, actor, existing, body.tenant_id)  # another tenant than the record's
+        replaces = _taken_over(st, existing, claimant) if existing is not None and claimant else None
+        if existing is None or replaces is not None:
+            rec = _new_record(st, actor, name, claimant or body.tenant_id)
+        else:
+            rec = dict(_owned(actor, rt, name))
+            # an automatic suspension stays until a caller sets the status explicitly
+            rec["status"] = _ledger_status(rt.status.get(name), rec)
+        for field, key in (("outbound_daily_limit", "daily_limit"), ("outbound_monthly_limit", "monthly_limit"),
+                           ("outbound_tier", "tier"), ("outbound_enforcement", "enforcement"),
+                           ("outbound_status", "status")):
+            value = getattr(body, field)
+            if value is not None:
+                rec[key] = value
+        rec["updated_ts"] = q.now_ms()
+        await _save(st, rt, actor, "domain.update", "PUT /domains/{name}/outbound", rec, replaces)
     return _outbound(rt, rec)
 
 
@@ -391,21 +446,29 @@ async def ses_verify(name: str, request: Request) -> dict[str, Any]:
     st, rt = state_of(request), _runtime(request)
     actor = authenticate(request, st)
     name = _domain_name(name)
-    existing = rt.domains.get(name)
-    if existing is None and actor.kind == "admin":
-        raise ApiError(404, "domain_not_found", f"domain {name!r} is not registered")
-    rec = dict(_owned(actor, rt, name)) if existing is not None else _new_record(st, actor, name, None)
-    if st.settings.domain_backend == "ses":
-        return await domains_ses.verify(st.settings, rec, existing is None,
-                                        lambda c, r, new: _save(st, rt, actor, c, r, new))
-    if not (rec.get("verification_token") and rec.get("dkim_public_key")):
-        key = await asyncio.to_thread(generate_dkim_key)
-        rec.update(verification_token=verification_token(), dkim_selector=key.selector,
-                   dkim_public_key=key.public_key_b64, dkim_private_key_enc=st.box.encrypt(key.private_key_pem),
-                   verification_status=dns_check.PENDING, dkim_status=dns_check.PENDING, updated_ts=q.now_ms())
-        # a new domain's first command must be domain.update: it creates the ledger entry
-        ctype = "domain.update" if existing is None else "domain.verify"
-        await _save(st, rt, actor, ctype, "POST /domains/{name}/ses-verify", rec)
+    async with rt.claims:  # may register the name: decided on the view, then written
+        existing = rt.domains.get(name)
+        if existing is None and actor.kind == "admin":
+            raise ApiError(404, "domain_not_found", f"domain {name!r} is not registered")
+        replaces = None
+        if existing is not None and actor.kind == "tenant" and existing["tenant_id"] != actor.tenant_id:
+            state = q.claim_state(existing, actor.tenant_id, q.now_ms(), _expiry_ms(st))
+            if state == q.PENDING_OTHER and st.settings.domain_backend == "native":
+                return _challenge_out(st, actor.tenant_id, name)  # nothing written until it is proved
+            replaces = _taken_over(st, existing, actor.tenant_id)  # 409 unless the claim expired
+        created = existing is None or replaces is not None
+        rec = _new_record(st, actor, name, None) if created else dict(_owned(actor, rt, name))
+        if st.settings.domain_backend == "ses":
+            return await domains_ses.verify(st.settings, rec, created,
+                                            lambda c, r, new: _save(st, rt, actor, c, r, new, replaces))
+        if not (rec.get("verification_token") and rec.get("dkim_public_key")):
+            key = await asyncio.to_thread(generate_dkim_key)
+            rec.update(verification_token=verification_token(), dkim_selector=key.selector,
+                       dkim_public_key=key.public_key_b64, dkim_private_key_enc=st.box.encrypt(key.private_key_pem),
+                       verification_status=dns_check.PENDING, dkim_status=dns_check.PENDING, updated_ts=q.now_ms())
+            # a new domain's first command must be domain.update: it creates the ledger entry
+            ctype = "domain.update" if created else "domain.verify"
+            await _save(st, rt, actor, ctype, "POST /domains/{name}/ses-verify", rec, replaces)
     return {"name": name, "ses_verification_token": rec["verification_token"],
             "ses_dkim_tokens": [r["name"].split(".", 1)[0] for r in _dkim_records(rec)],
             "ses_verified": rec["verified"],
@@ -418,7 +481,11 @@ async def ses_verify(name: str, request: Request) -> dict[str, Any]:
 async def ses_status(name: str, request: Request) -> dict[str, Any]:
     st, rt = state_of(request), _runtime(request)
     actor = authenticate(request, st)
-    rec = _owned(actor, rt, _domain_name(name))
+    name = _domain_name(name)
+    existing = rt.domains.get(name)
+    if existing is not None and actor.kind == "tenant" and existing["tenant_id"] != actor.tenant_id:
+        return await _challenge_status(st, rt, actor, existing)
+    rec = _owned(actor, rt, name)
     if st.settings.domain_backend == "ses":
         return await domains_ses.status(st.settings, rec, lambda c, r, new: _save(st, rt, actor, c, r, new))
     if not rec.get("verification_token") or not rec.get("dkim_public_key"):
@@ -438,6 +505,55 @@ async def ses_status(name: str, request: Request) -> dict[str, Any]:
         await _save(st, rt, actor, "domain.verification", "GET /domains/{name}/ses-status", new)
     return {"name": rec["name"], "ses_verified": verified, "verification_status": vstatus,
             "dkim_status": new["dkim_status"]}
+
+
+def _expiry_ms(st: ApiState) -> int:
+    return int(st.settings.domain_claim_expiry_hours * 3_600_000)
+
+
+def _challenge_out(st: ApiState, tenant_id: str, name: str) -> dict[str, Any]:
+    """ses-verify of a name another tenant claims (unverified): the TXT record that proves DNS
+    control for this tenant. The DKIM key comes once the claim is released to it."""
+    token = _challenge_token(st, tenant_id, name)
+    return {"name": name, "ses_verification_token": token, "ses_dkim_tokens": [], "ses_verified": False,
+            "dns_records": [{"type": "TXT", "name": f"{st.settings.domain_verification_prefix}.{name}",
+                             "value": token}]}
+
+
+async def _challenge_status(st: ApiState, rt: DomainRuntime, actor: Actor, existing: dict[str, Any]) -> dict[str, Any]:
+    """ses-status of a name another tenant holds. Verified: 409 sender_domain_not_owned. Unverified
+    (native backend): this tenant's challenge token found in DNS proves control, and the claim is
+    released to it at once (a new record: the token verified, a DKIM key to publish next)."""
+    name = existing["name"]
+    if existing.get("verified"):
+        raise ApiError(409, q.NOT_OWNED, f"domain {name!r} is verified by another tenant")
+    if st.settings.domain_backend != "native":
+        _taken_over(st, existing, str(actor.tenant_id))  # 409 while the claim is live
+        raise ApiError(404, "domain_not_found", f"domain {name!r} is not registered by this tenant: register it")
+    token = _challenge_token(st, str(actor.tenant_id), name)
+    resolver = dns_check.make_resolver(st.settings.dns_resolvers, st.settings.dns_timeout_s)
+    vstatus = await dns_check.check_token(resolver, f"{st.settings.domain_verification_prefix}.{name}", token)
+    if vstatus != dns_check.SUCCESS:
+        return {"name": name, "ses_verified": False, "verification_status": vstatus,
+                "dkim_status": dns_check.NOT_STARTED}
+    key = await asyncio.to_thread(generate_dkim_key)
+    async with rt.claims:
+        current = rt.domains.get(name)
+        if current is not None and current["tenant_id"] == actor.tenant_id:  # released to it meanwhile
+            return {"name": name, "ses_verified": current["verified"],
+                    "verification_status": current["verification_status"], "dkim_status": current["dkim_status"]}
+        if current is not None and current.get("verified"):
+            raise ApiError(409, q.NOT_OWNED, f"domain {name!r} is verified by another tenant")
+        rec = _new_record(st, actor, name, None)
+        rec.update(verification_token=token, verification_status=dns_check.SUCCESS, dkim_selector=key.selector,
+                   dkim_public_key=key.public_key_b64, dkim_private_key_enc=st.box.encrypt(key.private_key_pem),
+                   dkim_status=dns_check.PENDING)
+        await _save(st, rt, actor, "domain.update", "GET /domains/{name}/ses-status", rec,
+                    current["tenant_id"] if current is not None else None)
+    log.info("unverified domain claim released to a tenant that proved DNS control",
+             extra={"domain": name, "tenant_id": actor.tenant_id})
+    return {"name": name, "ses_verified": False, "verification_status": dns_check.SUCCESS,
+            "dkim_status": dns_check.PENDING}
 
 
 async def _check_rotation(resolver: Any, rec: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from services.api.auth import authenticate, scope_tenant
 from services.api.commands import Actor
 from services.api.deps import state_of
+from services.api.domain_runtime import FromDomainCheck
 from services.api.errors import ApiError
 from services.api.message_validation import (
     MAX_ID_LEN,
@@ -80,6 +81,7 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
             to_report.setdefault(tenant_id, []).append(
                 {"id": str(mid), "reason": reason, "account_id": account if isinstance(account, str) else None})
 
+    from_domains = FromDomainCheck(getattr(request.app.state, "postbus_domains", None))
     for raw in body.messages:
         try:
             msg = validate_message(
@@ -92,6 +94,10 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
             )
         except Rejected as exc:
             reject(raw, str(exc))
+            continue
+        refusal = await from_domains.refusal(msg)  # sender_domain_not_owned / sender_domain_not_verified
+        if refusal is not None:
+            reject(raw, refusal)
             continue
         key = (msg["tenant_id"], msg["id"])
         if key in accepted:

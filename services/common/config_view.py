@@ -112,5 +112,12 @@ class ConfigView:
         async with self._progress:
             await asyncio.wait_for(self._progress.wait_for(reached), timeout)
 
+    async def catch_up(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until every record committed to the topic by now is applied: for a reader about to
+        refuse something on this view, which a write by another process a moment ago may allow."""
+        assert self._consumer is not None
+        ends = await self._consumer.end_offsets(list(self._consumer.assignment()))
+        await self.wait_for({tp.partition: off - 1 for tp, off in ends.items() if off > 0}, timeout)
+
     def get(self, key: str) -> dict[str, Any] | None:
         return self.items.get(key)

@@ -1,14 +1,18 @@
-"""Outbound quota rules of a sending domain, shared by the ledger (sender) and the API (reads).
+"""Outbound quota and ownership rules of a sending domain, shared by the ledger (sender) and the
+API (reads, registration, queueing).
 
 A ledger entry is a small JSON dict: the domain's limits as last applied from a ``domain.update``
 command, its counters for the current UTC day and month, and ``off``, the offset of the last
-command applied to it (commands of a domain always come through one partition, so a replayed
-command is recognised and not counted twice)."""
+command applied to it (commands of a domain always come through one partition, its tenant's ``cp``
+(= ``p`` until the domain changes hands), so a replayed command is recognised and not counted
+twice); ``ver``: whether its tenant verified it, as the commands said."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from typing import Any
 
 TIERS = ("shared", "dedicated")
@@ -139,3 +143,90 @@ def auto_suspend(entry: dict[str, Any], threshold_pct: float, min_sent: int, ts_
                    "bounce_count": entry["bounce"], "complaint_count": entry["compl"], "bounce_rate": bounce_rate,
                    "threshold": float(threshold_pct), "min_volume": int(min_sent), "suspended_ts": ts_ms}
     return True
+
+
+# --- ownership of a domain name --------------------------------------------------------------------
+#
+# The Domain records on ``postbus.config.domains`` (one per name, written with their command) are
+# the projection every reader decides ownership from: the API (registration, queueing) and the
+# sender (defence in depth before each send). A record's tenant holds the name; a *verified* record
+# (its verification TXT token and DKIM key found in DNS) is owned for good, while an unverified one
+# is only a claim: it lets its tenant verify, it blocks nobody's mail, and once ``expiry`` has
+# passed since the claim was made (``created_ts``, never renewed by updates) another tenant may
+# register the name. Another tenant that proves DNS control (its own challenge token, see
+# routes_domains) takes an unverified claim over at once.
+
+FREE, OWN = "free", "own"
+VERIFIED_OTHER, PENDING_OTHER, EXPIRED_OTHER = "verified_other", "pending_other", "expired_other"
+NOT_OWNED = "sender_domain_not_owned"
+NOT_VERIFIED = "sender_domain_not_verified"
+
+
+def claim_expires_ms(rec: dict[str, Any], expiry_ms: int) -> int:
+    """When an unverified claim stops protecting its name against another tenant's registration."""
+    return int(rec.get("created_ts") or 0) + expiry_ms
+
+
+def claim_state(rec: dict[str, Any] | None, tenant_id: str, now: int, expiry_ms: int) -> str:
+    """What a registration of ``rec``'s name by ``tenant_id`` meets at ``now`` (epoch ms):
+    FREE (no record), OWN, VERIFIED_OTHER (refused: sender_domain_not_owned), PENDING_OTHER (another
+    tenant's unverified claim, still live) or EXPIRED_OTHER (another tenant's expired claim: taken over)."""
+    if rec is None:
+        return FREE
+    if rec["tenant_id"] == tenant_id:
+        return OWN
+    if rec.get("verified"):
+        return VERIFIED_OTHER
+    return EXPIRED_OTHER if now >= claim_expires_ms(rec, expiry_ms) else PENDING_OTHER
+
+
+def from_domain(from_addr: str | None) -> str:
+    """The domain of a From address (``Name <local@domain>`` or a bare address), lower case; ''
+    without one. The API and the sender parse it the same way (the sender's dkim_core does too)."""
+    local, at, domain = parseaddr(from_addr or "")[1].rpartition("@")
+    return domain.rstrip(".").lower() if at and local else ""
+
+
+def sending_refusal(lookup: Callable[[str], dict[str, Any] | None], domain: str, tenant_id: str) -> str | None:
+    """Why mail of ``tenant_id`` From ``domain`` may not go out, or None when it may.
+
+    - the domain is the tenant's own registered domain and not verified yet: NOT_VERIFIED
+      ("Outbound email is blocked until the domain is verified");
+    - otherwise the nearest *verified* name at or above the domain decides (``news.example.com``
+      falls under a verified ``example.com``): another tenant's -> NOT_OWNED. Another tenant's
+      unverified claim blocks nothing, and a name nobody verified is not limited here."""
+    if not domain:
+        return None
+    rec = lookup(domain)
+    if rec is not None and rec["tenant_id"] == tenant_id:
+        return None if rec.get("verified") else NOT_VERIFIED
+    name = domain
+    while "." in name:  # the name itself, then each parent above it, never a bare top-level label
+        rec = lookup(name)
+        if rec is not None and rec.get("verified"):
+            return None if rec["tenant_id"] == tenant_id else NOT_OWNED
+        name = name.split(".", 1)[1]
+    return None
+
+
+def refusal_text(code: str, domain: str) -> str:
+    """The reason of a refused message: the stable code first, then what it means."""
+    if code == NOT_OWNED:
+        return f"{code}: the From domain {domain} is verified by another tenant"
+    return f"{code}: the From domain {domain} is registered but not verified; outbound email is blocked " \
+           "until the domain is verified"
+
+
+def released(entry: dict[str, Any], tenant_id: str, cmd_partition: int, ts_ms: int) -> tuple[
+        dict[str, Any], dict[str, Any] | None]:
+    """The ledger entry of a domain whose unverified claim passed to ``tenant_id`` (expired, or
+    out-proved in DNS), and the billing record of what the previous tenant counted this month (None
+    if nothing). The entry keeps its changelog partition ``p`` (a key lives on one changelog
+    partition for good) and follows the new tenant's command partition ``cp``; counters start at
+    zero, and ``since`` keeps the new tenant's events from before the takeover out of them."""
+    old = dict(entry)
+    roll(old, ts_ms)
+    billing = frozen(old, "released", ts_ms) if (old["msent"] or old["bounce"] or old["compl"]) else None
+    new = new_entry(entry["name"], tenant_id, entry["p"], ts_ms)
+    new.update(cp=cmd_partition, since=ts_ms, ver=False)
+    return new, billing

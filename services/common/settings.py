@@ -210,6 +210,10 @@ class Settings(BaseSettings):
     sns_clock_skew_s: int = Field(300, ge=0, le=3600)
     sns_replay_cache_size: int = Field(200_000, ge=1000, le=10_000_000)
 
+    # domain ownership (api/routes_domains, common/domain_quota): an unverified domain claim stops
+    # protecting its name against another tenant's registration this many hours after it was made
+    domain_claim_expiry_hours: float = Field(72.0, gt=0)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

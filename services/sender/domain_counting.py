@@ -1,4 +1,13 @@
-"""The outbound ledger's quotas, applied by the sender before each send.
+"""Who may send From a registered domain, and the outbound ledger's quotas, applied by the sender
+before each send.
+
+Ownership first (defence in depth: the API refuses the same messages at add-messages), from the
+domain registry (``dkim_sign.domains``, the Domain records) with ``domain_quota.sending_refusal``:
+mail From a domain verified by another tenant (or below one) is refused ``sender_domain_not_owned``,
+mail From the tenant's own registered but unverified domain ``sender_domain_not_verified`` (the
+seed: "Outbound email is blocked until the domain is verified"), both as a ``rejected`` event with
+nothing sent. Before refusing, the registry catches up with its topic, so a verification written
+just before the message was queued is always seen.
 
 Counting is the ledger's (``domain_ledger.domain_events`` counts every ``sent`` event of a
 registered domain exactly once); this check only reads the ledger entry of the message's From
@@ -11,12 +20,13 @@ domain, in this same process, and asks what one more message would get:
 - soft enforcement: the message goes out and is flagged (``<reason>_soft``: log line, metric and
   ``ctx.extra["domain_quota"]``) for billing.
 
-A message whose From domain is not registered, or registered by another tenant, is not limited
-here. The counters lag the sends by the time the ``sent`` event takes to come back, so under
+A message whose From domain nobody registered, or another tenant registered without verifying it,
+is not limited here. The counters lag the sends by the time the ``sent`` event takes to come back, so under
 concurrency a hard limit can be passed by the messages in flight (at most one per SMTP worker)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import Counter
@@ -24,16 +34,47 @@ from prometheus_client import Counter
 from services.common import domain_quota as q
 from services.sender import pipeline
 from services.sender.dkim_core import from_domain
+from services.sender.dkim_sign import domains
 from services.sender.domain_ledger import ledger
 
 log = logging.getLogger("postbus.sender.domains")
 
 QUOTA_DECISIONS = Counter("postbus_sender_domain_quota_total",
                           "Messages refused (hard) or flagged (soft) by their domain's outbound quota", ["reason"])
+OWNERSHIP_REFUSALS = Counter("postbus_sender_domain_ownership_refused_total",
+                             "Messages refused for their From domain's ownership or verification", ["reason"])
+REGISTRY_WAIT_S = 10.0  # at start-up: how long a check waits for the domain registry to load
+REGISTRY_RETRY_MS = 5_000  # ... and when the message is tried again if it is still loading
+
+
+async def ownership_check(ctx: pipeline.SendContext, domain: str) -> pipeline.Decision | None:
+    tenant_id = ctx.message["tenant_id"]
+    if not domains.ready.is_set():
+        try:
+            await asyncio.wait_for(domains.ready.wait(), REGISTRY_WAIT_S)
+        except TimeoutError:  # never decide on a half-loaded registry
+            return pipeline.Decision.defer("domain_registry_loading", ctx.now_ms + REGISTRY_RETRY_MS)
+    code = q.sending_refusal(domains.get, domain, tenant_id)
+    if code is None:
+        return None
+    try:  # a registration or verification written just before the message: decide on it
+        await domains.catch_up()
+    except Exception as exc:
+        log.warning("domain registry could not catch up", extra={"error": type(exc).__name__})
+    code = q.sending_refusal(domains.get, domain, tenant_id)
+    if code is None:
+        return None
+    OWNERSHIP_REFUSALS.labels(code).inc()
+    log.info("message refused for its From domain", extra={"domain": domain, "reason": code, "tenant_id": tenant_id})
+    return pipeline.Decision.reject(q.refusal_text(code, domain), event_type="rejected")
 
 
 async def domain_quota_check(ctx: pipeline.SendContext) -> pipeline.Decision | None:
     domain = from_domain(ctx.message)
+    if domain:
+        refused = await ownership_check(ctx, domain)
+        if refused is not None:
+            return refused
     entry = ledger.data.get(domain) if domain else None
     if entry is None or entry["tenant"] != ctx.message["tenant_id"]:
         return None

@@ -7,7 +7,14 @@ changelog-backed table ``domain_ledger`` (key = domain name, written on the comm
 Each change is published as a ``DomainStatus`` snapshot (compacted, read by the API) and each
 request is answered with a ``DomainResult`` the API is waiting for. An entry remembers the offset
 of the last command applied to it, so a command re-read after a crash is answered again but never
-counted twice. Resets are appended once per partition and touch the domains of that partition."""
+counted twice. Resets are appended once per partition and touch the domains of that partition.
+
+Ownership: an entry belongs to one tenant; another tenant's commands for it are ignored, except a
+``domain.update`` naming ``replaces_tenant`` = the entry's tenant (the API released that tenant's
+unverified claim: expired, or out-proved in DNS). The entry then passes to the new tenant with
+fresh counters (the old tenant's month goes to billing), unless the ledger knows the domain as
+verified (``ver``, from the ``verified`` flag every domain command of the owner carries): a verified
+domain never changes hands here, whatever a command says."""
 
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ COMMAND_FED_SOURCES = frozenset({"ses"})
 # the domain commands that change counters or limits (others, e.g. verification, are config only)
 LEDGER_COMMANDS = frozenset({"domain.update", "domain.increment", "domain.feedback", "domain.reset_daily",
                              "domain.reset_monthly"})
+# config-only commands: the ledger takes just their ``verified`` flag (ownership), nobody awaits an answer
+VERIFY_COMMANDS = frozenset({"domain.verify", "domain.verification", "domain.dkim_rotate"})
 
 
 @app.agent(commands_topic)
@@ -43,7 +52,7 @@ async def domain_commands(stream: Any) -> None:
     async for event in stream.events():
         try:
             _, env = codec().decode(event.value, expect="CommandEnvelope")
-            if env["type"] not in LEDGER_COMMANDS:
+            if env["type"] not in LEDGER_COMMANDS and env["type"] not in VERIFY_COMMANDS:
                 continue
             _, cmd = codec().decode(env["payload"], expect="DomainCommand")
         except DecodeError:
@@ -62,15 +71,28 @@ async def _apply(env: dict[str, Any], cmd: dict[str, Any], partition: int, offse
         return
     name, tenant_id = cmd["name"], cmd["tenant_id"] or env.get("tenant_id") or ""
     current = ledger.data.get(name)
-    if current is not None and current["tenant"] != tenant_id:
-        log.warning("domain command for another tenant's domain ignored", extra={"domain": name})
-        await _answer(cmd, tenant_id, found=False)
+    if ctype in VERIFY_COMMANDS:
+        await _note_verified(current, cmd, tenant_id)
         return
+    released = None
+    if current is not None and current["tenant"] != tenant_id:
+        if not (ctype == "domain.update" and cmd.get("replaces_tenant") == current["tenant"]
+                and not current.get("ver")):
+            log.warning("domain command for another tenant's domain ignored", extra={"domain": name})
+            await _answer(cmd, tenant_id, found=False)
+            return
+        released = q.released(current, tenant_id, partition, ts)  # the API released the unverified claim
+        log.info("unverified domain claim passed to another tenant", extra={"domain": name, "tenant_id": tenant_id})
     if current is None and ctype != "domain.update":
         await _answer(cmd, tenant_id, found=False)
         return
-    entry = dict(current) if current is not None else q.new_entry(name, tenant_id, partition, ts)
-    billing = q.roll(entry, ts)
+    if released is not None:
+        entry, billing = released
+    else:
+        entry = dict(current) if current is not None else q.new_entry(name, tenant_id, partition, ts)
+        billing = q.roll(entry, ts)
+    if cmd.get("verified") is not None:
+        entry["ver"] = bool(cmd["verified"])
     fresh = offset > entry["off"]
     if ctype == "domain.update":
         for field, key in (("status", "status"), ("daily_limit", "daily"), ("monthly_limit", "monthly"),
@@ -93,13 +115,26 @@ async def _apply(env: dict[str, Any], cmd: dict[str, Any], partition: int, offse
                   sent_month=entry["msent"], status_offset=status_offset)
 
 
+async def _note_verified(current: dict[str, Any] | None, cmd: dict[str, Any], tenant_id: str) -> None:
+    """The owner's verification state, kept for the ownership rule (a verified domain never changes
+    hands). Counters and limits are untouched: these commands carry the config record's limits,
+    which may predate an automatic suspension."""
+    if current is None or current["tenant"] != tenant_id or cmd.get("verified") is None:
+        return
+    if bool(current.get("ver")) == bool(cmd["verified"]):
+        return
+    entry = dict(current)
+    entry["ver"] = bool(cmd["verified"])
+    await _write([(entry, None)], q.now_ms())
+
+
 async def _reset(cmd: dict[str, Any], monthly: bool, partition: int, offset: int, ts: int) -> None:
     """Every domain of this partition: the daily (or monthly) counters go to zero; the monthly
     reset freezes the month's counters into a billing record first."""
     changes: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
     frozen: list[dict[str, Any]] = []
     for name, current in list(ledger.data.items()):
-        if current.get("p") != partition:
+        if current.get("cp", current.get("p")) != partition:  # the owner's command partition
             continue
         entry = dict(current)
         billing = q.roll(entry, ts)
@@ -187,6 +222,8 @@ async def _apply_event(name: str, ev: dict[str, Any], offset: int) -> None:
     current = ledger.data.get(name)
     if current is None or current["tenant"] != ev["tenant_id"] or offset <= current.get("eoff", -1):
         return
+    if int(ev["ts"]) < current.get("since", 0):
+        return  # the tenant's mail from before the domain passed to it
     ts = q.now_ms()
     entry = dict(current)
     billing = q.roll(entry, ts)
