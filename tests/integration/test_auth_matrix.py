@@ -84,10 +84,12 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/status"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/config"): Route("smtp"),
     ("GET", "/domains/{name}/outbound"): Route("domain"),
-    ("PUT", "/domains/{name}/outbound"): Route("domain", body={}),
+    # registering another tenant's unverified (live) claim: 409 domain_claim_pending; proving DNS
+    # control instead: its own challenge token (ses-verify) and the DNS check of it (ses-status)
+    ("PUT", "/domains/{name}/outbound"): Route("domain", body={}, overrides={"other": 409}),
     ("POST", "/domains/{name}/outbound/increment"): Route("domain"),
-    ("POST", "/domains/{name}/ses-verify"): Route("domain"),
-    ("GET", "/domains/{name}/ses-status"): Route("domain"),
+    ("POST", "/domains/{name}/ses-verify"): Route("domain", overrides={"other": 200}),
+    ("GET", "/domains/{name}/ses-status"): Route("domain", overrides={"other": 200}),
     ("GET", "/domains/{name}/dkim"): Route("domain"),
     ("POST", "/domains/{name}/dkim/rotate"): Route("domain", before=("POST", "/domains/{name}/ses-verify")),
     ("POST", "/outbound/reset-daily"): Route("admin"),

@@ -19,7 +19,7 @@ from services.common.avro import codec
 from services.common.topics import EVENTS
 from services.sender.dkim_core import verify
 from tests.conftest import Tenant, wait_until
-from tests.integration.test_domains import _Zone, dns_api  # noqa: F401  (module fixture: DNS server + API)
+from tests.integration.test_domains import _Zone, dns_api, verify_domain  # noqa: F401  (module fixture: DNS + API)
 from tests.support.smtp_server import FailFirst, RecordingSmtpServer
 
 pytestmark = pytest.mark.integration
@@ -103,10 +103,12 @@ def test_mail_from_a_verified_domain_is_dkim_signed_and_counted_once(
 
 @pytest.mark.parametrize("enforcement", ["hard", "soft"])
 def test_sender_applies_the_domain_quota(new_tenant: Callable[..., Tenant], smtp: RecordingSmtpServer,
-                                         admin: httpx.Client, enforcement: str) -> None:
+                                         admin: httpx.Client, dns_api: tuple[str, _Zone],  # noqa: F811
+                                         enforcement: str) -> None:
     t = new_tenant()
     name = domain()
     assert t.http.put(f"/domains/{name}/outbound", json={}).status_code == 200  # the tenant registers it
+    verify_domain(t, dns_api, name)  # outbound email is blocked until the domain is verified
     # quotas and enforcement are the operator's (services/api/field_policy.py)
     r = admin.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 2, "outbound_enforcement": enforcement})
     assert r.status_code == 200, r.text
@@ -147,10 +149,12 @@ def _event(t: Tenant, name: str, etype: str, i: int, ts: int, **kw: Any) -> dict
 
 
 def test_bounce_rate_suspends_the_domain_with_evidence(system: LocalSystem, new_tenant: Callable[..., Tenant],
-                                                      smtp: RecordingSmtpServer, admin: httpx.Client) -> None:
+                                                      smtp: RecordingSmtpServer, admin: httpx.Client,
+                                                      dns_api: tuple[str, _Zone]) -> None:  # noqa: F811
     t = new_tenant()
     name = domain()
     assert t.http.put(f"/domains/{name}/outbound", json={}).status_code == 200
+    verify_domain(t, dns_api, name)  # outbound email is blocked until the domain is verified
     ts = int(__import__("time").time() * 1000)
     # 100 sent (the minimum volume) and 3 DSN bounces: 3.0 % is not above the 3 % threshold
     sent = [_event(t, name, "sent", i, ts) for i in range(100)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import subprocess
 import sys
 import threading
@@ -94,16 +95,29 @@ def test_register_defaults_and_partial_update(new_tenant: Callable[..., Tenant],
     assert t.http.get(f"/domains/{other}/outbound").json()["outbound_daily_limit"] == 7
 
 
-def test_tenant_isolation(new_tenant: Callable[..., Tenant]) -> None:
+def test_tenant_isolation(new_tenant: Callable[..., Tenant], admin: httpx.Client) -> None:
     a, b = new_tenant(), new_tenant()
     name = domain()
-    register(a, name, outbound_daily_limit=5)
+    register(a, name)
+    assert admin.put(f"/domains/{name}/outbound", json={"outbound_daily_limit": 5}).status_code == 200
     inc(a.http, name)
-    for method, path in (("GET", "outbound"), ("PUT", "outbound"), ("POST", "outbound/increment"),
-                         ("POST", "ses-verify"), ("GET", "ses-status")):
-        r = b.http.request(method, f"/domains/{name}/{path}", json={} if method == "PUT" else None)
+    a_token = a.http.post(f"/domains/{name}/ses-verify").json()["ses_verification_token"]
+    for method, path in (("GET", "outbound"), ("POST", "outbound/increment"), ("GET", "dkim"),
+                         ("POST", "dkim/rotate")):
+        r = b.http.request(method, f"/domains/{name}/{path}")
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["error"]["code"] == "domain_not_found"
+    # registering a name another tenant claims (unverified, not expired): refused, with the way out
+    r = b.http.put(f"/domains/{name}/outbound", json={})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "domain_claim_pending", r.text
+    # ... which is proving DNS control with a token of its own (A's token proves nothing about B)
+    challenge = b.http.post(f"/domains/{name}/ses-verify")
+    assert challenge.status_code == 200, challenge.text
+    assert challenge.json()["ses_verification_token"] != a_token and challenge.json()["ses_dkim_tokens"] == []
+    assert "PRIVATE" not in challenge.text
+    r = b.http.get(f"/domains/{name}/ses-status")  # nothing published for B: still A's claim
+    assert r.status_code == 200 and r.json()["verification_status"] != "Success", r.text
+    assert a.http.get(f"/domains/{name}/outbound").status_code == 200
     r = b.http.put(f"/domains/{domain()}/outbound", json={"tenant_id": a.id})
     assert r.status_code == 401 and r.json()["error"]["code"] == "tenant_mismatch"
     for path in ("/outbound/reset-daily", "/outbound/reset-monthly"):
@@ -250,31 +264,40 @@ class _Zone(BaseResolver):
         return reply
 
 
-@pytest.fixture(scope="module")
-def dns_api(system: LocalSystem) -> Iterator[tuple[str, _Zone]]:
-    """A DNS server on loopback, and a second API process that resolves through it."""
+@contextlib.contextmanager
+def dns_server() -> Iterator[tuple[int, _Zone]]:
+    """A DNS server on loopback answering the TXT records the test publishes in the zone."""
     zone = _Zone()
     port = free_port()
     server = DNSServer(zone, port=port, address="127.0.0.1", tcp=False)
     server.start_thread()
+    try:
+        yield port, zone
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def extra_api(system: LocalSystem, log_name: str, **env_vars: str) -> Iterator[str]:
+    """Another API process of the running system with settings of its own; yields its URL."""
     api_port = free_port()
     env = system.service_env()
-    env.update(POSTBUS_API_PORT=str(api_port), POSTBUS_DNS_RESOLVERS=f"127.0.0.1:{port}", POSTBUS_DNS_TIMEOUT_S="2")
-    log = (system.logs_dir / "api-dns.log").open("ab")
+    env.update(POSTBUS_API_PORT=str(api_port), **env_vars)
+    log = (system.logs_dir / f"{log_name}.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "services.api"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{api_port}"
 
     def ready() -> bool:
-        assert proc.poll() is None, "the DNS-checking API exited"
+        assert proc.poll() is None, f"the API process {log_name} exited"
         try:
             return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
     try:
-        wait_until(ready, timeout=90, what="second API")
-        yield url, zone
+        wait_until(ready, timeout=90, what=log_name)
+        yield url
     finally:
         proc.terminate()
         try:
@@ -283,7 +306,36 @@ def dns_api(system: LocalSystem) -> Iterator[tuple[str, _Zone]]:
             proc.kill()
             proc.wait()
         log.close()
-        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dns_api(system: LocalSystem) -> Iterator[tuple[str, _Zone]]:
+    """A DNS server on loopback, and a second API process that resolves through it."""
+    with dns_server() as (port, zone), extra_api(system, "api-dns", POSTBUS_DNS_RESOLVERS=f"127.0.0.1:{port}",
+                                                 POSTBUS_DNS_TIMEOUT_S="2") as url:
+        yield url, zone
+
+
+def verify_domain(t: Tenant, dns: tuple[str, _Zone], name: str) -> dict[str, Any]:
+    """Registers (if needed) and verifies ``name`` for ``t`` through the DNS-checking API: its
+    records published in the test's zone; returns the ses-verify answer. Readable at once on the
+    main API too (its reads of the domain catch up before refusing anything)."""
+    url, zone = dns
+    with httpx.Client(base_url=url, headers={"X-API-Token": t.api_key}, timeout=30) as http:
+        # the tenant's key was written through the main API: wait until this process has read it
+        wait_until(lambda: http.get(f"/domains/{name}/outbound").status_code in (200, 404), timeout=60,
+                   what="key visible")
+        r = http.post(f"/domains/{name}/ses-verify")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        with zone.lock:
+            for rec in body["dns_records"]:
+                zone.txt[rec["name"]] = [*zone.txt.get(rec["name"], []), rec["value"]]
+        r = http.get(f"/domains/{name}/ses-status")
+        assert r.status_code == 200 and r.json()["ses_verified"] is True, r.text
+    wait_until(lambda: t.http.get(f"/domains/{name}/outbound").json().get("ses_verified"), timeout=30,
+               what="verified on the main API")
+    return body  # type: ignore[no-any-return]
 
 
 def test_ses_status_against_published_records(new_tenant: Callable[..., Tenant],

@@ -120,14 +120,24 @@ def test_ses_verify_registers_a_new_domain_and_keeps_tenants_apart(ses_sys: SesS
         assert r.status_code == 200, r.text
         out = owner.get(f"/domains/{name}/outbound")
         assert out.status_code == 200 and out.json()["ses_verified"] is False
+        # the owner's claim is unverified and live: SES identities are the platform's, so another
+        # tenant cannot prove anything through SES; it waits for the claim to expire
         for call in (lambda: other.post(f"/domains/{name}/ses-verify"),
-                     lambda: other.get(f"/domains/{name}/ses-status")):
+                     lambda: other.get(f"/domains/{name}/ses-status"),
+                     lambda: other.put(f"/domains/{name}/outbound", json={})):
             resp = call()
-            assert resp.status_code == 404 and resp.json()["error"]["code"] == "domain_not_found"
+            assert resp.status_code == 409 and resp.json()["error"]["code"] == "domain_claim_pending", resp.text
         unknown = domain()
         assert ses_sys.admin.post(f"/domains/{unknown}/ses-verify").status_code == 404
         assert unknown not in ses_sys.ses().list_identities()["Identities"]
         assert owner.get(f"/domains/{name}/ses-status").json()["ses_verified"] is True
+        # verified: the owner's for good
+        for call in (lambda: other.post(f"/domains/{name}/ses-verify"),
+                     lambda: other.get(f"/domains/{name}/ses-status"),
+                     lambda: other.put(f"/domains/{name}/outbound", json={})):
+            resp = call()
+            assert resp.status_code == 409 and resp.json()["error"]["code"] == "sender_domain_not_owned", resp.text
+        assert other.get(f"/domains/{name}/outbound").status_code == 404
 
 
 def test_ses_unreachable_is_503_without_provider_details(ses_sys: SesSystem) -> None:
