@@ -269,3 +269,26 @@ def test_metrics_require_admin_setting() -> None:
     r = client.get("/metrics", headers={"Authorization": "Bearer unit-admin-token"})
     assert r.status_code == 200 and 'gmp_sent_total{tenant_id="t1",account_id="main"} 3.0' in r.text
     assert len(calls) == 1
+
+
+# -- every service refuses to start outside dev mode without the token ----------------------------
+
+@pytest.mark.parametrize("module", ["services.metrics", "services.api", "services.sender", "services.reporter",
+                                    "services.sender.inbound"])
+def test_every_service_refuses_to_start_without_the_token(module: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBUS_")}
+    env.update(PYTHONPATH=str(repo), POSTBUS_STATE_DIR=str(tmp_path), POSTBUS_SECRET_KEY=Fernet.generate_key().decode(),
+               POSTBUS_ADMIN_TOKEN="unit-admin-token-0123456789", POSTBUS_KAFKA_BOOTSTRAP="127.0.0.1:1",
+               **{f"POSTBUS_{p}_PORT": "0" for p in ("API", "METRICS", "SENDER_METRICS", "REPORTER_METRICS",
+                                                     "INBOUND_METRICS", "INBOUND_SMTP")})
+    res = subprocess.run([sys.executable, "-m", module], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0
+    assert "POSTBUS_INTERNAL_TOKEN is not set" in res.stdout + res.stderr
+    assert not (tmp_path / internal_auth.TOKEN_FILE).exists()
