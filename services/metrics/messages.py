@@ -20,11 +20,14 @@ send, not a pending message that will never go out.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any
+
+from services.common.netpolicy import safe_url
 
 if TYPE_CHECKING:
     from services.metrics.store import Store
@@ -36,7 +39,7 @@ ACTIVE = ("pending", "deferred")
 
 MESSAGE_COLUMNS: tuple[str, ...] = (
     "tenant_id", "id", "pk", "account_id", "priority", "batch_code", "deferred_ms", "accepted_ms",
-    "subject", "from_addr", "to_addrs", "seq", "rcpt_addrs",
+    "subject", "from_addr", "to_addrs", "seq", "rcpt_addrs", "payload",
 )
 MARK_COLUMNS: tuple[str, ...] = ("tenant_id", "id", "kind", "seq", "ts_ms")
 REPORTED_COLUMNS: tuple[str, ...] = ("tenant_id", "event_id", "message_id", "ts_ms")
@@ -65,6 +68,8 @@ DDL = [
     # every envelope recipient (to + cc + bcc, bare, lower case): inbound feedback is attributed
     # only to these (services/metrics/inbound_lookup.py); added to older tables
     "ALTER TABLE messages ADD COLUMN IF NOT EXISTS rcpt_addrs Array(String) DEFAULT []",
+    # the message as submitted (client field names; secrets and attachment contents excluded), JSON
+    "ALTER TABLE messages ADD COLUMN IF NOT EXISTS payload String DEFAULT ''",
     # delete / cleanup marks per id; tenant deletion is a mark with id ''
     """
     CREATE TABLE IF NOT EXISTS message_marks (
@@ -104,8 +109,52 @@ def message_rows(add: dict[str, Any], offset: int) -> list[list[Any]]:
             m.get("subject") or "", m.get("from_addr") or "", list(m.get("to") or []),
             offset * SEQ_STRIDE + i,
             envelope_recipients(m),
+            json.dumps(submitted_payload(m), separators=(",", ":"), ensure_ascii=False),
         ])
     return rows
+
+
+def submitted_payload(m: dict[str, Any]) -> dict[str, Any]:
+    """The seed's ``payload``: the message as the client submitted it, in the client's field names,
+    without secrets (attachment auth) or attachment contents (base64 data; an ``http_url``'s query
+    and userinfo, where signed-URL credentials live)."""
+    out: dict[str, Any] = {"id": m["id"], "account_id": m.get("account_id") or None, "from": m.get("from_addr"),
+                           "to": list(m.get("to") or [])}
+    for name in ("cc", "bcc"):
+        if m.get(name):
+            out[name] = list(m[name])
+    for name in ("reply_to", "return_path", "subject", "message_id", "batch_code", "track_opens", "track_clicks"):
+        if m.get(name) is not None:
+            out[name] = m[name]
+    if m.get("body_html") is not None and m.get("body_text") is None:
+        out["body"], out["content_type"] = m["body_html"], "html"
+    else:
+        out["body"] = m.get("body_text")
+        if m.get("body_html") is not None:
+            out["html"] = m["body_html"]
+    if m.get("headers"):
+        out["headers"] = dict(m["headers"])
+    out["priority"] = int(m.get("priority", 2))
+    if m.get("deferred_ts"):
+        out["deferred_ts"] = round(int(m["deferred_ts"]) / 1000.0, 3)
+    if m.get("attachments"):
+        out["attachments"] = [_attachment_descriptor(a) for a in m["attachments"]]
+    return out
+
+
+def _attachment_descriptor(a: dict[str, Any]) -> dict[str, Any]:
+    d: dict[str, Any] = {"filename": a.get("filename"), "fetch_mode": a.get("fetch_mode")}
+    mode = a.get("fetch_mode")
+    if mode == "http_url":
+        d["storage_path"] = safe_url(a.get("storage_path") or "")
+    elif mode != "base64":  # endpoint / storage: a path, not content
+        d["storage_path"] = a.get("storage_path")
+    for name in ("mime_type", "content_md5"):
+        if a.get(name):
+            d[name] = a[name]
+    if a.get("auth"):
+        d["auth"] = {"method": a["auth"].get("method")}  # never the secret
+    return d
 
 
 def envelope_recipients(m: dict[str, Any]) -> list[str]:
@@ -148,6 +197,8 @@ class MessageState:
     last_event_ms: int = 0
     n_reportable: int = 0
     n_reported: int = 0
+    next_try_ms: int = 0  # the deferral of the last event, when it is a deferral
+    attempts: int = 0  # SMTP attempts so far
 
     @property
     def sort_key(self) -> tuple[int, int, str]:
@@ -166,7 +217,11 @@ class MessageState:
             "account_id": s.get("account_id") or None,
             "priority": s.get("priority", 2) if s else None,
             "batch_code": s.get("batch_code") or None,
-            "deferred_ts": _sec(s.get("deferred_ms")),
+            # when it will be tried next: the sender's deferral (retry, rate limit, throttle), else
+            # the client's requested time
+            "deferred_ts": _sec(self.next_try_ms if self.status == "deferred" and self.next_try_ms
+                                else s.get("deferred_ms")),
+            "retry_count": self.attempts,
             "sent_ts": _sec(self.sent_ms),
             "smtp_ts": _sec(self.sent_ms),  # the seed's name for the send time
             "error_ts": _sec(self.error_ms),
@@ -176,10 +231,15 @@ class MessageState:
             "subject": s.get("subject"),
             "accepted_ts": _sec(s.get("accepted_ms")),
         }
-        out["payload"] = {"id": self.id, "from": s.get("from_addr"), "to": s.get("to_addrs") or [],
-                          "subject": s.get("subject"), "account_id": out["account_id"],
-                          "priority": out["priority"], "batch_code": out["batch_code"],
-                          "deferred_ts": out["deferred_ts"]} if s else None
+        if not s:
+            out["payload"] = None
+        elif s.get("payload"):
+            out["payload"] = json.loads(s["payload"])
+        else:  # rows ingested before the payload column: what the projection kept
+            out["payload"] = {"id": self.id, "from": s.get("from_addr"), "to": s.get("to_addrs") or [],
+                              "subject": s.get("subject"), "account_id": out["account_id"],
+                              "priority": out["priority"], "batch_code": out["batch_code"],
+                              "deferred_ts": _sec(s.get("deferred_ms"))}
         return out
 
 
@@ -195,7 +255,7 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
     subs_sql = f"""
         SELECT id, argMax(pk, seq), argMax(account_id, seq), argMax(priority, seq), argMax(batch_code, seq),
                argMax(deferred_ms, seq), argMax(accepted_ms, seq), argMax(subject, seq),
-               argMax(from_addr, seq), argMax(to_addrs, seq), max(seq)
+               argMax(from_addr, seq), argMax(to_addrs, seq), max(seq), argMax(payload, seq)
         FROM messages WHERE tenant_id = {{t:String}}{_ids_filter("id", ids)}
         GROUP BY id
     """
@@ -211,10 +271,13 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
                countIf(e.etype IN {{rep:Array(String)}} AND r.rms > 0),
                max(r.rms),
                countIf(e.etype = 'sent'), countIf(e.etype = 'error'), countIf(e.etype = 'rejected'),
-               countIf(e.etype = 'deleted')
+               countIf(e.etype = 'deleted'),
+               argMax(e.du, e.ms), max(e.att)
         FROM (
             SELECT event_id, any(message_id) AS mid, any(pk) AS epk, any(type) AS etype,
-                   toUnixTimestamp64Milli(any(ts)) AS ms, any(error) AS err
+                   toUnixTimestamp64Milli(any(ts)) AS ms, any(error) AS err,
+                   if(any(type) = 'deferred', toUnixTimestamp64Milli(any(deferred_until)), 0) AS du,
+                   if(any(type) IN ('sent', 'error', 'deferred'), any(attempt), 0) AS att
             FROM events WHERE tenant_id = {{t:String}}{_ids_filter("message_id", ids)}
             GROUP BY event_id
         ) AS e
@@ -249,7 +312,7 @@ def message_states(store: Store, tenant_id: str, ids: Sequence[str] | None = Non
         mid, seq = r[0], int(r[10])
         sub = {"pk": r[1], "account_id": r[2], "priority": int(r[3]), "batch_code": r[4],
                "deferred_ms": int(r[5]), "accepted_ms": int(r[6]), "subject": r[7], "from_addr": r[8],
-               "to_addrs": list(r[9])}
+               "to_addrs": list(r[9]), "payload": r[11]}
         delete_seq, hide_seq, _ = mark_by_id.get(mid, no_mark)
         if max(hide_seq, tenant_hide_seq) > seq:
             continue  # cleaned up, or its tenant deleted
@@ -292,10 +355,12 @@ def _apply_events(st: MessageState, ev: tuple[Any, ...] | None) -> None:
     if ev is None:
         return
     (_, _, sent_ms, err_ms, err, last_type, last_ms, n_rep, n_done, rep_ms,
-     n_sent, n_error, n_rejected, n_deleted) = ev
+     n_sent, n_error, n_rejected, n_deleted, last_du, attempts) = ev
     st.sent_ms, st.error_ms, st.last_event_ms = int(sent_ms), int(err_ms), int(last_ms)
     st.error = err or None if err_ms else None
     st.n_reportable, st.n_reported, st.reported_ms = int(n_rep), int(n_done), int(rep_ms or 0)
+    st.next_try_ms = int(last_du or 0) if last_type == "deferred" else 0
+    st.attempts = int(attempts or 0)
     # final outcomes win over the event order (a late duplicate deferred cannot reopen a sent message)
     if n_deleted:
         st.status = "deleted"
@@ -340,7 +405,8 @@ def message_history(store: Store, tenant_id: str, states: Sequence[MessageState]
         if pk_of.get(mid) not in (pk, ""):
             continue  # an earlier, replaced submission of the same id
         out[mid].append({
-            "event_id": eid, "type": type_, "ts": _sec(ms), "error": error or None, "smtp_code": code,
+            "event_id": eid, "type": type_, "event_type": type_, "ts": _sec(ms), "error": error or None,
+            "smtp_code": code,
             "deferred_until": _sec(du), "deferred_reason": reason or None, "attempt": int(attempt),
             "reported_ts": _sec(rms),
         })

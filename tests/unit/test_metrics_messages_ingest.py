@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,32 @@ def test_add_messages_become_submission_rows_in_command_order() -> None:
     assert ctype == "messages.add"
     rows = [dict(zip(mp.MESSAGE_COLUMNS, r, strict=True)) for r in tables["messages"]]
     assert [(r["id"], r["seq"]) for r in rows] == [("m1", 7 * mp.SEQ_STRIDE), ("m2", 7 * mp.SEQ_STRIDE + 1)]
+    payload = json.loads(rows[0].pop("payload"))
     assert rows[0] == {"tenant_id": "t-a", "id": "m1", "pk": "p1", "account_id": "acc", "priority": 0,
                             "batch_code": "b", "deferred_ms": 5000, "accepted_ms": 42, "subject": "hi",
                             "from_addr": "a@x.test", "to_addrs": ["b@y"], "seq": 7 * mp.SEQ_STRIDE,
                             "rcpt_addrs": ["b@y"]}
+    # the seed's payload: the message as submitted, in the client's field names
+    assert payload == {"id": "m1", "account_id": "acc", "from": "a@x.test", "to": ["b@y"], "subject": "hi",
+                       "batch_code": "b", "body": None, "priority": 0, "deferred_ts": 5.0}
+
+
+def test_payload_excludes_secrets_and_attachment_contents() -> None:
+    msg = {"id": "m1", "account_id": "acc", "from_addr": "a@x.test", "to": ["b@y"], "subject": "hi",
+           "body_text": "text", "attachments": [
+               {"filename": "a.txt", "fetch_mode": "base64", "storage_path": "c2VjcmV0IGNvbnRlbnQ=", "mime_type": None,
+                "content_md5": None, "auth": None},
+               {"filename": "b.pdf", "fetch_mode": "http_url",
+                "storage_path": "https://u:pw@files.example/b.pdf?X-Amz-Signature=abc", "mime_type": None,
+                "content_md5": None, "auth": {"method": "bearer", "user": None, "secret_enc": "gAAAA-secret"}}]}
+    p = mp.submitted_payload(msg)
+    text = json.dumps(p)
+    for secret in ("c2VjcmV0IGNvbnRlbnQ=", "pw@", "X-Amz-Signature", "gAAAA-secret"):
+        assert secret not in text
+    assert p["body"] == "text"
+    assert p["attachments"] == [{"filename": "a.txt", "fetch_mode": "base64"},
+                                {"filename": "b.pdf", "fetch_mode": "http_url",
+                                 "storage_path": "https://files.example/b.pdf", "auth": {"method": "bearer"}}]
 
 
 def test_delete_cleanup_and_tenant_delete_become_marks() -> None:
