@@ -42,7 +42,8 @@ def two_senders() -> Iterator[tuple[LocalSystem, str]]:
     shutil.rmtree(state, ignore_errors=True)
     sys_ = LocalSystem.with_free_ports(state, admin_token=ADMIN, kafka_heap="256m", env={
         "POSTBUS_SENDER_RATE_MINUTE_S": str(MINUTE_S), "POSTBUS_SENDER_MX_LOOKUP": "0",
-        "POSTBUS_REPORTER_FLUSH_MS": "200"})
+        "POSTBUS_REPORTER_FLUSH_MS": "200",
+        "POSTBUS_ALLOW_PRIVATE_NETWORKS": "1"})  # loopback client apps and SMTP server
     sys_.start()
     port = free_port()
     env = sys_.service_env()
