@@ -33,6 +33,48 @@ async def _window_counts(st: ApiState, tenant_id: str, window: str) -> dict[str,
     return r.json()  # type: ignore[no-any-return]
 
 
+def _domain_states(request: Request, tenant_id: str) -> list[tuple[str, str]]:
+    """(domain, enforced status) of the tenant's registered sending domains."""
+    runtime = getattr(request.app.state, "postbus_domains", None)
+    if runtime is None:
+        return []
+    out = []
+    for rec in runtime.domains.items.values():
+        if rec.get("tenant_id") != tenant_id:
+            continue
+        status = runtime.status.get(rec["name"])
+        if status is not None and status.get("tenant_id") != tenant_id:
+            status = None
+        fresh = status and status.get("status") and status.get("updated_ts", 0) >= rec.get("updated_ts", 0)
+        out.append((rec["name"], str(status["status"] if fresh else rec.get("status") or "active")))
+    return sorted(out)
+
+
+def _sending_state(request: Request, st: ApiState, tenant_id: str) -> tuple[list[str], list[str]]:
+    """Whether the tenant's mail goes out now, and why not / what holds part of it: the instance
+    switch, the tenant's active flag, its suspend-all or suspended batches, suspended domains.
+    Returns (what stops all of it, what holds part of it); sending is enabled when the first is empty."""
+    blocked: list[str] = []
+    partial: list[str] = []
+    instance = st.instance.get("instance") if st.instance is not None else None
+    if instance is not None and instance.get("active") is False:
+        blocked.append("sending is paused for the whole instance")
+    if (st.tenants.get(tenant_id) or {}).get("active", True) is False:
+        blocked.append("the tenant is inactive")
+    susp = st.suspensions.get(tenant_id) if st.suspensions is not None else None
+    if susp and susp.get("all"):
+        blocked.append("all of the tenant's mail is suspended")
+    elif susp and susp.get("batches"):
+        partial.append("suspended batches: " + ", ".join(susp["batches"]))
+    domains = _domain_states(request, tenant_id)
+    suspended = [name for name, status in domains if status == "suspended"]
+    if domains and len(suspended) == len(domains):
+        blocked.append("every sending domain is suspended: " + ", ".join(suspended))
+    elif suspended:
+        partial.append("suspended sending domains: " + ", ".join(suspended))
+    return blocked, partial
+
+
 @router.get("/metrics", summary="Aggregated deliverability metrics over a window")
 async def smtp_metrics(tenant_id: str, request: Request,
                        window: str = Query("24h", description="Nh or Nd, e.g. 24h, 7d, 30d")) -> dict[str, Any]:
@@ -40,6 +82,8 @@ async def smtp_metrics(tenant_id: str, request: Request,
     await authorize(request, st, tenant_id, {"smtp:read"})
     m = await _window_counts(st, tenant_id, window)
     band, recommendations, _, _ = assess(m, thresholds_from(st.settings))
+    if _sending_state(request, st, tenant_id)[0]:
+        band = "suspended"
     data = {
         "window": window,
         "sent": m.get("sent", 0),
@@ -62,14 +106,20 @@ async def smtp_status(tenant_id: str, request: Request) -> dict[str, Any]:
     await authorize(request, st, tenant_id, {"smtp:read"})
     m = await _window_counts(st, tenant_id, "24h")
     band, recommendations, bounce_rate, complaint_rate = assess(m, thresholds_from(st.settings))
-    tenant = st.tenants.get(tenant_id) or {}
-    notes = "; ".join(r["message"] for r in recommendations if r["severity"] != "info") or None
+    blocked, partial = _sending_state(request, st, tenant_id)
+    held = int(m.get("throttled", 0))
+    if held:
+        partial.append(f"{held} message(s) held by rate limits or destination throttling")
+    if blocked:
+        band = "suspended"
+    notes = blocked + partial + [r["message"] for r in recommendations if r["severity"] != "info"]
     return {"success": True, "data": {
-        "sending_enabled": bool(tenant.get("active", True)),
+        "sending_enabled": not blocked,
         "recent_bounce_rate": round(bounce_rate, 6),
         "recent_complaint_rate": round(complaint_rate, 6),
         "reputation_band": band,
-        "enforcement": {"throttled": False, "notes": notes},
+        # throttled: part of the tenant's mail is held now (limits, suspended batches or domains)
+        "enforcement": {"throttled": bool(blocked or partial), "notes": "; ".join(notes) or None},
     }}
 
 
@@ -81,7 +131,8 @@ def _sum_limit(values: list[int | None]) -> int | None:
 
 
 # Domain record dkim_status (seed vocabulary of ses-status) -> the tenant API's vocabulary
-_DKIM_STATUS = {"Success": "verified", "NotStarted": "not_configured"}
+_DKIM_STATUS = {"Success": "verified", "NotStarted": "not_configured", "Failed": "failed",
+                "TemporaryFailure": "failed", "Pending": "pending"}
 
 
 async def _from_domains(request: Request, tenant_id: str, tenant: dict[str, Any]) -> list[dict[str, Any]]:

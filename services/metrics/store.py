@@ -145,13 +145,18 @@ def parse_window(window: str) -> int:
 @dataclass(frozen=True)
 class Counts:
     values: dict[str, int]
+    # sent and never hard-bounced since (None: not computed, e.g. for grouped analytics: = sent)
+    delivered: int | None = None
+    # messages held right now by a rate limit or destination throttle (deferred, due in the future)
+    throttled: int = 0
 
     def as_dict(self) -> dict[str, int]:
         out = {field: 0 for field in OUTCOME_FIELDS.values()}
         for type_, n in self.values.items():
             if type_ in OUTCOME_FIELDS:
                 out[OUTCOME_FIELDS[type_]] = n
-        out["delivered"] = out["sent"]  # until delivery receipts/bounces refine it
+        out["delivered"] = out["sent"] if self.delivered is None else self.delivered
+        out["throttled"] = self.throttled
         return out
 
 
@@ -244,7 +249,35 @@ class Store:
                 """,
                 parameters={"tenant": tenant_id, "f": int(from_ms), "t": int(to_ms)},
             )
-        return Counts({str(t): int(n) for t, n in res.result_rows})
+            # delivered: sent in the window and not hard-bounced later (whenever the bounce came)
+            delivered = self._client.query(
+                """
+                SELECT uniqExactIf(message_id, type = 'sent' AND ts >= fromUnixTimestamp64Milli({f:Int64}, 'UTC')
+                                   AND ts <= fromUnixTimestamp64Milli({t:Int64}, 'UTC'))
+                FROM events
+                WHERE tenant_id = {tenant:String}
+                  AND message_id NOT IN (SELECT message_id FROM events WHERE tenant_id = {tenant:String}
+                                         AND type = 'bounce' AND bounce_type != 'soft')
+                """,
+                parameters={"tenant": tenant_id, "f": int(from_ms), "t": int(to_ms)},
+            ).result_rows[0][0]
+            # held by a limit right now: the message's newest event is such a deferral, due later
+            throttled = self._client.query(
+                """
+                SELECT count() FROM (
+                    SELECT message_id, argMax(type, ts) AS last, argMax(deferred_reason, ts) AS reason,
+                           argMax(deferred_until, ts) AS until
+                    FROM events
+                    WHERE tenant_id = {tenant:String} AND type IN ('deferred', 'sent', 'error', 'deleted')
+                      AND ts >= now64(3) - INTERVAL 2 DAY
+                    GROUP BY message_id
+                )
+                WHERE last = 'deferred' AND reason IN ('rate_limit', 'destination_throttle') AND until > now64(3)
+                """,
+                parameters={"tenant": tenant_id},
+            ).result_rows[0][0]
+        return Counts({str(t): int(n) for t, n in res.result_rows}, delivered=int(delivered),
+                      throttled=int(throttled))
 
     def counters(self) -> dict[str, Any]:
         """All-time delivery counters per (tenant, account) and the pending-message count, for the
