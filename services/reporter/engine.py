@@ -98,14 +98,21 @@ class Reporter:
     # -- control --------------------------------------------------------------------------------
 
     def run_now(self, tenant_id: str | None, override_dnd: bool = False) -> None:
-        """run-now: wake one tenant (or all). Only a tenant's own run-now may override its DND."""
+        """run-now: wake one tenant (or all). Only a tenant's own run-now may override its DND and
+        force an (empty) call; the admin's wakes every loop and forces a call only where reports are
+        pending. An inactive tenant is never forced."""
         targets = [tenant_id] if tenant_id else list(set(self.state) | set(self.pending))
         for tid in targets:
             st = self._state(tid)
+            tenant = self._tenants(tid)
+            if tenant is not None and tenant.get("active", True) is False:
+                st.wake.set()
+                continue
             if override_dnd and tenant_id:
                 st.dnd_until = 0.0
                 self.dirty.add(tid)
-            st.force = True
+            if tenant_id or self.pending.get(tid):
+                st.force = True
             st.wake.set()
 
     def on_tenant_change(self, tenant_id: str, tenant: dict[str, Any] | None) -> None:

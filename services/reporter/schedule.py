@@ -66,11 +66,11 @@ def next_action(
         # queued > 0 is an explicit request for an immediate call; it wins over a standing
         # next_sync_after (clients that always return one would otherwise stall the fast loop)
         return "empty", 0.0
+    if not active:
+        return None, None  # no empty calls to an inactive tenant, forced or not
     if st.in_dnd(now):
         return None, st.dnd_until - now
     if st.force:
         return "empty", 0.0
-    if not active:
-        return None, None
     due = st.last_sync_ts + interval_s
     return ("empty", 0.0) if now >= due else (None, due - now)

@@ -222,3 +222,36 @@ async def test_an_oversized_answer_is_not_an_acknowledgement() -> None:
         assert len(client.calls) >= 2  # the first (oversized) answer did not count
     finally:
         await rep.stop()
+
+
+async def test_admin_run_now_forces_only_pending_tenants_and_never_an_inactive_one() -> None:
+    client = Client([(200, {"ok": True, "next_sync_after": 4e9})])
+    tenants = {"acme": dict(TENANT), "idle": {**TENANT, "id": "idle", "client_base_url": "http://idle.test"},
+               "off": {**TENANT, "id": "off", "active": False, "client_base_url": "http://off.test"}}
+    acked: list[tuple[str, int]] = []
+
+    async def ack(entries: list[tuple[str, int]]) -> None:
+        acked.extend(entries)
+
+    s = Settings(reporter_flush_ms=10, reporter_retry_max_s=0.05, reporter_batch_size=3)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(client.handler))
+    rep = Reporter(s, tenants.get, ack, lambda enc: f"dec({enc})", http, resolving_to("93.184.216.34"))
+    for tid in tenants:
+        rep.restore(tid, 1.0, 4e9)  # every tenant in DND: no call of its own
+    await rep.start()
+    try:
+        rep.run_now(None)  # admin, nothing pending anywhere: no forced empty calls
+        await asyncio.sleep(0.2)
+        assert client.calls == []
+        rep.add("acme", "acme\x1fe2", item(2), 0)
+        rep.run_now(None)
+        await wait_until(lambda: ("acme\x1fe2", 0) in acked)
+        assert {req.headers["host"] for req, _ in client.calls} == {"client.test"}  # only the pending tenant
+        # positive control: an active tenant's own run-now overrides its DND with an empty call
+        rep.run_now("idle", override_dnd=True)
+        await wait_until(lambda: any(req.headers["host"] == "idle.test" for req, _ in client.calls))
+        rep.run_now("off", override_dnd=True)  # an inactive tenant: never
+        await asyncio.sleep(0.3)
+        assert not any(req.headers["host"] == "off.test" for req, _ in client.calls)
+    finally:
+        await rep.stop()
