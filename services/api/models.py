@@ -134,6 +134,7 @@ class AddMessagesIn(BaseModel):
 class RejectedItem(BaseModel):
     id: str | None
     reason: str
+    code: str | None = Field(None, description="stable identifier of the reason, where one is defined")
 
 
 class AddMessagesOut(BaseModel):
@@ -301,8 +302,20 @@ class CommandLogEntry(BaseModel):
     offset: int
 
 
+class GenroCommand(BaseModel):
+    """One command in genro-mail-proxy 0.6's field names (the same commands as ``entries``)."""
+
+    id: str
+    command_ts: float = Field(..., description="unix seconds")
+    endpoint: str | None = None
+    tenant_id: str | None = None
+    payload: Any = None
+    response_status: int = Field(200, description="every command on the topic was accepted")
+
+
 class CommandLogPage(BaseModel):
     ok: bool = True
     entries: list[CommandLogEntry]
+    commands: list[GenroCommand] = Field(default_factory=list, description="the entries, as genro 0.6 names them")
     count: int
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")

@@ -22,6 +22,7 @@ from services.api.models import (
     BounceConfigOut,
     CommandLogEntry,
     CommandLogPage,
+    GenroCommand,
     InstanceIn,
     InstanceOut,
     InstanceResp,
@@ -150,10 +151,11 @@ async def get_command_log(
     type: str | None = Query(None, description="command type, e.g. tenant.create"),
     limit: int = Query(command_log.DEFAULT_LIMIT, ge=1, description="at most 1000"),
     cursor: str | None = Query(None, max_length=10000, description="next_cursor of the previous page"),
+    since_ts: float | None = Query(None, ge=0, le=1e14, description="genro 0.6 name of since"),
 ) -> CommandLogPage:
     st = state_of(request)
     require_admin(authenticate(request, st))
-    filters = _filters(tenant_id, since, until, route, type)
+    filters = _filters(tenant_id, since if since is not None else since_ts, until, route, type)
     try:
         entries, next_cursor = await command_log.read_page(st.settings.kafka_bootstrap, filters, cursor, limit)
     except command_log.InvalidCursor as exc:
@@ -161,6 +163,9 @@ async def get_command_log(
     except (KafkaError, command_log.CommandLogUnavailable) as exc:
         raise ApiError(503, "command_log_unavailable", f"the command topic cannot be read: {exc}") from exc
     return CommandLogPage(entries=[CommandLogEntry(**e) for e in entries], count=len(entries),
+                          commands=[GenroCommand(id=e["command_id"], command_ts=e["ts"] / 1000.0,
+                                                 endpoint=e.get("route"), tenant_id=e.get("tenant_id"),
+                                                 payload=e.get("payload")) for e in entries],
                           next_cursor=next_cursor)
 
 

@@ -72,9 +72,12 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
     rejected: list[dict[str, Any]] = []
     to_report: dict[str, list[dict[str, Any]]] = {}  # tenant -> rejected items reported as errors
 
-    def reject(raw: Any, reason: str, report: bool = True) -> None:
+    def reject(raw: Any, reason: str, report: bool = True, code: str | None = None) -> None:
         mid = raw.get("id") if isinstance(raw, dict) else None
-        rejected.append({"id": str(mid) if mid not in (None, "") else None, "reason": reason})
+        item = {"id": str(mid) if mid not in (None, "") else None, "reason": reason}
+        if code:
+            item["code"] = code  # a stable identifier beside the seed's human-readable reason
+        rejected.append(item)
         tenant_id = _attributable_tenant(st, actor, raw) if report else None
         if tenant_id is not None:
             account = raw.get("account_id")
@@ -93,7 +96,7 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
                 encrypt=st.box.encrypt,
             )
         except Rejected as exc:
-            reject(raw, str(exc))
+            reject(raw, str(exc), code=exc.code)
             continue
         refusal = await from_domains.refusal(msg)  # sender_domain_not_owned / sender_domain_not_verified
         if refusal is not None:
@@ -113,19 +116,22 @@ async def add_messages(body: AddMessagesIn, request: Request) -> Any:
         if sent:
             for m in msgs:
                 if m["id"] in sent:
-                    rejected.append({"id": m["id"], "reason": "already sent"})
+                    rejected.append({"id": m["id"], "reason": "already sent", "code": "already_sent"})
             by_tenant[tenant_id] = [m for m in msgs if m["id"] not in sent]
 
     queued = sum(len(m) for m in by_tenant.values())
     await _append_rejections(st, actor, to_report)
-    if body.messages and queued == 0:
+    # genro 0.6: a batch refused only as "already sent" is an idempotent retry (200, queued 0)
+    if body.messages and queued == 0 and not all(r.get("code") == "already_sent" for r in rejected):
         return JSONResponse(
             {"ok": False, "queued": 0, "rejected": rejected,
-             "error": {"code": "all_rejected", "message": "every message was rejected"}},
+             "error": {"code": "all_rejected", "message": "every message was rejected"},
+             "detail": {"rejected": rejected}},  # where genro 0.6 clients read the reasons
             status_code=400,
         )
     await _append(st, actor, by_tenant)
-    return AddMessagesOut(ok=True, queued=queued, rejected=rejected)
+    # as built: "code" only on the items that have one (the seed's items are {id, reason})
+    return JSONResponse({"ok": True, "queued": queued, "rejected": rejected})
 
 
 async def _append(st: ApiState, actor: Actor, by_tenant: dict[str, list[dict[str, Any]]]) -> None:
