@@ -30,6 +30,7 @@ TENANT_FIELDS: dict[str, str] = {
     "client_attachment_path": TENANT,
     "client_auth": TENANT,
     "tracking": TENANT,
+    "default_from": TENANT,
     "large_file_config.enabled": TENANT,
     "large_file_config.max_size_mb": TENANT,
     "large_file_config.action": TENANT,

@@ -46,6 +46,21 @@ class TrackingConfig(BaseModel):
                               domain=record.get("tracking_domain"))
 
 
+class DefaultFrom(BaseModel):
+    """The tenant's default sender, returned by the tenant SMTP API's config (seed: ``default_from``)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200, pattern=r"^[^\r\n\x00]*$")
+    email: str = Field(..., max_length=254, pattern=r"^[^@\s<>,;\"]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+    def record_fields(self) -> dict[str, Any]:
+        return {"default_from_name": self.name, "default_from_email": str(self.email)}
+
+    @staticmethod
+    def of(record: dict[str, Any]) -> DefaultFrom | None:
+        email = record.get("default_from_email")
+        return DefaultFrom(name=record.get("default_from_name"), email=email) if email else None
+
+
 class LargeFileConfig(BaseModel):
     """Large attachments: warn, reject, or rewrite to a signed download link in storage. Storage is the
     operator's: a tenant picks one of the operator's named roots (``storage_root``); a raw root URL
@@ -75,6 +90,7 @@ class _TenantFields(BaseModel):
     rate_limits: RateLimits | None = Field(None, description="admin only")
     large_file_config: LargeFileConfig | None = None
     tracking: TrackingConfig | None = None
+    default_from: DefaultFrom | None = None
 
     def large_file_config_dict(self) -> dict[str, Any] | None:
         return self.large_file_config.model_dump(exclude_unset=True) if self.large_file_config else None
@@ -193,6 +209,7 @@ class TenantOut(BaseModel):
     rate_limits: RateLimits
     large_file_config: dict[str, Any] | None = None
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    default_from: DefaultFrom | None = None
 
 
 class TenantList(BaseModel):

@@ -65,8 +65,8 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
     st = state_of(request)
     actor = authenticate(request, st)
     require_admin(actor)
-    now = int(time.time() * 1000)
     url_checks.check_tenant_fields(body, body.id, st.settings)  # 422 (network policy, storage roots)
+    now = int(time.time() * 1000)
     previous = st.tenants.get(body.id)
     method, user, secret_enc = _client_auth(body, st.box, previous)
     tenant = {
@@ -83,6 +83,8 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
         "rate_limit_daily": body.rate_limits.daily if body.rate_limits else None,
         "large_file_config_json": json.dumps(body.large_file_config_dict()) if body.large_file_config else None,
         **(body.tracking or TrackingConfig()).record_fields(),
+        **(body.default_from.record_fields() if body.default_from
+           else {"default_from_name": None, "default_from_email": None}),
         "created_ts": previous["created_ts"] if previous else now,
         "updated_ts": now,
     }
@@ -108,8 +110,8 @@ async def create_tenant(body: TenantIn, request: Request) -> TenantCreated:
 async def upsert_account(body: AccountIn, request: Request) -> Ok:
     st = state_of(request)
     actor = authenticate(request, st)
-    tenant_id = scope_tenant(actor, body.tenant_id)
     field_policy.check_write("account", actor, body)
+    tenant_id = scope_tenant(actor, body.tenant_id)
     if not tenant_id:
         raise ApiError(400, "missing_tenant_id", "tenant_id is required with the admin token")
     if st.tenants.get(tenant_id) is None:

@@ -23,6 +23,7 @@ from services.api.models import (
     ApiKeyIn,
     ApiKeyOut,
     ClientAuthOut,
+    DefaultFrom,
     Ok,
     RateLimits,
     TenantList,
@@ -64,6 +65,7 @@ def tenant_out(t: dict[str, Any]) -> TenantOut:
         rate_limits=RateLimits(hourly=t.get("rate_limit_hourly"), daily=t.get("rate_limit_daily")),
         large_file_config=json.loads(lfc) if lfc else None,
         tracking=TrackingConfig.of(t),
+        default_from=DefaultFrom.of(t),
     )
 
 
@@ -143,6 +145,9 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request) ->
         tenant["large_file_config_json"] = json.dumps(lfc) if lfc else None
     if "tracking" in given:
         tenant.update((body.tracking or TrackingConfig()).record_fields())
+    if "default_from" in given:  # null clears it
+        tenant.update(body.default_from.record_fields() if body.default_from
+                      else {"default_from_name": None, "default_from_email": None})
     if body.active is not None:
         tenant["active"] = body.active
     tenant["updated_ts"] = int(time.time() * 1000)

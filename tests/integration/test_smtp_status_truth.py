@@ -90,3 +90,23 @@ def test_delivered_leaves_out_messages_bounced_later(system: LocalSystem, new_te
     _deliver(system, _dsn(headers, "gone@example.test", "5.1.1", "550 5.1.1 user unknown"))
     m = wait_until(lambda: (m := _get(t, "metrics"))["bounced"] == 1 and m, what="the hard bounce counted")
     assert m["sent"] == 2 and m["delivered"] == 1
+
+
+def test_default_from_is_set_on_the_tenant_and_returned(new_tenant) -> None:
+    t: Tenant = new_tenant()
+    assert _get(t, "config")["default_from"] is None  # control: nothing set yet
+    r = t.http.put(f"/tenant/{t.id}", json={"default_from": {"name": "ACME Mail", "email": "no-reply@acme.test"}})
+    assert r.status_code == 200, r.text
+    assert _get(t, "config")["default_from"] == {"name": "ACME Mail", "email": "no-reply@acme.test"}
+    assert t.http.get(f"/tenant/{t.id}").json()["default_from"] == {"name": "ACME Mail",
+                                                                    "email": "no-reply@acme.test"}
+    r = t.http.put(f"/tenant/{t.id}", json={"default_from": {"email": "not an address"}})
+    assert r.status_code == 422
+    assert t.http.put(f"/tenant/{t.id}", json={"default_from": None}).status_code == 200
+    assert _get(t, "config")["default_from"] is None
+
+
+def test_a_failed_dkim_check_reads_failed() -> None:
+    from services.api.routes_smtp import _DKIM_STATUS
+
+    assert _DKIM_STATUS["Failed"] == "failed" and _DKIM_STATUS["Success"] == "verified"
