@@ -130,7 +130,7 @@ def main() -> int:
             f"                 (also in {state / 'admin.token'}; send it as X-API-Token)\n"
             f"    SMTP sink    127.0.0.1:{sink_port}  -> {state / 'mail'}/*.eml\n"
             f"    bounces      127.0.0.1:{system.inbound_smtp_port}  (inbound SMTP: DSN, ARF, PEC receipts)\n"
-            f"    metrics      {system.url('metrics')}\n"
+            f"    metrics      {system.url('metrics')}  (internal: Bearer $(cat {state / 'internal.token'}))\n"
             f"    Kafka        {system.kafka_bootstrap}\n"
             + ("    network      POSTBUS_ALLOW_PRIVATE_NETWORKS=true: callbacks and fetches may reach loopback and\n"
                "                 private addresses (local trial); set it to false for the production policy\n"
