@@ -3,16 +3,24 @@ or rejected with a stable, human-readable reason. Pure functions: no I/O.
 
 Bounds per message (settings): at most ``messages_max_attachments`` attachments ("too many
 attachments") and at most ``messages_max_attachment_bytes`` of decoded inline (base64) content
-("attachments too large"); the request body itself is capped before parsing (api/body_limit.py)."""
+("attachments too large"); the request body itself is capped before parsing (api/body_limit.py).
+
+``headers`` (genro-mail-proxy 0.6): a standard header given there overrides the message field it
+corresponds to (From, To, Cc, Bcc, Reply-To, Return-Path, Subject, Message-ID; the value is
+validated as that field, so every check of the field applies) and ``Date`` replaces the generated
+one; a header whose value is null is dropped. Refused (``header_not_allowed``): the MIME structure
+(MIME-Version, Content-Type, Content-Transfer-Encoding), DKIM-Signature and Postbus's own
+``X-Postbus-*`` correlation headers; CR/LF in a value is always refused (``invalid_header``)."""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 import time
 import uuid
 from collections.abc import Callable
-from email.utils import getaddresses, parseaddr
+from email.utils import getaddresses, parseaddr, parsedate_tz
 from typing import Any
 
 from services.common.settings import get_settings
@@ -27,8 +35,12 @@ DEFAULT_PRIORITY = 2
 _ADDR = re.compile(r"^[^\s@<>()\[\],;:\"]+(\.[^\s@<>()\[\],;:\"]+)*@([A-Za-z0-9\-]+\.)+[A-Za-z0-9\-]{2,}$"
                    r"|^[^\s@<>()\[\],;:\"]+@\[[0-9.:a-fA-F]+\]$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ':'
-_RESERVED_HEADERS = {"from", "to", "cc", "bcc", "subject", "message-id", "date", "mime-version",
-                     "content-type", "content-transfer-encoding", "reply-to"}
+# a standard header in `headers` overrides its message field (genro 0.6: the header replaces the default)
+_FIELD_HEADERS = {"from": "from", "to": "to", "cc": "cc", "bcc": "bcc", "reply-to": "reply_to",
+                  "return-path": "return_path", "subject": "subject", "message-id": "message_id"}
+# never from a client: the MIME structure Postbus builds, a signature it did not make, its own headers
+_REFUSED_HEADERS = {"mime-version", "content-type", "content-transfer-encoding", "dkim-signature"}
+_REFUSED_HEADER_PREFIXES = ("x-postbus-",)
 
 
 class Rejected(ValueError):
@@ -115,23 +127,46 @@ def _timestamp_ms(value: Any, field: str) -> int | None:
     return int(seconds * 1000)
 
 
-def _headers(value: Any) -> dict[str, str]:
+def _headers(value: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """``(extra headers, field overrides)``: standard headers become overrides of their message
+    field (validated as that field by the caller); a null value is dropped."""
     if value is None:
-        return {}
+        return {}, {}
     if not isinstance(value, dict):
-        raise Rejected("invalid headers: must be an object of name -> value")
+        raise Rejected("invalid headers: must be an object of name -> value", code="invalid_header")
     out: dict[str, str] = {}
+    overrides: dict[str, str] = {}
     for name, val in value.items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
-            raise Rejected(f"invalid header name {name!r}")
-        if name.lower() in _RESERVED_HEADERS:
-            raise Rejected(f"header {name!r} is set by Postbus from the message fields")
+            raise Rejected(f"invalid header name {name!r}", code="invalid_header")
+        lower = name.lower()
+        if lower in _REFUSED_HEADERS or lower.startswith(_REFUSED_HEADER_PREFIXES):
+            raise Rejected(f"header {name!r} cannot be set: Postbus writes it", code="header_not_allowed")
+        if val is None:
+            continue  # genro 0.6: a null header is dropped
         if isinstance(val, int | float) and not isinstance(val, bool):
             val = str(val)
-        if not isinstance(val, str) or "\r" in val or "\n" in val:
-            raise Rejected(f"invalid value for header {name!r} (text without CR/LF)")
+        if not isinstance(val, str) or "\r" in val or "\n" in val or "\x00" in val:
+            raise Rejected(f"invalid value for header {name!r} (text without CR/LF)", code="invalid_header")
+        if lower in _FIELD_HEADERS:
+            overrides[_FIELD_HEADERS[lower]] = val
+            continue
+        if lower == "date" and parsedate_tz(val) is None:
+            raise Rejected(f"invalid value for header {name!r} (an RFC 5322 date)", code="invalid_header")
+        out = {k: v for k, v in out.items() if k.lower() != lower}  # the last of a repeated name wins
         out[name] = val
-    return out
+    return out, overrides
+
+
+def valid_md5(value: str) -> bool:
+    """32 hex digits, or the base64 of a 16-byte MD5 digest (Content-MD5 style)."""
+    v = value.strip()
+    if re.fullmatch(r"[0-9A-Fa-f]{32}", v):
+        return True
+    try:
+        return len(base64.b64decode(v, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _optional_bool(value: Any, field: str) -> bool | None:
@@ -205,6 +240,10 @@ def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None)
         if mode in ("http_url", "storage") and _USERINFO.match(path):  # never into the command log
             raise Rejected(f"invalid attachment #{i}: storage_path must not carry credentials (user:password@); "
                            "use the attachment's auth", code="credentials_in_url")
+        md5 = att.get("content_md5")
+        if md5 is not None and md5 != "" and (not isinstance(md5, str) or not valid_md5(md5)):
+            raise Rejected(f"invalid attachment #{i}: content_md5 must be 32 hex digits or the base64 of a "
+                           "16-byte MD5 digest", code="invalid_content_md5")
         if mode == "base64":
             try:
                 inline_bytes += len(base64.b64decode(path.removeprefix("base64:"), validate=True))
@@ -215,7 +254,7 @@ def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None)
                                "per message; send larger files by URL or storage", code="attachments_too_large")
         out.append({"filename": filename, "storage_path": path, "fetch_mode": mode,
                     "mime_type": att.get("mime_type") if isinstance(att.get("mime_type"), str) else None,
-                    "content_md5": att.get("content_md5") if isinstance(att.get("content_md5"), str) else None,
+                    "content_md5": md5 or None,
                     "auth": _attachment_auth(att.get("auth"), i, encrypt)})
     return out
 
@@ -268,6 +307,9 @@ def validate_message(
     account_id = raw.get("account_id")
     if not account_id or not isinstance(account_id, str):
         raise Rejected("missing account_id")
+    headers, overrides = _headers(raw.get("headers"))
+    if overrides:  # a standard header given in `headers` replaces the field (genro 0.6)
+        raw = {**raw, **overrides}
     from_addr = _single_address(raw.get("from", raw.get("from_addr")), "from", required=True)
     to = _addresses(raw.get("to"), "to", required=True)
     cc = _addresses(raw.get("cc"), "cc", required=False)
@@ -298,7 +340,7 @@ def validate_message(
         "subject": subject,
         "body_text": text,
         "body_html": html,
-        "headers": _headers(raw.get("headers")),
+        "headers": headers,
         "message_id": message_id or None,
         "attachments": _attachments(raw.get("attachments"), encrypt),
         "priority": normalize_priority(raw.get("priority"), default_priority),

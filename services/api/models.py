@@ -123,10 +123,15 @@ class AccountIn(BaseModel):
     use_tls: bool | None = Field(None, description=(
         "true: implicit TLS; false: plain; null: STARTTLS if offered. With a user, AUTH is only sent "
         "over TLS: STARTTLS is required (also with false) unless allow_insecure_auth"))
-    batch_size: int | None = Field(None, ge=1, le=10000)
-    limit_per_minute: int | None = Field(None, ge=0, le=INT32_MAX)
-    limit_per_hour: int | None = Field(None, ge=0, le=INT32_MAX)
-    limit_per_day: int | None = Field(None, ge=0, le=INT32_MAX)
+    batch_size: int | None = Field(None, ge=-INT32_MAX, le=10000, description=(
+        "at most this many of the account's messages in flight at once (1 = strict priority + FIFO "
+        "order); the account's concurrency is min(max_connections, batch_size). null, 0 or negative: no cap"))
+    limit_per_minute: int | None = Field(None, ge=-INT32_MAX, le=INT32_MAX,
+                                   description="null, 0 or negative: unlimited")
+    limit_per_hour: int | None = Field(None, ge=-INT32_MAX, le=INT32_MAX,
+                                 description="null, 0 or negative: unlimited")
+    limit_per_day: int | None = Field(None, ge=-INT32_MAX, le=INT32_MAX,
+                                description="null, 0 or negative: unlimited")
     limit_behavior: Literal["defer", "reject"] = "defer"
     max_connections: int | None = Field(None, ge=1, le=100, description="SMTP connections for this account; "
                                         "null: the sender's default (POSTBUS_SENDER_CONNECTIONS_PER_ACCOUNT)")

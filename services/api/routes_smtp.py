@@ -125,7 +125,7 @@ async def smtp_status(tenant_id: str, request: Request) -> dict[str, Any]:
 
 def _sum_limit(values: list[int | None]) -> int | None:
     """A tenant-wide limit is the sum over its accounts; one unlimited account makes it unlimited."""
-    if not values or any(v is None or v == 0 for v in values):
+    if not values or any(v is None or v <= 0 for v in values):  # 0 or negative: unlimited
         return None
     return sum(v for v in values if v is not None)
 

@@ -11,7 +11,13 @@ Safe by default:
 
 Failures a retry can fix (timeouts, connection errors, 5xx, 408/429) raise
 ``PrepareError(temporary=True)``, so the sender retries them like SMTP temporary failures; 4xx, bad
-checksums and policy refusals are permanent."""
+checksums and policy refusals are permanent. Every fetch failure names the attachment
+("Attachment fetch failed for <filename>: ...", as genro-mail-proxy 0.6 words it).
+
+genro-mail-proxy 0.6 compatibility: a ``{MD5:<hex>}`` marker in ``filename`` (``report_{MD5:...}.pdf``)
+is the cache key and is stripped from the name the recipient sees (``report.pdf``); without
+``mime_type`` the type is the fetch's own Content-Type when it is specific, else guessed from the
+file name (``mimetypes``), else ``application/octet-stream``."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import binascii
 import hashlib
 import json
 import logging
+import mimetypes
 import os
 import posixpath
 import re
@@ -288,7 +295,10 @@ def _auth_for(ctx: pipeline.SendContext, att: dict[str, Any]) -> tuple[dict[str,
 # --- cache ---------------------------------------------------------------------------------------------
 
 class ByteCache:
-    """LRU by total bytes. Keys are per tenant (tenant + sha256 of the source descriptor)."""
+    """LRU by total bytes. Keys are per tenant: tenant + sha256 of the source descriptor and, when the
+    attachment declares an MD5 (``content_md5`` or a ``{MD5:...}`` filename marker), also tenant + the
+    MD5 of the fetched bytes themselves (so an MD5 hit always returns content with that MD5; such an
+    entry is counted twice against the bound)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -327,6 +337,79 @@ def cache() -> ByteCache:
 def cache_key(tenant_id: str, descriptor: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(descriptor, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return f"{tenant_id}\x1f{digest}"
+
+
+def md5_cache_key(tenant_id: str, md5_hex: str) -> str:
+    """Content-addressed key: the tenant and the MD5 (32 lower-case hex digits) of the bytes."""
+    return f"{tenant_id}\x1fmd5:{md5_hex}"
+
+
+# --- genro-mail-proxy 0.6 conventions: the {MD5:...} filename marker, MIME type from the name ---------
+
+_MD5_MARKER = re.compile(r"\{MD5:([0-9A-Fa-f]+)\}")
+
+
+def split_md5_marker(filename: str) -> tuple[str, str | None]:
+    """``(name without the markers, the first marker's MD5 in lower-case hex or None)``. The marker
+    and the underscores around it go: ``report_{MD5:ab..}.pdf`` -> ``report.pdf``, ``a_{MD5:..}_b.txt``
+    -> ``a_b.txt``. A marker that is not 32 hex digits is stripped but is no cache key."""
+    found = _MD5_MARKER.search(filename)
+    if found is None:
+        return filename, None
+    md5 = found.group(1).lower()
+    clean = filename
+    while (m := _MD5_MARKER.search(clean)) is not None:
+        before, after = clean[:m.start()].rstrip("_"), clean[m.end():].lstrip("_")
+        clean = f"{before}_{after}" if before and after and not after.startswith(".") else before + after
+    return clean or "attachment", md5 if len(md5) == 32 else None
+
+
+def normalize_md5(value: str | None) -> str | None:
+    """A ``content_md5`` (32 hex digits, or base64 of the 16-byte digest) as lower-case hex; None
+    when it is neither."""
+    if not value:
+        return None
+    v = value.strip()
+    if len(v) == 32:
+        try:
+            bytes.fromhex(v)
+            return v.lower()
+        except ValueError:
+            pass
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None
+
+
+_MIMES = mimetypes.MimeTypes()  # the built-in table only: the same answer on every host
+_GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary", "application/unknown",
+                  "application/x-download", "application/force-download"}
+_ENCODING_TYPES = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz"}
+
+
+def guess_mime(filename: str) -> str | None:
+    """The MIME type of a file name's extension (``report.pdf`` -> ``application/pdf``), or None."""
+    guessed, encoding = _MIMES.guess_type(filename, strict=False)
+    if encoding is not None:  # report.tar.gz is a gzip file, not a tar one
+        return _ENCODING_TYPES.get(encoding)
+    return guessed
+
+
+def choose_mime(given: str | None, fetched: str | None, filename: str) -> str | None:
+    """The attachment's MIME type: the client's ``mime_type``, else the fetch's Content-Type when it
+    is specific, else the guess from the file name, else whatever the fetch said (None: the builder
+    writes application/octet-stream). Only plain ``type/subtype`` tokens, never free text."""
+    def ok(v: str | None) -> str | None:
+        return v if v and _MIME_TYPE.match(v) else None
+
+    if ok(given):
+        return given
+    fetched = ok(fetched)
+    if fetched and fetched.lower() not in _GENERIC_TYPES:
+        return fetched
+    return ok(guess_mime(filename)) or fetched
 
 
 # --- checks ------------------------------------------------------------------------------------------
@@ -389,8 +472,11 @@ async def _fetch_source(ctx: pipeline.SendContext, att: dict[str, Any], limit: i
     else:
         raise pipeline.PrepareError(f"unknown attachment fetch_mode {mode!r}")
 
+    # a declared MD5 (content_md5, else the filename marker) looks up content-addressed entries;
+    # without one, the source descriptor is the key
+    declared = normalize_md5(att.get("content_md5")) or split_md5_marker(att["filename"])[1]
     key = cache_key(tenant_id, descriptor)
-    hit = cache().get(key)
+    hit = (cache().get(md5_cache_key(tenant_id, declared)) if declared else None) or cache().get(key)
     if hit is not None:
         if len(hit.data) > limit:
             raise TooLarge(limit)
@@ -412,6 +498,8 @@ async def _fetch_source(ctx: pipeline.SendContext, att: dict[str, Any], limit: i
     except TimeoutError:
         raise pipeline.PrepareError(f"attachment fetch timed out after {timeout * 2:g}s", temporary=True) from None
     cache().put(key, fetched)
+    if declared:  # also under the MD5 of what was fetched (not the declared one): never serves other bytes
+        cache().put(md5_cache_key(tenant_id, hashlib.md5(fetched.data, usedforsecurity=False).hexdigest()), fetched)
     return fetched
 
 
@@ -430,17 +518,21 @@ async def prepare_attachment(ctx: pipeline.SendContext, att: dict[str, Any]) -> 
     threshold = policy.max_bytes if policy.enabled else settings.attachments_max_bytes
     lenient = policy.enabled and policy.action in ("warn", "rewrite")
     limit = settings.attachments_hard_max_bytes if lenient else threshold
-    name = att["filename"]
+    name = att["filename"]  # as the client gave it (with any {MD5:...} marker): errors name it so
     try:
         fetched = await _fetch_source(ctx, att, limit, settings, policy)
     except TooLarge as exc:
         raise pipeline.PrepareError(f"attachment too large: {name!r} is over {exc.limit} bytes") from None
+    except pipeline.PrepareError as exc:
+        raise pipeline.PrepareError(f"Attachment fetch failed for {name}: {exc.reason}",
+                                    temporary=exc.temporary) from None
     data = fetched.data
     if att.get("content_md5") and not md5_matches(data, att["content_md5"]):
         raise pipeline.PrepareError(f"attachment {name!r}: content_md5 mismatch")
-    mime_type = att.get("mime_type") or fetched.content_type
+    sent_name = split_md5_marker(name)[0]  # the recipient sees report.pdf, not report_{MD5:...}.pdf
     # the MIME type lands in a header: only a plain type/subtype token, never free text
-    att = {**att, "mime_type": mime_type if mime_type and _MIME_TYPE.match(mime_type) else None}
+    att = {**att, "filename": sent_name, "mime_type": choose_mime(att.get("mime_type"), fetched.content_type,
+                                                                  sent_name)}
     if len(data) <= threshold:
         return Prepared(att, data, size=len(data))
     if policy.action == "warn":

@@ -102,7 +102,11 @@ def decode_base64_attachment(att: dict[str, Any]) -> bytes:
 
 def build_message(msg: dict[str, Any], attachments: list[tuple[dict[str, Any], bytes]] | None = None,
                   now: float | None = None) -> bytes:
-    """RFC 5322 bytes for one message dict (the Avro ``Message`` record). Bcc is never written."""
+    """RFC 5322 bytes for one message dict (the Avro ``Message`` record). Bcc is never written. A
+    ``Date`` among the client's headers replaces the generated one (the API validated it; the other
+    standard headers a client gives reach the record as its fields)."""
+    extra = msg.get("headers") or {}
+    own_date = bool(extra) and any(name.lower() == "date" for name in extra)
     headers = [
         f"From: {format_address(msg['from_addr'])}",
         f"To: {format_address_list(msg['to'])}",
@@ -113,13 +117,16 @@ def build_message(msg: dict[str, Any], attachments: list[tuple[dict[str, Any], b
         headers.append(f"Reply-To: {format_address(msg['reply_to'])}")
     headers += [
         f"Subject: {encode_header_value(msg['subject'])}",
-        f"Date: {formatdate(now if now is not None else time.time(), usegmt=True)}",
+    ]
+    if not own_date:
+        headers.append(f"Date: {formatdate(now if now is not None else time.time(), usegmt=True)}")
+    headers += [
         f"Message-ID: {message_id_for(msg)}",
         "MIME-Version: 1.0",
         f"{CORRELATION_HEADER}: {encode_header_value(msg['id'])}",
         f"{TENANT_HEADER}: {encode_header_value(msg['tenant_id'])}",
     ]
-    for name, value in (msg.get("headers") or {}).items():
+    for name, value in extra.items():
         headers.append(f"{name}: {encode_header_value(value)}")
 
     text, html = msg.get("body_text"), msg.get("body_html")

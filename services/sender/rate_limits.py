@@ -7,7 +7,7 @@ and awaited on the broker). Windows are aligned to wall-clock boundaries (UTC): 
 the message to the start of the next one (``rate_limit``) or fails it (``rate_limit_exceeded``)
 when the account's ``limit_behavior`` is ``reject``. The instance that owns the tenant's partition
 is the only one counting for it (see :class:`services.sender.scheduler.Ownership`), so no two
-instances count the same window. A limit of 0 or null means no limit.
+instances count the same window. A limit that is null, 0 or negative means no limit (as in genro-mail-proxy 0.6).
 
 ``sender_rate_minute_s`` (testing only) shrinks the "minute"; the hour and day scale with it."""
 

@@ -17,7 +17,7 @@ def evaluate(state: dict[str, Any] | None, limits: dict[str, int | None], now_ms
     """``(new_state, None)`` with this send counted in every limited window, or ``(None, until_ms)``
     when a window is full: ``until_ms`` is the start of the next window in which every full window
     has rolled over (the latest boundary of the full ones). ``(None, None)``: nothing is limited."""
-    active = {w: n for w, n in limits.items() if n}
+    active = {w: n for w, n in limits.items() if n is not None and n > 0}  # 0 or negative: no limit (genro 0.6)
     if not active:
         return None, None
     state = state or {}

@@ -86,9 +86,14 @@ def verify_certs(account_key: str) -> bool:
 
 
 def pool_size(account: dict[str, Any] | None) -> int:
-    """SMTP sessions (sender workers) for an account: its ``max_connections``, else the setting."""
+    """SMTP sessions (sender workers) for an account, i.e. how many of its messages are in flight at
+    once: its ``max_connections`` (else the setting), capped by its ``batch_size`` when that is
+    positive (genro-mail-proxy 0.6: at most ``batch_size`` messages of an account per dispatch;
+    1 = strict priority + FIFO order)."""
     own = account.get("max_connections") if account else None
-    return int(own) if own else get_settings().sender_connections_per_account
+    size = int(own) if own else get_settings().sender_connections_per_account
+    batch = account.get("batch_size") if account else None
+    return min(size, int(batch)) if batch is not None and batch > 0 else size
 
 
 @lru_cache(maxsize=64)
