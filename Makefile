@@ -10,12 +10,13 @@ TEST_DIRS := $(wildcard tests/unit tests/integration tests/security)
 PYTEST_TIMEOUT ?= 300
 PYTEST_ARGS ?=
 
-.PHONY: help install up test lint unit integration stop
+.PHONY: help install up test lint unit integration stop bench
 
 help:
 	@echo "make up      # install what is missing, start broker + ClickHouse (embedded) + all services + SMTP sink"
 	@echo "make test    # the whole test suite: unit + integration against a real Kafka broker, SMTP and HTTP servers"
 	@echo "make lint | unit | integration | stop"
+	@echo "make bench   # end-to-end benchmark, CPU per process (bench/README.md); BENCH_ARGS=\"--sink smtp-sink ...\""
 
 install:
 	@bash infra/install.sh
@@ -36,6 +37,13 @@ unit: install
 
 integration: install
 	$(PY) -m pytest tests/integration -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
+
+# the end-to-end benchmark (bench/README.md): installs smtp-sink (postfix, no mail system) and py-spy if
+# missing; options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--sink smtp-sink --rate 1000"
+BENCH_ARGS ?=
+bench: install
+	@bash bench/install.sh
+	$(PY) bench/e2e.py $(BENCH_ARGS)
 
 # stops a broker left running by an interrupted `make up` (services stop with their supervisor)
 stop:

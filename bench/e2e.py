@@ -1,17 +1,25 @@
-"""End-to-end benchmark: API accept -> Kafka -> sender -> SMTP sink -> events -> reporter -> client.
+"""End-to-end benchmark: API accept -> Kafka -> sender -> SMTP sink -> events -> reporter -> client
+(and -> metrics/ClickHouse), with the CPU cost of every process.
 
-Starts its own system (real Kafka broker, the four services) on free ports with fresh state, a fast
-SMTP sink (bench/fast_sink.py) in its own process, and one real client application per tenant;
-queues N messages over T tenants through the REST API and reports:
+Starts its own system (real Kafka broker, all services, fresh state, free ports), an SMTP sink in its
+own process, and one real client application per tenant (in this process); sends a warm-up, then the
+measured load through the REST API, and waits until every accepted message is at the sink, reported to
+its client and loaded into ClickHouse. Reports (see bench/README.md for what each number means):
 
-- ingest rate (API accepted msg/s), delivered-at-sink rate, reported-at-client rate
-- p50/p95/p99 latency from API accept to arrival at the sink
-- exactly-once counts: missing at the sink, duplicates at the sink, missing reports
+- CPU seconds per 1,000 messages (= CPU ms per message) of every process: api, sender, reporter,
+  metrics, inbound, the Kafka broker JVM (the system total), and, not counted in it, the sink, this
+  harness (load generator + client apps) and the profilers; plus the CPU the rest of the machine used
+- rates: accepted by the API, delivered at the sink, reported at the client (msg/s)
+- latency percentiles accept -> sink and accept -> report (p50/p95/p99)
+- exactly-once checks: missing / duplicates at the sink, missing / duplicate reports
 
-    python bench/e2e.py                      # 20,000 messages over 4 tenants
-    python bench/e2e.py -n 5000 -t 2 --batch 250
-    python bench/e2e.py -n 10000 --temp-fail-rate 0.1   # 10% greylisted once (451 4.7.1), then accepted
-Results are printed and written to bench/results/e2e-<time>.json.
+    python bench/e2e.py                                  # 20,000 messages, 4 tenants, fast sink, closed loop
+    python bench/e2e.py --sink smtp-sink                 # Postfix's smtp-sink as the SMTP peer
+    python bench/e2e.py --rate 1000 --duration 20        # open loop: 1,000 msg/s offered for 20 s
+    python bench/e2e.py --sink smtp-sink --profile /tmp/prof   # + py-spy profile of each service
+    python bench/e2e.py -n 10000 --temp-fail-rate 0.1    # 10% greylisted once (451 4.7.1), then accepted
+
+Results are printed and written to bench/results/e2e-<mode>-<sink>-<time>.json (or --out).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -32,19 +42,57 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import procstat  # noqa: E402
+from bench.pyspy import Profiler, format_summary  # noqa: E402
+from bench.sinks import make_sink  # noqa: E402
 from infra.supervisor import LocalSystem, free_port  # noqa: E402
 from tests.support.client_app import ClientApp  # noqa: E402
 
+Key = tuple[str, str]  # (tenant id, message id)
+PYTHON_SERVICES = ("api", "sender", "reporter", "metrics", "inbound")
 
-def pct(values: list[float], p: float) -> float:
+
+def pct(values: list[float], p: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     values = sorted(values)
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 3)
+
+    return {"p50": r(pct(values, 50)), "p95": r(pct(values, 95)), "p99": r(pct(values, 99)),
+            "max": r(max(values)) if values else None,
+            "mean": r(statistics.fmean(values)) if values else None}
+
+
+def make_body(size: int) -> str:
+    """A text body of exactly ``size`` bytes in 64-byte lines."""
+    lines = []
+    n = 0
+    while n < size:
+        line = (f"Postbus benchmark body line {len(lines):04d} " + "abcdefghij" * 7)[:63] + "\n"
+        lines.append(line)
+        n += len(line)
+    body = "".join(lines)[:size]
+    return body[:-1] + "\n" if size else body
+
+
+def prom_sum(url: str, name: str, headers: dict[str, str], label: str | None = None) -> float:
+    """Sum of a Prometheus counter over its label sets (those containing ``label`` if given)."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if label is None or label in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def sender_stages(url: str, headers: dict[str, str]) -> dict[str, float]:
-    """Mean seconds per send stage, from the sender's Prometheus histogram."""
+    """Mean milliseconds per send stage, from the sender's Prometheus histogram."""
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for line in httpx.get(f"{url}/metrics", headers=headers, timeout=10).text.splitlines():
@@ -56,162 +104,437 @@ def sender_stages(url: str, headers: dict[str, str]) -> dict[str, float]:
     return {k: round(sums[k] / counts[k] * 1000, 2) for k in sums if counts.get(k)}
 
 
-def sender_counter(url: str, name: str, headers: dict[str, str]) -> float:
-    """Sum of a sender counter over all its label sets."""
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def read_sink(path: Path) -> list[tuple[str, str, float]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            parts = line.split(" ")
-            if len(parts) == 3:
-                rows.append((parts[0], parts[1], float(parts[2])))
-    return rows
+class Tracker:
+    """Arrivals at the sink and reports at the client apps, read incrementally."""
+
+    def __init__(self, sink, clients: list[tuple[str, ClientApp]]) -> None:
+        self.sink = sink
+        self.clients = clients
+        self.first_arrival: dict[Key, float] = {}
+        self.arrivals: Counter[Key] = Counter()
+        self.report_at: dict[Key, float] = {}
+        self.reports: Counter[Key] = Counter()
+        self._seen = [0] * len(clients)
+
+    def poll(self) -> None:
+        for mid, tid, ts in self.sink.poll():
+            k = (tid, mid)
+            self.arrivals[k] += 1
+            if k not in self.first_arrival or ts < self.first_arrival[k]:
+                self.first_arrival[k] = ts
+        for i, (tid, client) in enumerate(self.clients):
+            reqs = client.requests
+            for req in reqs[self._seen[i]:]:
+                if req.authorized and req.method == "POST" and req.path == client.sync_path:
+                    for r in req.delivery_report:
+                        if "sent_ts" in r:
+                            k = (tid, str(r.get("id")))
+                            self.reports[k] += 1
+                            self.report_at.setdefault(k, req.received_at)
+            self._seen[i] = len(reqs)
+
+    def done(self, keys: set[Key]) -> tuple[int, int]:
+        return (sum(1 for k in keys if k in self.first_arrival), sum(1 for k in keys if k in self.report_at))
 
 
-async def submit(api: str, tenants: list[tuple[str, str]], n: int, batch: int, concurrency: int,
-                 accepted_at: dict[tuple[str, str], float]) -> float:
-    per_tenant = n // len(tenants)
+async def _post(client: httpx.AsyncClient, key: str, msgs: list[dict]) -> None:
+    r = await client.post("/commands/add-messages", json={"messages": msgs}, headers={"X-API-Token": key})
+    if r.status_code != 200 or r.json().get("queued") != len(msgs):
+        raise RuntimeError(f"add-messages failed: {r.status_code} {r.text[:300]}")
+
+
+async def submit_closed(api: str, tenants: list[tuple[str, str]], per_tenant: int, prefix: str, batch: int,
+                        concurrency: int, body: str, accepted_at: dict[Key, float]) -> None:
+    """Closed loop: batches of ``batch`` messages, tenants interleaved, ``concurrency`` calls in flight
+    (each worker sends its next batch when the API answered the previous one)."""
     jobs: list[tuple[str, str, list[dict]]] = []
-    for tid, key in tenants:
-        ids = [f"b{i}" for i in range(per_tenant)]
-        for s in range(0, per_tenant, batch):
-            msgs = [{"id": mid, "tenant_id": tid, "account_id": "sink", "from": f"bench@{tid}.test",
-                     "to": [f"rcpt{j % 50}@example.test"], "subject": f"Bench {mid}",
-                     "body": "Hello from the Postbus benchmark.\n" * 8} for j, mid in enumerate(ids[s:s + batch])]
-            jobs.append((tid, key, msgs))
+    for s in range(0, per_tenant, batch):
+        for tid, key in tenants:
+            ids = [f"{prefix}{i}" for i in range(s, min(per_tenant, s + batch))]
+            jobs.append((tid, key, [message(tid, mid, body) for mid in ids]))
     queue: asyncio.Queue[tuple[str, str, list[dict]]] = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
-    t0 = time.time()
 
     async def worker() -> None:
-        async with httpx.AsyncClient(base_url=api, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=api, timeout=120) as client:
             while not queue.empty():
                 tid, key, msgs = queue.get_nowait()
-                r = await client.post("/commands/add-messages", json={"messages": msgs},
-                                      headers={"X-API-Token": key})
-                if r.status_code != 200 or r.json()["queued"] != len(msgs):
-                    raise RuntimeError(f"add-messages failed: {r.status_code} {r.text[:300]}")
+                await _post(client, key, msgs)
                 now = time.time()
                 for m in msgs:
                     accepted_at[(tid, m["id"])] = now
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.time() - t0
+
+
+async def submit_open(api: str, tenants: list[tuple[str, str]], rate: float, duration: float, tick_s: float,
+                      body: str, accepted_at: dict[Key, float], offered_at: dict[Key, float],
+                      max_connections: int) -> dict:
+    """Open loop: every ``tick_s`` (on a fixed schedule that does not wait for answers) the messages due
+    by then (rate x elapsed) go out in one add-messages call, tenants in turn. A call still unanswered
+    does not delay the next one; calls beyond ``max_connections`` open connections wait in the client's
+    pool (their wait counts in offer -> accept)."""
+    loop = asyncio.get_running_loop()
+    total = round(rate * duration)
+    counters = [0] * len(tenants)
+    errors: list[str] = []
+    inflight: set[asyncio.Task] = set()
+    max_inflight = 0
+    lateness: list[float] = []
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    async with httpx.AsyncClient(base_url=api, timeout=120, limits=limits) as client:
+
+        async def call(tid: str, key: str, msgs: list[dict]) -> None:
+            try:
+                await _post(client, key, msgs)
+            except Exception as exc:  # reported, not raised: the schedule goes on
+                errors.append(str(exc)[:300])
+                return
+            now = time.time()
+            for m in msgs:
+                accepted_at[(tid, m["id"])] = now
+
+        t0 = loop.time()
+        wall0 = time.time()
+        sent = 0
+        tick = 0
+        while sent < total:
+            due_at = t0 + tick * tick_s
+            delay = due_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lateness.append(max(0.0, loop.time() - due_at))
+            due = min(total, round(rate * (tick + 1) * tick_s))
+            n = due - sent
+            tick += 1
+            if n <= 0:
+                continue
+            ti = tick % len(tenants)
+            tid, key = tenants[ti]
+            ids = [f"o{counters[ti] + i}" for i in range(n)]
+            counters[ti] += n
+            sent += n
+            msgs = [message(tid, mid, body) for mid in ids]
+            offered = wall0 + (due_at - t0)
+            for m in msgs:
+                offered_at[(tid, m["id"])] = offered
+            task = asyncio.create_task(call(tid, key, msgs))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+            max_inflight = max(max_inflight, len(inflight))
+        offer_s = loop.time() - t0
+        if inflight:
+            await asyncio.gather(*inflight)
+    return {"offered": total, "offer_seconds": round(offer_s, 2), "ticks": tick, "errors": errors[:10],
+            "failed_calls": len(errors), "max_calls_in_flight": max_inflight,
+            "schedule_lateness_ms": {"p99": round(1000 * (pct(lateness, 99) or 0), 1),
+                                     "max": round(1000 * max(lateness, default=0), 1)}}
+
+
+def message(tid: str, mid: str, body: str) -> dict:
+    return {"id": mid, "tenant_id": tid, "account_id": "sink", "from": f"bench@{tid}.test",
+            "to": [f"rcpt{zlib.crc32(mid.encode()) % 50}@example.test"], "subject": f"Bench {mid}", "body": body}
+
+
+def wait_delivered(tracker: Tracker, keys: set[Key], timeout: float, t_start: float, quiet: bool = False) -> bool:
+    deadline = time.time() + timeout
+    last_print = 0.0
+    while True:
+        tracker.poll()
+        delivered, reported = tracker.done(keys)
+        now = time.time()
+        if not quiet and now - last_print >= 2.0:
+            print(f"  t+{now - t_start:6.1f}s  at sink {delivered:6d}/{len(keys)}  reported {reported:6d}", flush=True)
+            last_print = now
+        if delivered >= len(keys) and reported >= len(keys):
+            return True
+        if now > deadline:
+            return False
+        time.sleep(0.25)
+
+
+def wait_ingested(url: str, headers: dict[str, str], expected: float, timeout: float) -> tuple[float, bool]:
+    """Until the metrics service has loaded ``expected`` 'sent' events into ClickHouse."""
+    deadline = time.time() + timeout
+    n = 0.0
+    while True:
+        try:
+            n = prom_sum(url, "postbus_metrics_events_ingested_total", headers, 'type="sent"')
+        except httpx.HTTPError:
+            pass
+        if n >= expected:
+            return n, True
+        if time.time() > deadline:
+            return n, False
+        time.sleep(0.25)
+
+
+def cpu_table(cpu: dict[str, float], idle: dict[str, float], system_names: list[str], others: list[str],
+              n: int, interval_s: float, machine_other_s: float) -> tuple[dict, str]:
+    def row(name: str) -> dict:
+        s = cpu.get(name, 0.0)
+        return {"cpu_s": round(s, 3), "ms_per_msg": round(1000 * s / n, 4) if n else None,
+                "cpu_s_per_1000_msgs": round(1000 * s / n, 4) if n else None,
+                "pct_of_a_core": round(100 * s / interval_s, 1), "idle_ms_per_s": idle.get(name)}
+
+    rows = {name: row(name) for name in system_names}
+    total = sum(cpu.get(name, 0.0) for name in system_names)
+    system_total = {"cpu_s": round(total, 3), "ms_per_msg": round(1000 * total / n, 4) if n else None,
+                    "cpu_s_per_1000_msgs": round(1000 * total / n, 4) if n else None,
+                    "pct_of_a_core": round(100 * total / interval_s, 1)}
+    not_counted = {name: row(name) for name in others}
+    lines = [f"{'process':28} {'CPU s':>8} {'ms/msg':>8} {'% core':>7} {'idle ms/s':>9}"]
+    for name in system_names:
+        r = rows[name]
+        lines.append(f"{name:28} {r['cpu_s']:8.2f} {r['ms_per_msg']:8.3f} {r['pct_of_a_core']:7.1f} "
+                     f"{(r['idle_ms_per_s'] if r['idle_ms_per_s'] is not None else float('nan')):9.1f}")
+    lines.append(f"{'SYSTEM TOTAL':28} {total:8.2f} {system_total['ms_per_msg']:8.3f} "
+                 f"{system_total['pct_of_a_core']:7.1f}")
+    lines.append("not counted:")
+    for name in others:
+        r = not_counted[name]
+        lines.append(f"  {name:26} {r['cpu_s']:8.2f} {r['ms_per_msg']:8.3f} {r['pct_of_a_core']:7.1f}")
+    lines.append(f"  {'rest of the machine':26} {machine_other_s:8.2f} {1000 * machine_other_s / n:8.3f} "
+                 f"{100 * machine_other_s / interval_s:7.1f}")
+    return {"per_process": rows, "system_total": system_total, "not_counted": not_counted,
+            "rest_of_machine_cpu_s": round(machine_other_s, 3)}, "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--messages", type=int, default=20_000)
+    ap.add_argument("-n", "--messages", type=int, default=20_000, help="closed loop: messages measured")
     ap.add_argument("-t", "--tenants", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=500, help="messages per add-messages call")
-    ap.add_argument("--concurrency", type=int, default=4, help="parallel API calls")
-    ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--keep", action="store_true", help="keep the state folder")
+    ap.add_argument("--body-bytes", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=500, help="closed loop: messages per add-messages call")
+    ap.add_argument("--concurrency", type=int, default=4, help="closed loop: parallel API calls")
+    ap.add_argument("--rate", type=float, default=None, help="open loop: messages offered per second")
+    ap.add_argument("--duration", type=float, default=20.0, help="open loop: seconds of offered load")
+    ap.add_argument("--tick-ms", type=float, default=20.0, help="open loop: one add-messages call every T ms")
+    ap.add_argument("--max-connections", type=int, default=64, help="open loop: HTTP connections to the API")
+    ap.add_argument("--warmup", type=int, default=200, help="messages sent and delivered before measuring")
+    ap.add_argument("--idle-s", type=float, default=5.0, help="seconds of idle CPU measured after the warm-up")
+    ap.add_argument("--sink", choices=("fast", "smtp-sink"), default="fast")
     ap.add_argument("--temp-fail-rate", type=float, default=0.0,
-                    help="fraction of messages the sink answers 451 4.7.1 on their first attempt")
+                    help="fast sink: fraction of messages answered 451 4.7.1 on their first attempt")
     ap.add_argument("--retry-base-s", type=float, default=None, help="POSTBUS_SENDER_RETRY_BASE_S for the run")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra service environment")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="py-spy record each Python service during the measured interval into DIR")
+    ap.add_argument("--profile-rate", type=int, default=50)
+    ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    ap.add_argument("--profile-blocking", action="store_true",
+                    help="py-spy pauses the process per sample (more exact stacks; idle threads then count)")
+    ap.add_argument("--top", type=int, default=10, help="functions listed per profile")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--kafka-heap", default="512m")
+    ap.add_argument("--label", default="", help="free text stored with the result")
+    ap.add_argument("--out", type=Path, default=None, help="result file (default bench/results/e2e-...json)")
+    ap.add_argument("--keep", action="store_true", help="keep the state folder")
     args = ap.parse_args()
+    open_loop = args.rate is not None
 
     state = REPO / ".state" / "bench"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    sink_port = free_port()
-    sink_log = state / "sink.log"
-    sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "fast_sink.py"), "--port", str(sink_port),
-                             "--out", str(sink_log), "--temp-fail-rate", str(args.temp_fail_rate)],
-                            stdout=subprocess.DEVNULL)
-    env = {"POSTBUS_SENDER_RETRY_BASE_S": str(args.retry_base_s)} if args.retry_base_s is not None else {}
-    system = LocalSystem.with_free_ports(state, admin_token="bench-admin", kafka_heap="512m", env=env)
-    clients: list[ClientApp] = []
+    uptime_before = uptime()
+    print(f"uptime before: {uptime_before}", flush=True)
+    sink = make_sink(args.sink, free_port(), state, args.temp_fail_rate).start()
+    # the sink and the client apps are on loopback: the network policy must let the services reach them
+    env = {"POSTBUS_ALLOW_PRIVATE_NETWORKS": "1", **dict(kv.split("=", 1) for kv in args.env)}
+    if args.retry_base_s is not None:
+        env["POSTBUS_SENDER_RETRY_BASE_S"] = str(args.retry_base_s)
+    system = LocalSystem.with_free_ports(state, admin_token="bench-admin", kafka_heap=args.kafka_heap, env=env)
+    clients: list[tuple[str, ClientApp]] = []
+    profiler: Profiler | None = None
+    body = make_body(args.body_bytes)
     try:
         system.start()
         api = system.url("api")
-        internal = {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}  # Prometheus ports
+        internal = {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}
         tenants: list[tuple[str, str]] = []
         with httpx.Client(base_url=api, headers={"X-API-Token": "bench-admin"}, timeout=30) as admin:
             for i in range(args.tenants):
                 client = ClientApp(token=f"tok{i}").start()
-                clients.append(client)
                 tid = f"bench{i}"
+                clients.append((tid, client))
                 r = admin.post("/tenant", json={"id": tid, "client_base_url": client.url,
                                                 "client_auth": {"method": "bearer", "token": f"tok{i}"}})
-                r.raise_for_status()
-                key = r.json()["api_key"]
-                admin.post("/account", json={"id": "sink", "tenant_id": tid, "host": "127.0.0.1",
-                                             "port": sink_port, "use_tls": False}).raise_for_status()
-                tenants.append((tid, key))
-        total = (args.messages // args.tenants) * args.tenants
-        accepted_at: dict[tuple[str, str], float] = {}
-        print(f"queueing {total} messages over {args.tenants} tenants ...", flush=True)
-        t_start = time.time()
-        ingest_s = asyncio.run(submit(api, tenants, total, args.batch, args.concurrency, accepted_at))
-        print(f"accepted in {ingest_s:.2f}s", flush=True)
+                if r.status_code != 200:
+                    raise SystemExit(f"POST /tenant: {r.status_code} {r.text[:500]}")
+                tenants.append((tid, r.json()["api_key"]))
+                r = admin.post("/account", json={"id": "sink", "tenant_id": tid, "host": "127.0.0.1",
+                                                 "port": sink.port, "use_tls": False})
+                if r.status_code != 200:
+                    raise SystemExit(f"POST /account: {r.status_code} {r.text[:500]}")
+        tracker = Tracker(sink, clients)
 
-        deadline = time.time() + args.timeout
-        rows: list[tuple[str, str, float]] = []
-        while time.time() < deadline:
-            rows = read_sink(sink_log)
-            unique = {(t, m) for m, t, _ in rows}
-            reported = sum(len({r["id"] for r in c.reports() if "sent_ts" in r}) for c in clients)
-            print(f"  t+{time.time() - t_start:6.1f}s  at sink {len(unique):6d}/{total}  reported {reported:6d}",
-                  flush=True)
-            if len(unique) >= total and reported >= total:
-                break
+        # -- the processes measured
+        pids = {name: system.pid(name) for name in system.services}
+        pids["broker"] = int((state / "kafka" / "kafka.pid").read_text().strip())
+        group_extra = {name: [p for p in procstat.process_group_members(pid) if p != pid]
+                       for name, pid in pids.items() if name != "broker"}
+        group_extra = {k: v for k, v in group_extra.items() if v}
+        if group_extra:
+            print(f"note: services with other processes in their group (not counted): {group_extra}")
+        system_names = [*(n for n in PYTHON_SERVICES if n in pids), "broker"]
+        side = {f"sink ({args.sink})": sink.pid, "harness (load + client apps)": os.getpid()}
+
+        # -- warm-up (not measured): first connections, topic metadata, JIT, tables
+        per_tenant_w = max(1, args.warmup // args.tenants) if args.warmup else 0
+        warm_keys: set[Key] = set()
+        if per_tenant_w:
+            warm_at: dict[Key, float] = {}
+            asyncio.run(submit_closed(api, tenants, per_tenant_w, "w", min(args.batch, per_tenant_w), args.concurrency,
+                                      body, warm_at))
+            warm_keys = set(warm_at)
+            if not wait_delivered(tracker, warm_keys, 180, time.time(), quiet=True):
+                raise SystemExit("warm-up messages were not all delivered and reported within 180 s")
+            print(f"warm-up: {len(warm_keys)} messages delivered and reported", flush=True)
+        # -- idle cost (background timers, polls) of each process, once the warm-up has settled
+        idle: dict[str, float] = {}
+        if args.idle_s > 0:
             time.sleep(2.0)
-        rows = read_sink(sink_log)
-        first_arrival: dict[tuple[str, str], float] = {}
-        arrivals: dict[tuple[str, str], int] = {}
-        for mid, tid, ts in rows:
-            k = (tid, mid)
-            arrivals[k] = arrivals.get(k, 0) + 1
-            first_arrival[k] = min(ts, first_arrival.get(k, ts))
-        report_times: dict[tuple[str, str], float] = {}
-        for (tid, _), client in zip(tenants, clients, strict=True):
-            for req in client.sync_calls():
-                for r in req.delivery_report:
-                    if "sent_ts" in r:
-                        report_times.setdefault((tid, r["id"]), req.received_at)
-        latencies = [first_arrival[k] - accepted_at[k] for k in first_arrival if k in accepted_at]
-        missing = [k for k in accepted_at if k not in first_arrival]
-        duplicates = sum(n - 1 for n in arrivals.values())
-        unreported = [k for k in accepted_at if k not in report_times]
-        last_delivery = max(first_arrival.values()) if first_arrival else t_start
-        last_report = max(report_times.values()) if report_times else t_start
+            a = procstat.snapshot({**pids, **side})
+            time.sleep(args.idle_s)
+            b = procstat.snapshot({**pids, **side})
+            idle = {k: round(1000 * v / args.idle_s, 1) for k, v in procstat.delta(a, b).items()}
+            print(f"idle CPU ms/s: {idle}", flush=True)
+
+        sent_before = prom_sum(system.url("sender"), "gmp_sent_total", internal)
+
+        # -- the measured interval
+        if args.profile:
+            profiler = Profiler(args.profile, args.profile_rate, native=args.profile_native,
+                                blocking=args.profile_blocking)
+            profiler.start({n: pids[n] for n in PYTHON_SERVICES if n in pids})
+            time.sleep(1.5)  # py-spy attaches
+            side.update(profiler.pids())
+        load_start = os.getloadavg()
+        cpu0 = procstat.snapshot({**pids, **side})
+        t_start = time.time()
+        accepted_at: dict[Key, float] = {}
+        offered_at: dict[Key, float] = {}
+        open_info: dict = {}
+        if open_loop:
+            print(f"open loop: {args.rate:g} msg/s for {args.duration:g} s, a call every {args.tick_ms:g} ms",
+                  flush=True)
+            open_info = asyncio.run(submit_open(api, tenants, args.rate, args.duration, args.tick_ms / 1000, body,
+                                                accepted_at, offered_at, args.max_connections))
+        else:
+            per_tenant = args.messages // args.tenants
+            print(f"queueing {per_tenant * args.tenants} messages over {args.tenants} tenants ...", flush=True)
+            asyncio.run(submit_closed(api, tenants, per_tenant, "b", args.batch, args.concurrency, body, accepted_at))
+        t_accepted = time.time()
+        print(f"accepted {len(accepted_at)} in {t_accepted - t_start:.2f}s", flush=True)
+        keys = set(accepted_at)
+        complete = wait_delivered(tracker, keys, args.timeout, t_start)
+        t_delivered = time.time()
+        ingested, ingest_ok = wait_ingested(system.url("metrics"), internal, len(warm_keys) + len(keys),
+                                            max(30.0, args.timeout - (t_delivered - t_start)))
+        t_end = time.time()
+        cpu1 = procstat.snapshot({**pids, **side})
+        load_end = os.getloadavg()
+        profiles = profiler.stop(args.top) if profiler else {}
+        tracker.poll()
+
+        # -- results
+        n = len(keys)
+        interval = t_end - t_start
+        cpu = procstat.delta(cpu0, cpu1)
+        machine_other = (cpu1.machine_busy - cpu0.machine_busy) - sum(cpu.values())
+        cpu_result, cpu_text = cpu_table(cpu, idle, system_names, list(side), n, interval, machine_other)
+        first = {k: tracker.first_arrival[k] for k in keys if k in tracker.first_arrival}
+        reported = {k: tracker.report_at[k] for k in keys if k in tracker.report_at}
+        sink_lat = [first[k] - accepted_at[k] for k in first]
+        report_lat = [reported[k] - accepted_at[k] for k in reported]
+        stray = [k for k in tracker.arrivals if k not in keys and k not in warm_keys]
+        sent_counter = prom_sum(system.url("sender"), "gmp_sent_total", internal) - sent_before
+        last_accept = max(accepted_at.values(), default=t_start)
         result = {
-            "messages": total,
+            "mode": "open" if open_loop else "closed",
+            "sink": args.sink,
+            "label": args.label,
+            "messages": n,
             "tenants": args.tenants,
-            "batch": args.batch,
+            "body_bytes": args.body_bytes,
+            "batch": None if open_loop else args.batch,
+            "concurrency": None if open_loop else args.concurrency,
+            "warmup": len(warm_keys),
+            "profiled": bool(args.profile),
             "temp_fail_rate": args.temp_fail_rate,
-            "deferred_events": sender_counter(system.url("sender"), "gmp_deferred_total", internal),
-            "ingest_msg_per_s": round(total / ingest_s, 1),
-            "delivered_msg_per_s": round(len(first_arrival) / (last_delivery - t_start), 1),
-            "reported_msg_per_s": round(len(report_times) / (last_report - t_start), 1) if report_times else 0,
-            "latency_accept_to_sink_s": {
-                "p50": round(pct(latencies, 50), 3), "p95": round(pct(latencies, 95), 3),
-                "p99": round(pct(latencies, 99), 3),
-                "mean": round(statistics.fmean(latencies), 3) if latencies else None,
+            "env": env,
+            "complete": complete,
+            "interval_s": round(interval, 2),
+            "seconds": {"accept": round(last_accept - t_start, 2),
+                        "deliver_and_report": round(t_delivered - t_start, 2),
+                        "clickhouse_loaded": round(t_end - t_start, 2)},
+            "rates_msg_per_s": {
+                "accepted": round(n / (last_accept - t_start), 1) if last_accept > t_start else None,
+                "delivered_at_sink": round(len(first) / (max(first.values()) - t_start), 1) if first else 0,
+                "reported_at_client": round(len(reported) / (max(reported.values()) - t_start), 1) if reported else 0,
             },
+            "latency_accept_to_sink_s": percentiles(sink_lat),
+            "latency_accept_to_report_s": percentiles(report_lat),
+            "checks": {
+                "missing_at_sink": n - len(first),
+                "duplicates_at_sink": sum(c - 1 for k, c in tracker.arrivals.items() if k in keys),
+                "unexpected_at_sink": len(stray),
+                "missing_reports": n - len(reported),
+                "duplicate_reports": sum(c - 1 for k, c in tracker.reports.items() if k in keys),
+                "sender_sent_counter": sent_counter,
+                "clickhouse_sent_events": ingested,
+                "clickhouse_caught_up": ingest_ok,
+            },
+            "cpu": cpu_result,
+            "deferred_events": prom_sum(system.url("sender"), "gmp_deferred_total", internal),
             "sender_stage_mean_ms": sender_stages(system.url("sender"), internal),
-            "missing_at_sink": len(missing),
-            "duplicates_at_sink": duplicates,
-            "missing_reports": len(unreported),
+            "load": {"uptime_before": uptime_before, "loadavg_start": load_start, "loadavg_end": load_end},
             "machine": {"cpus": os.cpu_count()},
         }
-        print(json.dumps(result, indent=2))
-        out = REPO / "bench" / "results"
-        out.mkdir(exist_ok=True)
-        (out / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+        if open_loop:
+            offer_lat = [first[k] - offered_at[k] for k in first if k in offered_at]
+            api_lat = [accepted_at[k] - offered_at[k] for k in accepted_at if k in offered_at]
+            result["open_loop"] = {
+                "offered_msg_per_s": args.rate, "duration_s": args.duration, "tick_ms": args.tick_ms,
+                **open_info,
+                "latency_offer_to_sink_s": percentiles(offer_lat),
+                "latency_offer_to_accept_s": percentiles(api_lat),
+            }
+        if profiles:
+            result["profiles"] = {"dir": str(args.profile), "rate_hz": args.profile_rate, "services": profiles}
+        result["load"]["uptime_after"] = uptime()
+
+        print(json.dumps({k: v for k, v in result.items() if k not in ("cpu", "profiles")}, indent=2))
+        print()
+        print(f"CPU over the measured interval ({interval:.1f} s, {n} messages; ms/msg = CPU s per 1,000 msgs):")
+        print(cpu_text)
+        for name, summary in profiles.items():
+            print(summary.get("error") or format_summary(name, summary, args.profile_rate))
+        print(f"uptime after: {result['load']['uptime_after']}")
+        out = args.out or REPO / "bench" / "results" / (
+            f"e2e-{result['mode']}-{args.sink}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"result: {out}")
+        if not complete or result["checks"]["missing_at_sink"] or result["checks"]["duplicates_at_sink"]:
+            sys.exit(1)
     finally:
-        for c in clients:
+        if profiler is not None:
+            for p in profiler.procs.values():
+                if p.poll() is None:
+                    p.kill()
+        for _, c in clients:
             c.stop()
         system.stop()
-        sink.terminate()
-        sink.wait(timeout=10)
+        sink.stop()
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
 
