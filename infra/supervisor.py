@@ -151,7 +151,8 @@ class LocalSystem:
         for name in services:
             if name not in SERVICES:
                 raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
-            path = "/health"  # the only path of every port that needs no credential
+            # readiness without a credential: the stream processors' /ready means "recovered and consuming"
+            path = "/ready" if name in ("sender", "reporter", "inbound") else "/health"
             self.services[name] = Service(name, MODULES.get(name, f"services.{name}"), f"http://127.0.0.1:{self.ports[name]}{path}")
 
     # ------------------------------------------------------------------ configuration
@@ -447,6 +448,70 @@ class LocalSystem:
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         return _tail(self.log_path(name), lines)
+
+    # ------------------------------------------------------------------ restarts
+    def supervise(self, stop: threading.Event, *, base_s: float = 1.0, cap_s: float = 30.0,
+                  stable_s: float = 60.0, poll_s: float = 0.5) -> threading.Thread:
+        """Restart, in a daemon thread until ``stop`` is set, every service that exits on its own
+        (crash, OOM kill; not a stop_service/kill_service of ours) and the broker when its port
+        closes. Exponential backoff per service (``base_s`` doubling to ``cap_s``), reset once a run
+        has stayed up ``stable_s``; every restart is logged with the exit code and the attempt."""
+        failures: dict[str, int] = {}
+        up_since: dict[str, float] = {}
+        not_before: dict[str, float] = {}
+
+        def delay(name: str) -> float:
+            n = failures.get(name, 0)
+            return min(cap_s, base_s * (2 ** max(0, n - 1)))
+
+        def loop() -> None:
+            while not stop.wait(poll_s):
+                now = time.monotonic()
+                if self._broker_started and not self.broker_running():
+                    if now >= not_before.get("kafka", 0.0):
+                        failures["kafka"] = failures.get("kafka", 0) + 1
+                        self.log(f"RESTART kafka: its port is closed (attempt {failures['kafka']})")
+                        try:
+                            self.start_broker()
+                            up_since["kafka"] = time.monotonic()
+                        except LocalSystemError as exc:
+                            self.log(f"kafka restart failed: {exc}")
+                            not_before["kafka"] = time.monotonic() + delay("kafka")
+                    continue
+                for name, svc in self.services.items():
+                    if stop.is_set():
+                        return
+                    if svc.running:
+                        if now - up_since.get(name, now) >= stable_s:
+                            failures.pop(name, None)  # a stable run forgives the past
+                        continue
+                    if svc.proc is None:
+                        continue  # never started, or stopped by us on purpose
+                    code = svc.proc.returncode
+                    if name not in not_before:
+                        failures[name] = failures.get(name, 0) + 1
+                        not_before[name] = now + delay(name)
+                        self.log(f"RESTART {name}: exited with code {code}; restart #{failures[name]} "
+                                 f"in {delay(name):.0f}s (log {self.log_path(name)})")
+                        continue
+                    if now < not_before[name]:
+                        continue
+                    del not_before[name]
+                    with self._lock, contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(svc.proc.pid, signal.SIGKILL)  # whatever the dead run left in its group
+                    svc.proc = None
+                    try:
+                        self._wait_port_free(self.ports[name])
+                        self._spawn(name)
+                        self.wait_ready(name, cancel=stop)
+                        up_since[name] = time.monotonic()
+                        self.log(f"{name} restarted and ready")
+                    except LocalSystemError as exc:
+                        self.log(f"{name} restart failed: {str(exc).splitlines()[0]}")
+
+        thread = threading.Thread(target=loop, name="postbus-supervisor", daemon=True)
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------------ housekeeping
     @staticmethod

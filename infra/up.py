@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,16 +141,14 @@ def main() -> int:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        reported: set[str] = set()
-        while True:
-            time.sleep(1)
-            for name, rc in system.exited().items():
-                if name not in reported:
-                    reported.add(name)
-                    print(f"[up] WARNING: {name} exited with code {rc}; last log lines:", flush=True)
-                    print(system.log_tail(name, 20), flush=True)
-                    print(f"[up] (full log: {system.log_path(name)})", flush=True)
-            reported &= set(system.exited())
+        # a service that dies is restarted with backoff (logged with its exit code and the attempt)
+        supervisor_stop = threading.Event()
+        system.supervise(supervisor_stop)
+        try:
+            while True:
+                time.sleep(1)
+        finally:
+            supervisor_stop.set()
     except (KeyboardInterrupt, _Stop):
         print("\n[up] stopping ...", flush=True)
     except OSError as exc:  # the sink's port is taken, ...

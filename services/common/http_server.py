@@ -51,15 +51,28 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+# readiness of this process ("recovered and consuming", not "process answers"): set by the service
+# once its tables are recovered and its consumers run; /ready answers 503 until then
+_readiness: Callable[[], bool] = lambda: True  # noqa: E731
+
+
+def set_readiness(check: Callable[[], bool]) -> None:
+    global _readiness
+    _readiness = check
+
+
 def metrics_wsgi_app(token: str, registry: CollectorRegistry = REGISTRY) -> Callable[..., Iterable[bytes]]:
-    """``/health`` -> 200 for anyone; anything else -> the Prometheus exposition with the token,
-    401 ``internal_auth_required`` without it."""
+    """``/health`` (alive) and ``/ready`` (recovered and consuming) -> for anyone; anything else ->
+    the Prometheus exposition with the token, 401 ``internal_auth_required`` without it."""
     prometheus = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/health" and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
-            body = b'{"ok": true}'
-            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        path = environ.get("PATH_INFO")
+        if path in ("/health", "/ready") and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            ok = path == "/health" or _readiness()
+            body = b'{"ok": true}' if ok else b'{"ok": false, "error": {"code": "not_ready", "message": "recovering"}}'
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         headers = [("x-internal-token", environ.get("HTTP_X_INTERNAL_TOKEN", "")),
                    ("authorization", environ.get("HTTP_AUTHORIZATION", ""))]

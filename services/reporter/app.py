@@ -35,7 +35,7 @@ from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app
-from services.common.http_server import start_metrics_server
+from services.common.http_server import set_readiness, start_metrics_server
 from services.common.internal_auth import load_internal_token
 from services.common.settings import get_settings
 from services.common.topics import (
@@ -278,6 +278,7 @@ async def _restore_sync_status() -> None:
 @app.task
 async def _start_reporter() -> None:
     global _view, _admin, _instance
+    set_readiness(lambda: False)  # until the flusher runs on a recovered table (_readiness)
     try:
         start_metrics_server(settings, settings.reporter_metrics_port)  # /metrics needs the internal token
     except OSError as exc:
@@ -293,7 +294,18 @@ async def _start_reporter() -> None:
     await _admin.start()
     await _restore_sync_status()  # before the flusher starts: no early calls during a DND
     await reporter.start()
+    set_readiness(lambda: _ready)
     log.info("reporter started", extra={"tenants": len(_view.items), "pending": reporter.pending_count()})
+
+
+_ready = False  # read by the /ready probe's thread; computed in the event loop (Faust is not thread-safe)
+
+
+@app.timer(0.5)
+async def _readiness() -> None:
+    """Ready = recovered and consuming: the pending-reports table recovered, no rebalance running."""
+    global _ready
+    _ready = app.tables.recovery.completed.is_set() and not getattr(app, "rebalancing", False)
 
 
 @app.service

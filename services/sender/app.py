@@ -21,7 +21,7 @@ from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_support import make_app, table_put
-from services.common.http_server import start_metrics_server
+from services.common.http_server import set_readiness, start_metrics_server
 from services.common.settings import get_settings
 from services.common.topics import (
     COMMANDS,
@@ -573,6 +573,17 @@ async def _start_views() -> None:
     await asyncio.gather(accounts.start(), tenants.start(), suspensions_view.start(), instance_view.start())
 
 
+_ready = False  # read by the /ready probe's thread; computed in the event loop (Faust is not thread-safe)
+
+
+@app.timer(0.5)
+async def _readiness() -> None:
+    """Ready = recovered and consuming: table recovered, no rebalance running, config views loaded."""
+    global _ready
+    _ready = (app.tables.recovery.completed.is_set() and not getattr(app, "rebalancing", False)
+              and all(v.ready.is_set() for v in (accounts, tenants, suspensions_view, instance_view)))
+
+
 @app.on_before_shutdown.connect  # type: ignore[misc]
 async def _shutdown(app: Any, **kwargs: Any) -> None:
     for tasks in _workers.values():
@@ -586,6 +597,7 @@ async def _shutdown(app: Any, **kwargs: Any) -> None:
 def main() -> None:
     from services.common.faust_support import run_worker
 
+    set_readiness(lambda: _ready)
     start_metrics_server(settings, settings.sender_metrics_port)  # /metrics needs the internal token
     run_worker(app, "sender", settings.log_level)
 
