@@ -235,6 +235,8 @@ def _attachments(value: Any, encrypt: Callable[[str], str | None] | None = None)
         if not isinstance(path, str) or not path:
             raise Rejected(f"invalid attachment #{i}: missing storage_path")
         mode = att.get("fetch_mode") or infer_fetch_mode(path)
+        if mode == "filesystem":  # genro 0.6's name: here a path confined to the storage root, like storage
+            mode = "storage"
         if mode not in ("base64", "http_url", "endpoint", "storage"):
             raise Rejected(f"invalid attachment #{i}: unknown fetch_mode {mode!r}")
         if mode in ("http_url", "storage") and _USERINFO.match(path):  # never into the command log

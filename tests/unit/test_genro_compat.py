@@ -248,3 +248,9 @@ def test_date_header_replaces_the_generated_one() -> None:
     plain = build_message(check(GOOD)).decode().split("\r\n\r\n", 1)[0]
     assert sum(1 for line in plain.split("\r\n") if line.startswith("Date: ")) == 1
     assert "Reply-To: default@acme.test" in plain
+
+
+def test_filesystem_fetch_mode_is_storage() -> None:
+    att = {"filename": "a.pdf", "storage_path": "/srv/files/a.pdf", "fetch_mode": "filesystem"}
+    raw = {**GOOD, "attachments": [att]}
+    assert check(raw)["attachments"][0]["fetch_mode"] == "storage"  # confined to the operator's storage roots
