@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, Field
 
 from services.api import domains_ses, field_policy
@@ -41,7 +41,7 @@ from services.api.errors import ApiError
 from services.api.state import ApiState
 from services.common import dns_check
 from services.common import domain_quota as q
-from services.common.dkim_keys import dkim_txt_value, generate_dkim_key, verification_token
+from services.common.dkim_keys import DkimKey, dkim_txt_value, generate_dkim_key, new_selector, verification_token
 from services.common.topics import COMMANDS, CONFIG_DOMAINS
 
 
@@ -115,6 +115,15 @@ class OutboundUpdate(BaseModel):
     tenant_id: str | None = Field(None, description="owner when the admin registers a new domain")
 
 
+class IncrementIn(BaseModel):
+    idempotency_key: str | None = Field(
+        None, description="same as the Idempotency-Key header: a retry with the same key within "
+                          "POSTBUS_DOMAIN_IDEMPOTENCY_WINDOW_S (1 h) counts nothing and gets the first answer")
+    message_id: str | None = Field(
+        None, description="same as the X-Postbus-Message-Id header: the id of a message Postbus sent; it is "
+                          "counted once, by Postbus's own send or by this call, whichever comes first")
+
+
 class IncrementOut(BaseModel):
     name: str
     outbound_sent_today: int = Field(..., description="Updated daily counter")
@@ -133,7 +142,10 @@ class DnsRecord(BaseModel):
 class SesVerifyOut(BaseModel):
     name: str
     ses_verification_token: str = Field(..., description="TXT record value for the verification record")
-    ses_dkim_tokens: list[str] = Field(..., description="DKIM selector(s) to publish under <selector>._domainkey")
+    ses_dkim_tokens: list[str] = Field(
+        ..., description="the 3 DKIM selectors (native backend: each a TXT record <selector>._domainkey.<domain> "
+                         "holding its own RSA key, listed in dns_records; ses backend: SES's CNAME tokens). The "
+                         "first is the signing key")
     ses_verified: bool
     dns_records: list[DnsRecord]
 
@@ -151,6 +163,8 @@ class DkimOut(BaseModel):
     next_selector: str | None = Field(..., description="rotation: the new selector, until its record verifies")
     next_status: Literal["Pending", "Success", "Failed", "TemporaryFailure", "NotStarted"]
     retired_selectors: list[str] = Field(..., description="selectors switched away from (their records may go)")
+    standby_selectors: list[str] = Field(
+        [], description="the other two of the three DKIM keys ses-verify hands out: published, not signing")
     dns_records: list[DnsRecord] = Field(..., description="the records to publish now")
 
 
@@ -207,7 +221,8 @@ def _new_record(st: ApiState, actor: Actor, name: str, tenant_id: str | None) ->
             "dkim_public_key": None, "dkim_private_key_enc": None, "verified": False,
             "verification_status": dns_check.NOT_STARTED, "dkim_status": dns_check.NOT_STARTED,
             "created_ts": now, "updated_ts": now, "dkim_next_selector": None, "dkim_next_public_key": None,
-            "dkim_next_private_key_enc": None, "dkim_next_status": dns_check.NOT_STARTED, "dkim_retired_selectors": []}
+            "dkim_next_private_key_enc": None, "dkim_next_status": dns_check.NOT_STARTED, "dkim_retired_selectors": [],
+            "dkim_standby": []}
 
 
 def _claimant(st: ApiState, actor: Actor, existing: dict[str, Any] | None, tenant_id: str | None) -> str | None:
@@ -309,7 +324,8 @@ async def _ledger_results(st: ApiState, rt: DomainRuntime, request_id: str, coun
             await asyncio.wait_for(wait.done.wait(), st.settings.domain_result_timeout_s)
         except TimeoutError:
             raise ApiError(503, "ledger_unavailable", "the outbound ledger did not answer in time; the request "
-                           "is queued and may still be applied") from None
+                           "is queued and may still be applied (an increment: retry it with the same "
+                           "Idempotency-Key to count it once)") from None
         return wait.results
     finally:
         rt.results.forget(request_id)
@@ -354,14 +370,43 @@ async def put_outbound(name: str, request: Request, body: OutboundUpdate | None 
     return _outbound(rt, rec)
 
 
-@router.post("/domains/{name}/outbound/increment", response_model=IncrementOut, responses=_ERRORS,
-             summary="Check quotas and count one outgoing email (atomic, exact under concurrency)")
-async def increment(name: str, request: Request) -> dict[str, Any]:
+IDEMPOTENCY_HEADER, MESSAGE_ID_HEADER, REPLAYED_HEADER = "Idempotency-Key", "X-Postbus-Message-Id", \
+    "Idempotent-Replayed"
+
+
+def _increment_key(request: Request, header: str, field: str, value: str | None) -> str | None:
+    """The header or the body field (both given: they must agree); 422 when not 1-255 printable
+    characters."""
+    given = request.headers.get(header)
+    if given is not None and value is not None and given != value:
+        raise ApiError(422, "idempotency_key_conflict", f"the {header} header and the body's {field} differ")
+    key = given if given is not None else value
+    if key is not None and not q.valid_key(key):
+        raise ApiError(422, "invalid_idempotency_key", f"{header} / {field} must be 1-{q.MAX_KEY_LEN} printable "
+                       "characters")
+    return key
+
+
+@router.post("/domains/{name}/outbound/increment", response_model=IncrementOut,
+             responses={**_ERRORS, 422: {"description": "invalid_idempotency_key, idempotency_key_conflict"}},
+             summary="Check quotas and count one outgoing email (atomic, exact under concurrency; idempotent "
+                     "with an Idempotency-Key or X-Postbus-Message-Id)")
+async def increment(name: str, request: Request, response: Response,
+                    body: IncrementIn | None = None) -> dict[str, Any]:
+    """Optional ``Idempotency-Key`` header (or ``idempotency_key``): a retry with the same key, e.g.
+    after a 503 ``ledger_unavailable`` (the increment may have been applied), counts nothing and is
+    answered with the first answer and the header ``Idempotent-Replayed: true``. Optional
+    ``X-Postbus-Message-Id`` header (or ``message_id``): the message Postbus sent with that id is
+    counted once in all, by its send or by this call (then it is also the idempotency key)."""
     st, rt = state_of(request), _runtime(request)
     actor = authenticate(request, st)
     rec = _owned(actor, rt, _domain_name(name))
+    body = body or IncrementIn()
+    idempotency_key = _increment_key(request, IDEMPOTENCY_HEADER, "idempotency_key", body.idempotency_key)
+    message_id = _increment_key(request, MESSAGE_ID_HEADER, "message_id", body.message_id)
     request_id = uuid.uuid4().hex
-    payload = {"request_id": request_id, "name": rec["name"], "tenant_id": rec["tenant_id"]}
+    payload = {"request_id": request_id, "name": rec["name"], "tenant_id": rec["tenant_id"],
+               "idempotency_key": idempotency_key, "message_id": message_id}
 
     async def send() -> None:
         await st.writer.append("domain.increment", rec["tenant_id"], actor, "POST /domains/{name}/outbound/increment",
@@ -371,6 +416,8 @@ async def increment(name: str, request: Request) -> dict[str, Any]:
     if not result["found"]:
         raise ApiError(404, "domain_not_found", f"domain {rec['name']!r} is not registered")
     await _wait_status(st, rt, result["status_offset"])
+    if result.get("replayed"):
+        response.headers[REPLAYED_HEADER] = "true"
     return {"name": rec["name"], "outbound_sent_today": result["sent_today"],
             "outbound_sent_month": result["sent_month"], "allowed": result["allowed"], "reason": result["reason"]}
 
@@ -411,9 +458,16 @@ async def reset_monthly(request: Request) -> dict[str, Any]:
     return {"frozen": frozen, "reset_count": sum(r["reset_count"] for r in results)}
 
 
+DKIM_KEYS = 3  # the seed's "3 DKIM tokens"
+
+
 def _dkim_records(rec: dict[str, Any]) -> list[dict[str, str]]:
+    """Native backend: one TXT record per DKIM key (the signing key, the two standby keys, a
+    rotation's next key), ``v=DKIM1; k=rsa; p=...`` at ``<selector>._domainkey.<domain>``."""
     out = [{"type": "TXT", "name": f"{rec['dkim_selector']}._domainkey.{rec['name']}",
             "value": dkim_txt_value(rec["dkim_public_key"])}]
+    out += [{"type": "TXT", "name": f"{k['selector']}._domainkey.{rec['name']}",
+             "value": dkim_txt_value(k["public_key"])} for k in rec.get("dkim_standby") or []]
     if rec.get("dkim_next_selector"):
         out.append({"type": "TXT", "name": f"{rec['dkim_next_selector']}._domainkey.{rec['name']}",
                     "value": dkim_txt_value(rec["dkim_next_public_key"])})
@@ -425,10 +479,38 @@ def _dns_records(prefix: str, rec: dict[str, Any]) -> list[dict[str, str]]:
             *_dkim_records(rec)]
 
 
+def _selectors(rec: dict[str, Any]) -> list[str]:
+    """ses_dkim_tokens: the signing selector, then the standby ones (three; one for a domain whose
+    DKIM was verified before Postbus handed out three keys)."""
+    return [rec["dkim_selector"], *(k["selector"] for k in rec.get("dkim_standby") or [])]
+
+
+async def _new_keys(count: int, taken: set[str]) -> list[DkimKey]:
+    selectors: list[str] = []
+    while len(selectors) < count:
+        sel = new_selector()
+        if sel not in taken and sel not in selectors:
+            selectors.append(sel)
+    return list(await asyncio.gather(*(asyncio.to_thread(generate_dkim_key, sel) for sel in selectors)))
+
+
+def _standby(st: ApiState, keys: list[DkimKey]) -> list[dict[str, Any]]:
+    return [{"selector": k.selector, "public_key": k.public_key_b64,
+             "private_key_enc": st.box.encrypt(k.private_key_pem), "status": dns_check.PENDING} for k in keys]
+
+
+def _with_keys(st: ApiState, rec: dict[str, Any], keys: list[DkimKey]) -> None:
+    """The signing key and the two standby keys of a domain starting verification (mutates ``rec``)."""
+    rec.update(dkim_selector=keys[0].selector, dkim_public_key=keys[0].public_key_b64,
+               dkim_private_key_enc=st.box.encrypt(keys[0].private_key_pem), dkim_standby=_standby(st, keys[1:]),
+               dkim_status=dns_check.PENDING)
+
+
 def _dkim_out(rec: dict[str, Any]) -> dict[str, Any]:
     return {"name": rec["name"], "selector": rec.get("dkim_selector"), "next_selector": rec.get("dkim_next_selector"),
             "next_status": rec.get("dkim_next_status") or dns_check.NOT_STARTED,
             "retired_selectors": list(rec.get("dkim_retired_selectors") or []),
+            "standby_selectors": [k["selector"] for k in rec.get("dkim_standby") or []],
             "dns_records": _dkim_records(rec) if rec.get("dkim_public_key") else []}
 
 
@@ -462,15 +544,21 @@ async def ses_verify(name: str, request: Request) -> dict[str, Any]:
             return await domains_ses.verify(st.settings, rec, created,
                                             lambda c, r, new: _save(st, rt, actor, c, r, new, replaces))
         if not (rec.get("verification_token") and rec.get("dkim_public_key")):
-            key = await asyncio.to_thread(generate_dkim_key)
-            rec.update(verification_token=verification_token(), dkim_selector=key.selector,
-                       dkim_public_key=key.public_key_b64, dkim_private_key_enc=st.box.encrypt(key.private_key_pem),
-                       verification_status=dns_check.PENDING, dkim_status=dns_check.PENDING, updated_ts=q.now_ms())
+            _with_keys(st, rec, await _new_keys(DKIM_KEYS, set()))
+            rec.update(verification_token=verification_token(), verification_status=dns_check.PENDING,
+                       updated_ts=q.now_ms())
             # a new domain's first command must be domain.update: it creates the ledger entry
             ctype = "domain.update" if created else "domain.verify"
             await _save(st, rt, actor, ctype, "POST /domains/{name}/ses-verify", rec, replaces)
+        elif len(rec.get("dkim_standby") or []) < DKIM_KEYS - 1 and not rec["verified"]:
+            # a record from before the three keys, not verified yet: its two standby keys, to publish too
+            # (a verified one keeps its one key: its mail stays signed without a new DNS change)
+            have = list(rec.get("dkim_standby") or [])
+            keys = await _new_keys(DKIM_KEYS - 1 - len(have), set(_selectors(rec)))
+            rec.update(dkim_standby=have + _standby(st, keys), dkim_status=dns_check.PENDING, updated_ts=q.now_ms())
+            await _save(st, rt, actor, "domain.verify", "POST /domains/{name}/ses-verify", rec)
     return {"name": name, "ses_verification_token": rec["verification_token"],
-            "ses_dkim_tokens": [r["name"].split(".", 1)[0] for r in _dkim_records(rec)],
+            "ses_dkim_tokens": _selectors(rec),
             "ses_verified": rec["verified"],
             "dns_records": _dns_records(st.settings.domain_verification_prefix, rec)}
 
@@ -491,15 +579,21 @@ async def ses_status(name: str, request: Request) -> dict[str, Any]:
     if not rec.get("verification_token") or not rec.get("dkim_public_key"):
         return {"name": rec["name"], "ses_verified": rec["verified"], "verification_status": dns_check.NOT_STARTED,
                 "dkim_status": dns_check.NOT_STARTED}
+    # exactly what ses-verify told the client to publish: the TXT token and every DKIM key's TXT record
     resolver = dns_check.make_resolver(st.settings.dns_resolvers, st.settings.dns_timeout_s)
     prefix = st.settings.domain_verification_prefix
-    vstatus, dstatus = await asyncio.gather(
+    standby = list(rec.get("dkim_standby") or [])
+    vstatus, signing, *others = await asyncio.gather(
         dns_check.check_token(resolver, f"{prefix}.{rec['name']}", rec["verification_token"]),
-        dns_check.check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]))
-    verified = rec["verified"] or (vstatus == dstatus == dns_check.SUCCESS)
-    new = {**rec, "verified": verified, "verification_status": vstatus, "dkim_status": dstatus}
+        dns_check.check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]),
+        *(dns_check.check_dkim(resolver, f"{k['selector']}._domainkey.{rec['name']}", k["public_key"])
+          for k in standby))
+    new = {**rec, "verification_status": vstatus, "dkim_status": dns_check.combined([signing, *others]),
+           "dkim_standby": [{**k, "status": status} for k, status in zip(standby, others, strict=True)]}
     if rec.get("dkim_next_selector"):
         await _check_rotation(resolver, new)
+    verified = rec["verified"] or (vstatus == new["dkim_status"] == dns_check.SUCCESS)
+    new["verified"] = verified
     if any(new[k] != rec.get(k) for k in new):
         new["updated_ts"] = q.now_ms()
         await _save(st, rt, actor, "domain.verification", "GET /domains/{name}/ses-status", new)
@@ -536,7 +630,7 @@ async def _challenge_status(st: ApiState, rt: DomainRuntime, actor: Actor, exist
     if vstatus != dns_check.SUCCESS:
         return {"name": name, "ses_verified": False, "verification_status": vstatus,
                 "dkim_status": dns_check.NOT_STARTED}
-    key = await asyncio.to_thread(generate_dkim_key)
+    keys = await _new_keys(DKIM_KEYS, set())
     async with rt.claims:
         current = rt.domains.get(name)
         if current is not None and current["tenant_id"] == actor.tenant_id:  # released to it meanwhile
@@ -545,9 +639,8 @@ async def _challenge_status(st: ApiState, rt: DomainRuntime, actor: Actor, exist
         if current is not None and current.get("verified"):
             raise ApiError(409, q.NOT_OWNED, f"domain {name!r} is verified by another tenant")
         rec = _new_record(st, actor, name, None)
-        rec.update(verification_token=token, verification_status=dns_check.SUCCESS, dkim_selector=key.selector,
-                   dkim_public_key=key.public_key_b64, dkim_private_key_enc=st.box.encrypt(key.private_key_pem),
-                   dkim_status=dns_check.PENDING)
+        _with_keys(st, rec, keys)
+        rec.update(verification_token=token, verification_status=dns_check.SUCCESS)
         await _save(st, rt, actor, "domain.update", "GET /domains/{name}/ses-status", rec,
                     current["tenant_id"] if current is not None else None)
     log.info("unverified domain claim released to a tenant that proved DNS control",
@@ -565,8 +658,10 @@ async def _check_rotation(resolver: Any, rec: dict[str, Any]) -> None:
     if status != dns_check.SUCCESS:
         return
     rec["dkim_retired_selectors"] = [*(rec.get("dkim_retired_selectors") or []), rec["dkim_selector"]]
+    standby = [k["status"] for k in rec.get("dkim_standby") or []]
     rec.update(dkim_selector=rec["dkim_next_selector"], dkim_public_key=rec["dkim_next_public_key"],
-               dkim_private_key_enc=rec["dkim_next_private_key_enc"], dkim_status=dns_check.SUCCESS,
+               dkim_private_key_enc=rec["dkim_next_private_key_enc"],
+               dkim_status=dns_check.combined([dns_check.SUCCESS, *standby]),
                dkim_next_selector=None, dkim_next_public_key=None, dkim_next_private_key_enc=None,
                dkim_next_status=dns_check.NOT_STARTED)
 
@@ -589,7 +684,7 @@ async def rotate_dkim(name: str, request: Request) -> dict[str, Any]:
     if not rec.get("dkim_public_key"):
         raise ApiError(409, "verification_not_started", "the domain has no DKIM key yet: call ses-verify first")
     if not rec.get("dkim_next_selector"):  # idempotent while a rotation is pending
-        key = await asyncio.to_thread(generate_dkim_key)
+        (key,) = await _new_keys(1, {*_selectors(rec), *(rec.get("dkim_retired_selectors") or [])})
         rec.update(dkim_next_selector=key.selector, dkim_next_public_key=key.public_key_b64,
                    dkim_next_private_key_enc=st.box.encrypt(key.private_key_pem),
                    dkim_next_status=dns_check.PENDING, updated_ts=q.now_ms())

@@ -81,3 +81,18 @@ async def check_dkim(resolver: dns.asyncresolver.Resolver, name: str, public_key
         if tags.get("p") == public_key_b64 and tags.get("k", "rsa") == "rsa":
             return SUCCESS
     return FAILED
+
+
+_PRECEDENCE = (FAILED, TEMPORARY, PENDING, NOT_STARTED)
+
+
+def combined(statuses: list[str]) -> str:
+    """One status for several records the client was told to publish (the native backend's three
+    DKIM keys): ``Success`` only when every one is; otherwise the first of ``Failed`` (a wrong value
+    is published: the client must fix it), ``TemporaryFailure``, ``Pending``, ``NotStarted`` found."""
+    if not statuses:
+        return NOT_STARTED
+    for status in _PRECEDENCE:
+        if status in statuses:
+            return status
+    return SUCCESS

@@ -230,3 +230,99 @@ def released(entry: dict[str, Any], tenant_id: str, cmd_partition: int, ts_ms: i
     new = new_entry(entry["name"], tenant_id, entry["p"], ts_ms)
     new.update(cp=cmd_partition, since=ts_ms, ver=False)
     return new, billing
+
+
+# --- idempotent increments and mail Postbus sent itself ---------------------------------------------
+#
+# ``domain.increment`` may name what it counts: an idempotency key (the client's ``Idempotency-Key``)
+# or the ``X-Postbus-Message-Id`` of a message Postbus sent. The ledger keeps one small record per
+# such name (its ``marks`` table, key ``mark_key``) for ``window_ms``: a later increment with the same
+# name counts nothing and gets the original answer; a message id is also marked when the message's
+# own ``sent`` event is counted, so a message Postbus sent is counted once, by its send or by the
+# client's increment, whichever reaches the ledger first.
+
+MARK_KEY, MARK_MESSAGE = "k", "m"
+MAX_KEY_LEN = 255
+
+
+def mark_key(tenant_id: str, name: str, kind: str, value: str) -> str:
+    """Key of a mark in the ledger's marks table: scoped to the tenant and the domain."""
+    return "\x1f".join((tenant_id, name, kind, value))
+
+
+def valid_key(value: str) -> bool:
+    """An idempotency key or message id: 1-255 printable characters, no control characters."""
+    return 0 < len(value) <= MAX_KEY_LEN and value.isprintable()
+
+
+def increment_mark(cmd: dict[str, Any], tenant_id: str, name: str) -> str | None:
+    """The mark an increment command names (its message id first, else its idempotency key)."""
+    if cmd.get("message_id"):
+        return mark_key(tenant_id, name, MARK_MESSAGE, cmd["message_id"])
+    if cmd.get("idempotency_key"):
+        return mark_key(tenant_id, name, MARK_KEY, cmd["idempotency_key"])
+    return None
+
+
+def live_mark(mark: dict[str, Any] | None, ts_ms: int, window_ms: int) -> dict[str, Any] | None:
+    """The mark if it is still within the window at ``ts_ms`` (a command's or an event's time)."""
+    if mark is None or ts_ms - int(mark["ts"]) >= window_ms:
+        return None
+    return mark
+
+
+def new_mark(entry: dict[str, Any], source: str, allowed: bool, reason: str | None, counted: bool,
+             ts_ms: int, partition: int) -> dict[str, Any]:
+    """What a counted (or refused) increment or a counted send leaves behind: the answer a retry
+    gets (``res``, counters ``today``/``month`` as they were then), ``src`` ``inc`` or ``sent``,
+    ``c`` whether it counted, ``m`` whether the message's send has been matched with it, ``p`` its
+    changelog partition, ``w`` when it was written (wall clock, for the purge)."""
+    return {"ts": ts_ms, "w": now_ms(), "p": partition, "src": source, "res": [allowed, reason],
+            "today": entry["today"], "month": entry["msent"], "c": counted, "m": source == "sent", "so": -1}
+
+
+def sent_answer(entry: dict[str, Any]) -> tuple[bool, str | None]:
+    """The answer recorded for a message Postbus sent (before counting it): it went out, so it is
+    allowed; over a limit of a soft domain the reason names it (``<limit>_soft``), as an increment
+    would have; a hard domain's sender let it through before the limit, so no reason."""
+    probe = dict(entry)
+    allowed, reason = decide(probe)
+    return True, (reason if allowed else None)
+
+
+def send_counts(mark: dict[str, Any] | None) -> bool:
+    """Whether a ``sent`` event whose message id has ``mark`` is still to be counted: not when an
+    increment counted it first (and no send was matched with that increment yet)."""
+    return mark is None or mark["src"] != "inc" or not mark["c"] or bool(mark["m"])
+
+
+def purge_before(marks: dict[str, dict[str, Any]], now: int, window_ms: int) -> list[str]:
+    """Keys of the marks written more than ``window_ms`` before ``now`` (to be deleted)."""
+    return [k for k, m in marks.items() if now - int(m.get("w", m["ts"])) >= window_ms]
+
+
+def increment_once(entry: dict[str, Any], mark: dict[str, Any] | None, keyed: bool, ts_ms: int,
+                   partition: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """One ``domain.increment`` whose named mark (``keyed``) is ``mark`` (live, or None).
+
+    Returns ``(replay, new)``: ``replay`` is the mark when it exists (answer its first answer, count
+    nothing); otherwise the entry is decided and counted (``decide``, ``entry["res"]``) and ``new`` is
+    the mark to store (None for an increment that names none)."""
+    if mark is not None:
+        return mark, None
+    allowed, reason = decide(entry)
+    entry["res"] = [allowed, reason]
+    return None, (new_mark(entry, "inc", allowed, reason, allowed, ts_ms, partition) if keyed else None)
+
+
+def send_once(entry: dict[str, Any], mark: dict[str, Any] | None, event_ts_ms: int, partition: int) -> dict[str, Any]:
+    """One ``sent`` event of a registered domain whose message id has ``mark`` (live, or None):
+    counted (``count_sent``) unless an increment naming the message counted it first. Returns the
+    mark to store."""
+    if not send_counts(mark):
+        return {**(mark or {}), "m": True, "w": now_ms()}  # the increment counted it
+    allowed, reason = sent_answer(entry)
+    count_sent(entry, event_ts_ms)
+    if mark is None:
+        return new_mark(entry, "sent", allowed, reason, True, event_ts_ms, partition)
+    return {**mark, "c": True, "m": True, "w": now_ms()}  # a second send, or one the increment refused

@@ -214,6 +214,11 @@ class Settings(BaseSettings):
     # protecting its name against another tenant's registration this many hours after it was made
     domain_claim_expiry_hours: float = Field(72.0, gt=0)
 
+    # idempotent domain increments (api/routes_domains, sender/domain_ledger): the outbound ledger
+    # remembers an increment's Idempotency-Key / X-Postbus-Message-Id, and the message id of every
+    # counted send of a registered domain, this long; a repeat within it counts nothing
+    domain_idempotency_window_s: int = Field(3600, ge=60, le=7 * 86400)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

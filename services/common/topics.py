@@ -40,6 +40,8 @@ SENDER_APP = "postbus-sender"
 REPORTER_APP = "postbus-reporter"
 SENDER_MESSAGES_CHANGELOG = f"{SENDER_APP}-messages-changelog"
 SENDER_DOMAIN_LEDGER_CHANGELOG = f"{SENDER_APP}-domain_ledger-changelog"
+# idempotency keys / message ids of domain increments and counted sends (sender/domain_ledger)
+SENDER_DOMAIN_MARKS_CHANGELOG = f"{SENDER_APP}-domain_marks-changelog"
 SENDER_RATE_LIMITS_CHANGELOG = f"{SENDER_APP}-rate_limits-changelog"  # per-account/tenant send windows
 REPORTER_PENDING_CHANGELOG = f"{REPORTER_APP}-pending_reports-changelog"
 
@@ -88,6 +90,9 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(DOMAIN_RESULTS, partitions, {"retention.ms": str(3600_000)}),
         TopicSpec(BILLING, 1, FOREVER),
         TopicSpec(SENDER_DOMAIN_LEDGER_CHANGELOG, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(SENDER_DOMAIN_MARKS_CHANGELOG, partitions, {
+            "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1",
+            "delete.retention.ms": "600000"}),
         TopicSpec(INBOUND_RAW, partitions, FOREVER),
         TopicSpec(IMAP_POSITION, 1, COMPACTED),
         TopicSpec(CONFIG_SUPPRESSION_LIST, 1, COMPACTED),

@@ -10,8 +10,10 @@ nothing sent. Before refusing, the registry catches up with its topic, so a veri
 just before the message was queued is always seen.
 
 Counting is the ledger's (``domain_ledger.domain_events`` counts every ``sent`` event of a
-registered domain exactly once); this check only reads the ledger entry of the message's From
-domain, in this same process, and asks what one more message would get:
+registered domain exactly once, and together with a client's ``POST /domains/{name}/outbound/increment``
+naming the message by its ``X-Postbus-Message-Id`` only once in all: whichever reaches the ledger
+first counts it, see ``domain_quota`` "idempotent increments"); this check only reads the ledger
+entry of the message's From domain, in this same process, and asks what one more message would get:
 
 - hard enforcement over a limit, or a suspended domain (by the API or automatically, whatever the
   enforcement: a suspension stops the sending, it is not a billing matter): the message is

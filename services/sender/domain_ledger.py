@@ -14,7 +14,17 @@ Ownership: an entry belongs to one tenant; another tenant's commands for it are 
 unverified claim: expired, or out-proved in DNS). The entry then passes to the new tenant with
 fresh counters (the old tenant's month goes to billing), unless the ledger knows the domain as
 verified (``ver``, from the ``verified`` flag every domain command of the owner carries): a verified
-domain never changes hands here, whatever a command says."""
+domain never changes hands here, whatever a command says.
+
+Idempotent increments (``domain_quota`` "idempotent increments"): a ``domain.increment`` naming an
+idempotency key or a message id leaves a mark in the table ``domain_marks`` (key: tenant, domain,
+kind, value; changelog partition = the command's, which is the tenant's events partition too). A
+later increment naming the same mark within ``POSTBUS_DOMAIN_IDEMPOTENCY_WINDOW_S`` (measured
+between the commands' times) counts nothing and is answered with the first answer (``replayed``):
+a client that got a 503 after the ledger had applied its increment retries safely. Every counted
+``sent`` event marks its message id, and an increment naming that id (its ``X-Postbus-Message-Id``)
+counts nothing; an increment naming it first counts the message, and its ``sent`` event then does
+not. Marks are purged by the timer once the window has passed since they were written."""
 
 from __future__ import annotations
 
@@ -30,6 +40,9 @@ from services.sender.app import app, commands_topic, events_topic, settings
 log = logging.getLogger("postbus.sender.domains")
 
 ledger = app.Table("domain_ledger", partitions=settings.topic_partitions)
+# idempotency keys and message ids of increments and counted sends (domain_quota.new_mark)
+marks = app.Table("domain_marks", partitions=settings.topic_partitions)
+WINDOW_MS = settings.domain_idempotency_window_s * 1000
 results_topic = app.topic(DOMAIN_RESULTS, key_serializer="raw", value_serializer="raw", internal=False)
 status_topic = app.topic(STATUS_DOMAINS, key_serializer="raw", value_serializer="raw", internal=False)
 billing_topic = app.topic(BILLING, key_serializer="raw", value_serializer="raw", internal=False)
@@ -94,6 +107,7 @@ async def _apply(env: dict[str, Any], cmd: dict[str, Any], partition: int, offse
     if cmd.get("verified") is not None:
         entry["ver"] = bool(cmd["verified"])
     fresh = offset > entry["off"]
+    new_marks: list[tuple[str, dict[str, Any]]] = []
     if ctype == "domain.update":
         for field, key in (("status", "status"), ("daily_limit", "daily"), ("monthly_limit", "monthly"),
                            ("enforcement", "enf")):
@@ -102,14 +116,22 @@ async def _apply(env: dict[str, Any], cmd: dict[str, Any], partition: int, offse
         if entry["status"] == "active":
             entry.pop("ev", None)  # re-activated: the evidence of an automatic suspension is history
     elif ctype == "domain.increment" and fresh:
-        allowed, reason = q.decide(entry)
-        entry["res"] = [allowed, reason]
+        mark_key = q.increment_mark(cmd, tenant_id, name)
+        mark = q.live_mark(marks.data.get(mark_key), ts, WINDOW_MS) if mark_key else None
+        replay, new_mark = q.increment_once(entry, mark, mark_key is not None, ts, partition)
+        if replay is not None:  # a retry, or a message already counted from its send: nothing counted
+            await _answer(cmd, tenant_id, allowed=replay["res"][0], reason=replay["res"][1],
+                          sent_today=replay["today"], sent_month=replay["month"],
+                          status_offset=replay.get("so", -1), replayed=True)
+            return
+        if mark_key and new_mark is not None:
+            new_marks.append((mark_key, new_mark))
     elif ctype == "domain.feedback" and fresh:
         entry["bounce"] += cmd["bounces"]
         entry["compl"] += cmd["complaints"]
         _maybe_suspend(entry, ts)
     entry["off"] = max(entry["off"], offset)
-    status_offset = await _write([(entry, billing)], ts)
+    status_offset = await _write([(entry, billing)], ts, new_marks)
     allowed, reason = entry["res"] if ctype == "domain.increment" else (True, None)
     await _answer(cmd, tenant_id, allowed=allowed, reason=reason, sent_today=entry["today"],
                   sent_month=entry["msent"], status_offset=status_offset)
@@ -158,12 +180,19 @@ async def _reset(cmd: dict[str, Any], monthly: bool, partition: int, offset: int
                   frozen=frozen, status_offset=status_offset)
 
 
-async def _write(changes: list[tuple[dict[str, Any], dict[str, Any] | None]], ts: int) -> int:
-    """Table (changelog), status snapshots and billing records, all acknowledged on return.
-    Returns the offset of the last status snapshot (-1 if none)."""
+async def _write(changes: list[tuple[dict[str, Any], dict[str, Any] | None]], ts: int,
+                 new_marks: list[tuple[str, dict[str, Any]]] | None = None) -> int:
+    """Table (changelog), marks, status snapshots and billing records, all acknowledged on return.
+    Returns the offset of the last status snapshot (-1 if none). The marks are written in the
+    table at once (a command right behind this one sees them) and to the changelog with the rest,
+    each with the status offset a replayed answer waits for."""
     c = codec()
     futures = []
     status_futures = []
+    mark_values = []
+    for key, mark in new_marks or ():
+        marks.data[key] = mark
+        mark_values.append((key, mark))
     for entry, billing in changes:
         name = entry["name"]
         ledger.data[name] = entry
@@ -174,17 +203,24 @@ async def _write(changes: list[tuple[dict[str, Any], dict[str, Any] | None]], ts
             key=name.encode(), value=c.encode("DomainStatus", q.status_record(entry, ts))))
         if billing is not None:
             futures.append(await billing_topic.send(key=name.encode(), value=c.encode("BillingRecord", billing)))
-    await asyncio.gather(*futures)
     metas = await asyncio.gather(*status_futures)
-    return max((md.offset for md in metas), default=-1)
+    status_offset = max((md.offset for md in metas), default=-1)
+    for key, mark in mark_values:
+        mark["so"] = status_offset
+        futures.append(await marks.changelog_topic.send(
+            key=key, value=mark, partition=mark["p"], key_serializer=marks.key_serializer,
+            value_serializer=marks.value_serializer, force=True))
+    await asyncio.gather(*futures)
+    return status_offset
 
 
 async def _answer(cmd: dict[str, Any], tenant_id: str, *, found: bool = True, allowed: bool = False,
                   reason: str | None = None, sent_today: int = 0, sent_month: int = 0, reset_count: int = 0,
-                  frozen: list[dict[str, Any]] | None = None, status_offset: int = -1) -> None:
+                  frozen: list[dict[str, Any]] | None = None, status_offset: int = -1,
+                  replayed: bool = False) -> None:
     result = {"request_id": cmd["request_id"], "name": cmd.get("name"), "found": found, "allowed": allowed,
               "reason": reason, "sent_today": sent_today, "sent_month": sent_month, "reset_count": reset_count,
-              "frozen": frozen or [], "status_offset": status_offset}
+              "frozen": frozen or [], "status_offset": status_offset, "replayed": replayed}
     fut = await results_topic.send(key=tenant_id.encode(), value=codec().encode("DomainResult", result))
     await fut
 
@@ -213,12 +249,12 @@ async def domain_events(stream: Any) -> None:
             continue
         try:
             async with _lock:
-                await _apply_event(name.lower(), ev, event.message.offset)
+                await _apply_event(name.lower(), ev, event.message.partition, event.message.offset)
         except Exception:
             log.exception("domain event failed", extra={"type": etype, "offset": event.message.offset})
 
 
-async def _apply_event(name: str, ev: dict[str, Any], offset: int) -> None:
+async def _apply_event(name: str, ev: dict[str, Any], partition: int, offset: int) -> None:
     current = ledger.data.get(name)
     if current is None or current["tenant"] != ev["tenant_id"] or offset <= current.get("eoff", -1):
         return
@@ -228,12 +264,16 @@ async def _apply_event(name: str, ev: dict[str, Any], offset: int) -> None:
     entry = dict(current)
     billing = q.roll(entry, ts)
     entry["eoff"] = offset
+    new_marks: list[tuple[str, dict[str, Any]]] = []
     if ev["type"] == "sent":
-        q.count_sent(entry, int(ev["ts"]))
+        # counted once with the client's increments that name this message (X-Postbus-Message-Id)
+        mark_key = q.mark_key(ev["tenant_id"], name, q.MARK_MESSAGE, ev["message_id"])
+        mark = q.live_mark(marks.data.get(mark_key), int(ev["ts"]), WINDOW_MS)
+        new_marks.append((mark_key, q.send_once(entry, mark, int(ev["ts"]), partition)))
     elif q.period(int(ev["ts"]))[1] == entry["month"]:
         entry["bounce" if ev["type"] == "bounce" else "compl"] += 1
         _maybe_suspend(entry, ts)
-    await _write([(entry, billing)], ts)
+    await _write([(entry, billing)], ts, new_marks)
 
 
 @app.timer(ROLLOVER_INTERVAL_S)
@@ -248,3 +288,13 @@ async def _rollover() -> None:
         if changes:
             await _write(changes, ts)
             log.info("outbound counters rolled over", extra={"domains": len(changes), "day": day})
+        expired = q.purge_before(marks.data, ts, WINDOW_MS)
+        futures = []
+        for key in expired:  # tombstones (table_delete, without waiting for each one)
+            mark = marks.data.pop(key)
+            futures.append(await marks.changelog_topic.send(
+                key=key, value=None, partition=mark["p"], key_serializer=marks.key_serializer,
+                value_serializer="raw", force=True))
+        await asyncio.gather(*futures)
+        if expired:
+            log.info("idempotency marks expired", extra={"marks": len(expired)})

@@ -225,15 +225,20 @@ def test_ses_verify_shape(new_tenant: Callable[..., Tenant]) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"name", "ses_verification_token", "ses_dkim_tokens", "ses_verified", "dns_records"}
-    assert body["name"] == name and body["ses_verified"] is False and len(body["ses_dkim_tokens"]) == 1
-    selector = body["ses_dkim_tokens"][0]
+    assert body["name"] == name and body["ses_verified"] is False and len(body["ses_dkim_tokens"]) == 3
+    assert len(set(body["ses_dkim_tokens"])) == 3
     records = {rec["name"]: rec for rec in body["dns_records"]}
+    assert len(records) == len(body["dns_records"]) == 4
     assert records[f"_amazonses.{name}"] == {"type": "TXT", "name": f"_amazonses.{name}",
                                               "value": body["ses_verification_token"]}
-    dkim = records[f"{selector}._domainkey.{name}"]
-    assert dkim["type"] == "TXT" and dkim["value"].startswith("v=DKIM1; k=rsa; p=")
-    key = load_der_public_key(base64.b64decode(dkim["value"].split("p=", 1)[1]))
-    assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048
+    keys = set()
+    for selector in body["ses_dkim_tokens"]:  # the native backend publishes each DKIM key as a TXT record
+        dkim = records[f"{selector}._domainkey.{name}"]
+        assert dkim["type"] == "TXT" and dkim["value"].startswith("v=DKIM1; k=rsa; p=")
+        key = load_der_public_key(base64.b64decode(dkim["value"].split("p=", 1)[1]))
+        assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048
+        keys.add(dkim["value"])
+    assert len(keys) == 3  # three keys, not one key under three names
     assert "PRIVATE" not in r.text
     again = t.http.post(f"/domains/{name}/ses-verify").json()
     assert again == body  # the same material until it is rotated
@@ -354,7 +359,7 @@ def test_ses_status_against_published_records(new_tenant: Callable[..., Tenant],
         body = http.post(f"/domains/{name}/ses-verify").json()
         records = {rec["name"]: rec["value"] for rec in body["dns_records"]}
         token_name = f"_amazonses.{name}"
-        dkim_name = next(n for n in records if n != token_name)
+        dkim_names = [f"{s}._domainkey.{name}" for s in body["ses_dkim_tokens"]]
 
         def status() -> dict[str, Any]:
             r = http.get(f"/domains/{name}/ses-status")
@@ -365,15 +370,22 @@ def test_ses_status_against_published_records(new_tenant: Callable[..., Tenant],
                             "dkim_status": "Pending"}
         with zone.lock:  # wrong values published: Failed
             zone.txt[token_name] = ["not-the-token"]
-            zone.txt[dkim_name] = ["v=DKIM1; k=rsa; p=AAAA"]
+            for n in dkim_names:
+                zone.txt[n] = ["v=DKIM1; k=rsa; p=AAAA"]
         got = status()
         assert (got["verification_status"], got["dkim_status"], got["ses_verified"]) == ("Failed", "Failed", False)
         with zone.lock:  # the token only: still not verified
             zone.txt[token_name] = [records[token_name]]
         got = status()
         assert (got["verification_status"], got["dkim_status"], got["ses_verified"]) == ("Success", "Failed", False)
+        with zone.lock:  # two of the three DKIM keys: not yet
+            for n in dkim_names[:2]:
+                zone.txt[n] = [records[n]]
+            zone.txt.pop(dkim_names[2])
+        got = status()
+        assert (got["verification_status"], got["dkim_status"], got["ses_verified"]) == ("Success", "Pending", False)
         with zone.lock:
-            zone.txt[dkim_name] = [records[dkim_name]]
+            zone.txt[dkim_names[2]] = [records[dkim_names[2]]]
         assert status() == {"name": name, "ses_verified": True, "verification_status": "Success",
                             "dkim_status": "Success"}
         assert http.get(f"/domains/{name}/outbound").json()["ses_verified"] is True
@@ -398,7 +410,8 @@ def test_ses_status_against_published_records(new_tenant: Callable[..., Tenant],
         dkim = http.get(f"/domains/{name}/dkim").json()
         assert (dkim["selector"], dkim["next_selector"], dkim["retired_selectors"]) == (
             new_selector, None, [old_selector])
-        assert http.post(f"/domains/{name}/ses-verify").json()["ses_dkim_tokens"] == [new_selector]
+        assert http.post(f"/domains/{name}/ses-verify").json()["ses_dkim_tokens"] == [
+            new_selector, *body["ses_dkim_tokens"][1:]]
     # the record is shared: the main API sees the domain verified too
     wait_until(lambda: t.http.get(f"/domains/{name}/outbound").json()["ses_verified"], timeout=10,
                what="verified on the main API")
