@@ -196,7 +196,7 @@ async def submit_open(api: str, tenants: list[tuple[str, str]], rate: float, dur
             try:
                 await _post(client, key, msgs)
             except Exception as exc:  # reported, not raised: the schedule goes on
-                errors.append(str(exc)[:300])
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 return
             now = time.time()
             for m in msgs:
@@ -279,25 +279,37 @@ def wait_ingested(url: str, headers: dict[str, str], expected: float, timeout: f
 
 def cpu_table(cpu: dict[str, float], idle: dict[str, float], system_names: list[str], others: list[str],
               n: int, interval_s: float, machine_other_s: float) -> tuple[dict, str]:
+    def net(name: str) -> float | None:
+        """CPU beyond what the process burns when idle over the same time (timers, polls)."""
+        if name not in idle or not n:
+            return None
+        return round((1000 * cpu.get(name, 0.0) - idle[name] * interval_s) / n, 4)
+
     def row(name: str) -> dict:
         s = cpu.get(name, 0.0)
         return {"cpu_s": round(s, 3), "ms_per_msg": round(1000 * s / n, 4) if n else None,
                 "cpu_s_per_1000_msgs": round(1000 * s / n, 4) if n else None,
-                "pct_of_a_core": round(100 * s / interval_s, 1), "idle_ms_per_s": idle.get(name)}
+                "pct_of_a_core": round(100 * s / interval_s, 1), "idle_ms_per_s": idle.get(name),
+                "net_of_idle_ms_per_msg": net(name)}
 
     rows = {name: row(name) for name in system_names}
     total = sum(cpu.get(name, 0.0) for name in system_names)
+    nets = [rows[name]["net_of_idle_ms_per_msg"] for name in system_names]
+    net_total = round(sum(nets), 4) if None not in nets else None
     system_total = {"cpu_s": round(total, 3), "ms_per_msg": round(1000 * total / n, 4) if n else None,
                     "cpu_s_per_1000_msgs": round(1000 * total / n, 4) if n else None,
-                    "pct_of_a_core": round(100 * total / interval_s, 1)}
+                    "pct_of_a_core": round(100 * total / interval_s, 1), "net_of_idle_ms_per_msg": net_total}
     not_counted = {name: row(name) for name in others}
-    lines = [f"{'process':28} {'CPU s':>8} {'ms/msg':>8} {'% core':>7} {'idle ms/s':>9}"]
+    def f(v: float | None, spec: str) -> str:
+        return format(float("nan") if v is None else v, spec)
+
+    lines = [f"{'process':28} {'CPU s':>8} {'ms/msg':>8} {'% core':>7} {'idle ms/s':>9} {'net ms/msg':>10}"]
     for name in system_names:
         r = rows[name]
         lines.append(f"{name:28} {r['cpu_s']:8.2f} {r['ms_per_msg']:8.3f} {r['pct_of_a_core']:7.1f} "
-                     f"{(r['idle_ms_per_s'] if r['idle_ms_per_s'] is not None else float('nan')):9.1f}")
+                     f"{f(r['idle_ms_per_s'], '9.1f')} {f(r['net_of_idle_ms_per_msg'], '10.3f')}")
     lines.append(f"{'SYSTEM TOTAL':28} {total:8.2f} {system_total['ms_per_msg']:8.3f} "
-                 f"{system_total['pct_of_a_core']:7.1f}")
+                 f"{system_total['pct_of_a_core']:7.1f} {'':9} {f(net_total, '10.3f')}")
     lines.append("not counted:")
     for name in others:
         r = not_counted[name]
@@ -341,7 +353,7 @@ def main() -> None:
     args = ap.parse_args()
     open_loop = args.rate is not None
 
-    state = REPO / ".state" / "bench"
+    state = REPO / ".state" / f"bench-{os.getpid()}"  # own folder: two runs never share state
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     uptime_before = uptime()
@@ -519,6 +531,13 @@ def main() -> None:
         for name, summary in profiles.items():
             print(summary.get("error") or format_summary(name, summary, args.profile_rate))
         print(f"uptime after: {result['load']['uptime_after']}")
+        if open_loop and open_info["schedule_lateness_ms"]["p99"] > args.tick_ms:
+            late = open_info["schedule_lateness_ms"]["p99"]
+            print(f"WARNING: the load generator fell behind its schedule (p99 {late} ms late): the offered load "
+                  "was not steady (machine overloaded?)")
+        if open_loop and open_info["failed_calls"]:
+            print(f"WARNING: {open_info['failed_calls']} add-messages calls failed (their messages are not counted): "
+                  f"{open_info['errors'][:3]}")
         out = args.out or REPO / "bench" / "results" / (
             f"e2e-{result['mode']}-{args.sink}-{time.strftime('%Y%m%d-%H%M%S')}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
