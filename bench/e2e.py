@@ -332,7 +332,8 @@ def main() -> None:
     ap.add_argument("--tick-ms", type=float, default=20.0, help="open loop: one add-messages call every T ms")
     ap.add_argument("--max-connections", type=int, default=64, help="open loop: HTTP connections to the API")
     ap.add_argument("--warmup", type=int, default=200, help="messages sent and delivered before measuring")
-    ap.add_argument("--idle-s", type=float, default=5.0, help="seconds of idle CPU measured after the warm-up")
+    ap.add_argument("--idle-s", type=float, default=10.0, help="seconds of idle CPU measured after the run")
+    ap.add_argument("--idle-settle-s", type=float, default=3.0, help="seconds waited before measuring idle")
     ap.add_argument("--sink", choices=("fast", "smtp-sink"), default="fast")
     ap.add_argument("--temp-fail-rate", type=float, default=0.0,
                     help="fast sink: fraction of messages answered 451 4.7.1 on their first attempt")
@@ -410,16 +411,6 @@ def main() -> None:
             if not wait_delivered(tracker, warm_keys, 180, time.time(), quiet=True):
                 raise SystemExit("warm-up messages were not all delivered and reported within 180 s")
             print(f"warm-up: {len(warm_keys)} messages delivered and reported", flush=True)
-        # -- idle cost (background timers, polls) of each process, once the warm-up has settled
-        idle: dict[str, float] = {}
-        if args.idle_s > 0:
-            time.sleep(2.0)
-            a = procstat.snapshot({**pids, **side})
-            time.sleep(args.idle_s)
-            b = procstat.snapshot({**pids, **side})
-            idle = {k: round(1000 * v / args.idle_s, 1) for k, v in procstat.delta(a, b).items()}
-            print(f"idle CPU ms/s: {idle}", flush=True)
-
         sent_before = prom_sum(system.url("sender"), "gmp_sent_total", internal)
 
         # -- the measured interval
@@ -456,6 +447,18 @@ def main() -> None:
         load_end = os.getloadavg()
         profiles = profiler.stop(args.top) if profiler else {}
         tracker.poll()
+
+        # -- idle cost (background timers, polls) of each process, after the run: warm (the JVM has
+        # compiled), a few seconds after the last work
+        idle: dict[str, float] = {}
+        if args.idle_s > 0:
+            time.sleep(args.idle_settle_s)
+            idle_pids = {k: v for k, v in {**pids, **side}.items() if not k.startswith("py-spy")}
+            a = procstat.snapshot(idle_pids)
+            time.sleep(args.idle_s)
+            b = procstat.snapshot(idle_pids)
+            idle = {k: round(1000 * v / args.idle_s, 1) for k, v in procstat.delta(a, b).items()}
+            print(f"idle CPU ms/s: {idle}", flush=True)
 
         # -- results
         n = len(keys)

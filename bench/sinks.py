@@ -134,8 +134,12 @@ class PostfixSink:
         if binary is None:
             raise RuntimeError("smtp-sink not found: install the Debian package postfix (`make bench` does, "
                                "with no mail system configured)")
-        # smtp-sink refuses to run as root without -u; the dump file is then written as that user
-        self.dir = Path(tempfile.mkdtemp(prefix="postbus-smtp-sink-"))
+        # smtp-sink refuses to run as root without -u; the dump file is then written as that user.
+        # On tmpfs: smtp-sink writes each transaction through a file it creates and unlinks, which on a
+        # disk file system (ext4) costs it ~0.6 ms of CPU per message and slows its answers; on tmpfs
+        # the dump costs next to nothing (measured: 2,000 messages 0.10 s CPU vs 0.07 s without -D)
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.dir = Path(tempfile.mkdtemp(prefix="postbus-smtp-sink-", dir=shm))
         self.dir.chmod(0o777)
         dump = self.dir / "dump"  # no '%': the strftime template is a fixed name
         cmd = [binary]
