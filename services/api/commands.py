@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from services.common.avro import codec
@@ -61,13 +62,25 @@ def key_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+class BrokerUnavailable(Exception):
+    """A command could not be appended in time (broker down or unreachable): the API answers 503
+    with Retry-After. A config write was one transaction: aborted, nothing of it is visible. A plain
+    command may still land later (the idempotent producer retries); resubmitting is safe (message ids
+    and config upserts are idempotent)."""
+
+
 class CommandWriter:
-    def __init__(self, bootstrap: str, transactional_id: str) -> None:
+    def __init__(self, bootstrap: str, transactional_id: str, write_timeout_s: float = 10.0) -> None:
         common = {"bootstrap_servers": bootstrap, "acks": "all", "request_timeout_ms": 15000}
+        self._common = common
         self.bootstrap = bootstrap
+        self.transactional_id = transactional_id
+        self.write_timeout_s = write_timeout_s
         self.producer = AIOKafkaProducer(enable_idempotence=True, linger_ms=2,
                                          max_request_size=8 * 1024 * 1024, **common)
         self.tx_producer = AIOKafkaProducer(transactional_id=transactional_id, **common)
+        self._tx_broken = False  # a transaction failed: the next write starts a fresh transactional producer
+        self._suspect = False  # a write failed: check the broker answers before queuing the next one
         self._tx_lock = asyncio.Lock()  # one open transaction per transactional producer
         # tenant -> {(topic, partition): next offset after the tenant's last write from this process}
         self.last_writes: dict[str, dict[TP, int]] = {}
@@ -160,16 +173,49 @@ class CommandWriter:
             },
         )
 
+    @contextlib.asynccontextmanager
+    async def _bounded(self, what: str) -> Any:
+        """A write that must finish within write_timeout_s, else BrokerUnavailable."""
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                yield
+        except (KafkaError, TimeoutError) as exc:
+            self._suspect = True
+            log.warning("command not appended: broker unavailable", extra={"what": what, "error": repr(exc)})
+            raise BrokerUnavailable(f"the command log is unavailable ({type(exc).__name__})") from None
+        self._suspect = False
+
+    async def _reachable(self, producer: AIOKafkaProducer) -> None:
+        """Fail fast, before anything is queued, when no broker answers a metadata request: a write
+        queued while the broker is down would otherwise land later, after its 503. Checked before
+        every transaction and, after a failure, before every write until one succeeds."""
+        try:
+            ok = await asyncio.wait_for(producer.client.force_metadata_update(), min(3.0, self.write_timeout_s))
+        except (KafkaError, TimeoutError):
+            ok = False
+        if not ok:
+            self._suspect = True
+            raise BrokerUnavailable("no broker answers")
+
     async def append(self, ctype: str, tenant_id: str | None, actor: Actor, route: str,
                      payload_schema: str, payload: dict[str, Any]) -> str:
         command_id, value = self.envelope(ctype, tenant_id, actor, route, payload_schema, payload)
         key = (tenant_id or "").encode()
-        md = await self.producer.send_and_wait(COMMANDS, value=value, key=key)
+        if self._suspect:
+            await self._reachable(self.producer)
+        async with self._bounded(ctype):
+            md = await self.producer.send_and_wait(COMMANDS, value=value, key=key)
         self._remember(tenant_id, COMMANDS, md.partition, md.offset)
         return command_id
 
     async def append_many(self, items: list[tuple[str, str | None, Actor, str, str, dict[str, Any]]]) -> None:
         """Several commands, sent concurrently (batched by the producer), all acknowledged on return."""
+        if self._suspect:
+            await self._reachable(self.producer)
+        async with self._bounded(items[0][0] if items else "commands"):
+            await self._append_many(items)
+
+    async def _append_many(self, items: list[tuple[str, str | None, Actor, str, str, dict[str, Any]]]) -> None:
         futures = []
         for ctype, tenant_id, actor, route, schema, payload in items:
             _, value = self.envelope(ctype, tenant_id, actor, route, schema, payload)
@@ -182,9 +228,40 @@ class CommandWriter:
                             payload_schema: str, payload: dict[str, Any],
                             records: list[ConfigRecord]) -> dict[str, dict[int, int]]:
         """Command + config records atomically. Returns {topic: {partition: offset}} of the records."""
+        async with self._tx_lock:
+            if self._tx_broken:
+                await self._renew_tx_producer()
+            # a transaction begun while the broker is down could still commit later, after its 503
+            await self._reachable(self.tx_producer)
+            try:
+                async with self._bounded(ctype):
+                    return await self._append_config(ctype, tenant_id, actor, route, payload_schema, payload,
+                                                     records)
+            except BrokerUnavailable:
+                self._tx_broken = True  # its transaction state is unknown: use a fresh producer next time
+                raise
+
+    async def _renew_tx_producer(self) -> None:
+        """A new transactional producer with the same id: its init fences and aborts whatever the
+        old one left open, so no half-written transaction ever becomes visible."""
+        old, self.tx_producer = self.tx_producer, AIOKafkaProducer(transactional_id=self.transactional_id,
+                                                                   **self._common)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), 5)
+        try:
+            async with self._bounded("transactional producer start"):
+                await self.tx_producer.start()
+        except BrokerUnavailable:
+            self.tx_producer = AIOKafkaProducer(transactional_id=self.transactional_id, **self._common)
+            raise
+        self._tx_broken = False
+
+    async def _append_config(self, ctype: str, tenant_id: str | None, actor: Actor, route: str,
+                             payload_schema: str, payload: dict[str, Any],
+                             records: list[ConfigRecord]) -> dict[str, dict[int, int]]:
         _, value = self.envelope(ctype, tenant_id, actor, route, payload_schema, payload)
         c = codec()
-        async with self._tx_lock, self.tx_producer.transaction():
+        async with self.tx_producer.transaction():
             command = await self.tx_producer.send(COMMANDS, value=value, key=(tenant_id or "").encode())
             futures = []
             for rec in records:

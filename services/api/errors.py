@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("postbus.api")
 
 SMTP_API_PREFIX = "/api/v1/"
+RETRY_AFTER_S = 5  # Retry-After of a 503 while the broker is unavailable
 
 # HTTP status -> code used on the tenant SMTP surface (seed: shared error standard)
 _SEED_CODES = {
@@ -75,6 +76,15 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(request, exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)),
             status_code=exc.status_code,
         )
+
+    from services.api.commands import BrokerUnavailable  # here: commands imports nothing of the routes
+
+    @app.exception_handler(BrokerUnavailable)
+    async def _broker(request: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return JSONResponse(
+            error_body(request, 503, "broker_unavailable",
+                       f"{exc}: the write is not known to be applied; retry later (resubmitting is safe)"),
+            status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

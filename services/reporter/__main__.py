@@ -9,12 +9,12 @@ from services.common.settings import get_settings
 def main() -> None:
     settings = get_settings()
     setup_logging("reporter", settings.log_level)
-    from faust import Worker
-
+    from services.common.faust_support import PromptExitWorker
     from services.reporter.app import app
 
-    # our JSON logging stays in place: the worker must not install its own handlers
-    worker = Worker(
+    # our JSON logging stays in place: the worker must not install its own handlers; a stop that
+    # cannot finish (broker down) is cut short after faust_support.STOP_GRACE_S
+    worker = PromptExitWorker(
         app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False, quiet=True
     )
     worker.execute_from_commandline()
