@@ -6,7 +6,10 @@ end of the interval, converts each to a speedscope file (open it at speedscope.a
 ``speedscope`` CLI) and summarises it: the top functions by *own* samples (the stack's leaf frame,
 i.e. where the interpreter actually was), by *inclusive* samples (the function is anywhere on the
 stack; Postbus's own functions only, so the list is not the event loop's frames), and own samples
-per top-level package. Idle threads are not sampled (py-spy's default), so
+per top-level package, and own samples charged to the innermost Postbus function on the stack (library
+time counted for the Postbus code that called it; entry points such as ``serve`` or ``run_worker``,
+on most stacks, are skipped; stacks without one, e.g. aiokafka's background sender, are named by their
+innermost library frame outside the event loop). Idle threads are not sampled (py-spy's default), so
 the samples of a service approximate its busy (CPU) time; py-spy's ``--native`` adds C frames.
 
 Re-read a recorded file:  python bench/pyspy.py DIR/sender.txt [--top 15]
@@ -82,11 +85,24 @@ def _project_frame(frame: str) -> bool:
     return file.startswith("services/") and name != "<module>" and not file.endswith("__main__.py")
 
 
+_PLUMBING = {"asyncio", "selectors", "threading", "concurrent", "runpy", "<native>", "<frozen runpy>", "mode",
+             "uvicorn", "_weakrefset", "contextlib"}
+
+
+def _library_caller(frames: tuple[str, ...]) -> str:
+    """The innermost frame outside the event loop plumbing: which library the time went to."""
+    for f in reversed(frames):
+        if package_of(f) not in _PLUMBING and not split_frame(f)[1].startswith("services/"):
+            return function_key(f)
+    return "event loop / thread plumbing"
+
+
 def summarize(stacks: list[Stack], top: int = 10) -> dict:
     total = sum(c for _, c in stacks)
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     pkgs: Counter[str] = Counter()
+    charged: Counter[str] = Counter()
     for frames, count in stacks:
         if not frames:
             continue
@@ -94,6 +110,13 @@ def summarize(stacks: list[Stack], top: int = 10) -> dict:
         pkgs[package_of(frames[-1])] += count
         for key in {function_key(f) for f in frames if _project_frame(f)}:
             incl[key] += count
+    # entry points (main, serve, run_worker) are on most stacks: time is charged past them
+    entry = {k for k, v in incl.items() if v > total / 2}
+    for frames, count in stacks:
+        if not frames:
+            continue
+        inner = next((f for f in reversed(frames) if _project_frame(f) and function_key(f) not in entry), None)
+        charged[function_key(inner) if inner else f"(library) {_library_caller(frames)}"] += count
 
     def rows(counter: Counter[str]) -> list[dict]:
         return [{"function": k, "samples": v, "pct": round(100 * v / total, 1) if total else 0.0}
@@ -103,6 +126,7 @@ def summarize(stacks: list[Stack], top: int = 10) -> dict:
         "samples": total,
         "top_own": rows(own),
         "top_inclusive": rows(incl),
+        "charged_to_postbus": rows(charged),
         "own_by_package": [{"package": k, "samples": v, "pct": round(100 * v / total, 1) if total else 0.0}
                            for k, v in pkgs.most_common(top)],
     }
@@ -141,6 +165,9 @@ def format_summary(name: str, summary: dict, rate: int) -> str:
         lines.append(f"    {r['pct']:5.1f}% {r['samples']:6d}  {r['function']}")
     lines.append("  own samples by package: " + ", ".join(
         f"{r['package']} {r['pct']}%" for r in summary["own_by_package"]))
+    lines.append("  own samples charged to the innermost Postbus function on the stack (else the library):")
+    for r in summary.get("charged_to_postbus", []):
+        lines.append(f"    {r['pct']:5.1f}% {r['samples']:6d}  {r['function']}")
     lines.append("  top inclusive (Postbus code, callees included):")
     for r in summary["top_inclusive"]:
         lines.append(f"    {r['pct']:5.1f}% {r['samples']:6d}  {r['function']}")
