@@ -39,8 +39,9 @@ integration: install
 	$(PY) -m pytest tests/integration -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
 
 # the end-to-end benchmark (bench/README.md): installs smtp-sink (postfix, no mail system) and py-spy if
-# missing; options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--sink smtp-sink --rate 1000"
-BENCH_ARGS ?=
+# missing; options through BENCH_ARGS (default: the closed loop against smtp-sink), e.g.
+# make bench BENCH_ARGS="--sink smtp-sink --rate 1000 --duration 20"
+BENCH_ARGS ?= --sink smtp-sink
 bench: install
 	@bash bench/install.sh
 	$(PY) bench/e2e.py $(BENCH_ARGS)
