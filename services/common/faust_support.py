@@ -86,6 +86,26 @@ def dump_tasks(app: faust.App | None = None) -> None:
     for name, agent in (app.agents.items() if app is not None else ()):
         for actor in list(getattr(agent, "_actors", ())):
             log.warning("agent", extra={"agent": name, "awaits": _await_chain(getattr(actor, "it", None))})
+    if app is not None:
+        log.warning("consumer", extra=consumer_state(app))
+
+
+def consumer_state(app: faust.App) -> dict[str, Any]:
+    """The Faust consumer's bookkeeping, for diagnosis: generation, flow, and per partition the read
+    offset, the committed offset, the acked offsets waiting for a commit and the unacked records."""
+    consumer = app.consumer
+    unacked: dict[str, list[str]] = {}
+    for message in list(consumer.unacked):
+        unacked.setdefault(f"{message.topic}:{message.partition}", []).append(
+            f"{message.offset} refcount={message.refcount} acked={message.acked} gen={message.generation_id}")
+    return {
+        "generation": app.consumer_generation_id, "flow_active": consumer.flow_active,
+        "app_flow": app.flow_control.is_active(), "rebalancing": app.rebalancing,
+        "read_offset": {f"{tp.topic}:{tp.partition}": o for tp, o in consumer._read_offset.items()},
+        "committed": {f"{tp.topic}:{tp.partition}": o for tp, o in consumer._committed_offset.items()},
+        "acked": {f"{tp.topic}:{tp.partition}": sorted(o)[:20] for tp, o in consumer._acked.items() if o},
+        "unacked": unacked,
+    }
 
 
 def run_worker(app: faust.App, service: str, level: str) -> None:
@@ -96,7 +116,11 @@ def run_worker(app: faust.App, service: str, level: str) -> None:
 
     app.task(_install_dump)
 
-    worker = PromptExitWorker(app, loglevel=level, quiet=True, logging_config=logging_dict_config(service, level))
+    config = logging_dict_config(service, level)
+    import os  # DIAG (temporary)
+    if os.environ.get("DIAG_FAUST_LOG"):
+        config["loggers"] = {"aiokafka": {"level": "INFO"}, "faust": {"level": "INFO"}, "mode": {"level": "INFO"}}
+    worker = PromptExitWorker(app, loglevel=level, quiet=True, logging_config=config)
     worker.execute_from_commandline()
 
 
@@ -130,4 +154,3 @@ class PromptExitWorker(faust.Worker):  # type: ignore[misc]
     def _on_sigint(self) -> None:
         _exit_after(STOP_GRACE_S)
         super()._on_sigint()
-
