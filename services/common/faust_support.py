@@ -116,11 +116,7 @@ def run_worker(app: faust.App, service: str, level: str) -> None:
 
     app.task(_install_dump)
 
-    config = logging_dict_config(service, level)
-    import os  # DIAG (temporary)
-    if os.environ.get("DIAG_FAUST_LOG"):
-        config["loggers"] = {"aiokafka": {"level": "INFO"}, "faust": {"level": "INFO"}, "mode": {"level": "INFO"}}
-    worker = PromptExitWorker(app, loglevel=level, quiet=True, logging_config=config)
+    worker = PromptExitWorker(app, loglevel=level, quiet=True, logging_config=logging_dict_config(service, level))
     worker.execute_from_commandline()
 
 
