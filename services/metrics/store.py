@@ -147,8 +147,8 @@ class Counts:
     values: dict[str, int]
     # sent and never hard-bounced since (None: not computed, e.g. for grouped analytics: = sent)
     delivered: int | None = None
-    # messages held right now by a rate limit or destination throttle (deferred, due in the future)
-    throttled: int = 0
+    # messages held right now by a rate limit or destination throttle (None: not computed)
+    throttled: int | None = None
 
     def as_dict(self) -> dict[str, int]:
         out = {field: 0 for field in OUTCOME_FIELDS.values()}
@@ -156,7 +156,8 @@ class Counts:
             if type_ in OUTCOME_FIELDS:
                 out[OUTCOME_FIELDS[type_]] = n
         out["delivered"] = out["sent"] if self.delivered is None else self.delivered
-        out["throttled"] = self.throttled
+        if self.throttled is not None:
+            out["throttled"] = self.throttled
         return out
 
 

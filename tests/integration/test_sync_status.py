@@ -57,10 +57,16 @@ def test_dnd_respected_by_admin_run_now_and_overridden_by_tenant_run_now(admin: 
     row = wait_until(lambda: (s := status_of(admin, quiet.id)) and s["in_dnd"] and s, what="in_dnd")
     assert row["last_sync_ts"] == until and row["next_sync_due"] is False
 
-    # the admin's run-now wakes everyone but respects the DND
-    quiet_calls, other_calls = len(quiet.client.sync_calls()), len(other.client.sync_calls())
+    # the admin's run-now wakes every loop but forces a call only where reports are pending (never an
+    # empty call to every tenant) and respects the DND: other has a report pending, quiet has none
+    other.client.set_response(status=500)  # other's report stays pending
+    assert other.http.post("/commands/add-messages", json={"messages": [other.message("pend-1")]}).json()["queued"]
+    other.client.wait_for_reports(lambda reps: any(x["id"] == "pend-1" for x in reps), timeout=45)
+    other.client.set_response({"ok": True, "queued": 0}, status=200)
+    quiet_calls = len(quiet.client.sync_calls())
     assert admin.post("/commands/run-now").status_code == 200
-    wait_until(lambda: len(other.client.sync_calls()) > other_calls, timeout=15, what="admin run-now call")
+    wait_until(lambda: any(c.status == 200 and any(x["id"] == "pend-1" for x in (c.json or {}).get(
+        "delivery_report", [])) for c in other.client.requests), timeout=15, what="admin run-now call")
     time.sleep(2.0)
     assert len(quiet.client.sync_calls()) == quiet_calls
 

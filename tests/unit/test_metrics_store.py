@@ -47,7 +47,7 @@ def sample() -> list[list[Any]]:
     ]
 
 
-ZERO = {"bounced": 0, "complaints": 0, "opens": 0, "clicks": 0}
+ZERO = {"bounced": 0, "complaints": 0, "opens": 0, "clicks": 0, "throttled": 0}
 
 
 def test_windows_count_distinct_messages_per_outcome(store: Store) -> None:
