@@ -55,6 +55,10 @@ class MetricsSettings(Settings):
 
     metrics_retention_days: int = Field(400, ge=1)
     metrics_ingest: bool = True  # false: query API only (tests, read replicas)
+    # ingest batches (ingest.py): written at this many rows or this long after their first record;
+    # a read-your-writes waiter flushes the current batch at once
+    metrics_flush_rows: int = Field(20000, ge=1)
+    metrics_flush_ms: int = Field(1000, ge=0, le=60000)
 
 
 class SentIdsRequest(BaseModel):
@@ -91,6 +95,7 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
             ingestor = Ingestor(
                 astore, settings.kafka_bootstrap,
                 batch_rows=settings.metrics_batch_rows, batch_ms=settings.metrics_batch_ms,
+                flush_rows=settings.metrics_flush_rows, flush_ms=settings.metrics_flush_ms,
             )
             await ingestor.start()
         app.state.store, app.state.ingestor = astore, ingestor

@@ -8,6 +8,12 @@ consumer seeks to the offset stored there (or to the beginning when there is non
 tables rebuilds everything from offset 0. The order per batch is insert rows -> store offsets ->
 commit to Kafka; a crash between the first two re-inserts a batch, which the queries absorb
 (``store.py``). The Kafka commit only feeds lag monitoring.
+
+Batches are time-bounded, not per poll: decoded rows of many polls accumulate until ``flush_rows``
+rows or ``flush_ms`` after the first of them (each small chdb insert costs far more than its rows:
+issue 11), then one insert per table and one offsets insert, in one worker-thread call. A reader
+waiting for offsets (``wait_for``, the read-your-writes route) never waits for the interval: when
+the records it needs have been read, it wakes the loop and the current batch is flushed at once.
 """
 
 from __future__ import annotations
@@ -56,10 +62,28 @@ class _Rebalance(ConsumerRebalanceListener):
         self.ingestor = ingestor
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        return None  # offsets are stored after every batch: nothing to flush
+        # rows read but not flushed are dropped: the next assignment seeks every partition back to
+        # its stored offset, so they are read again (by whichever consumer gets them)
+        self.ingestor._discard_pending()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self.ingestor._seek_assigned(list(assigned))
+
+
+class _Batch:
+    """Rows decoded from the records read since the last flush."""
+
+    def __init__(self) -> None:
+        self.events: list[list[Any]] = []
+        self.tables: dict[str, list[list[Any]]] = {"messages": [], "message_marks": [], "reported": []}
+        self.types: Counter[str] = Counter()
+        self.commands: Counter[str] = Counter()
+        self.dead = 0
+        self.records = 0
+        self.started = 0.0  # monotonic time of the first record
+
+    def rows(self) -> int:
+        return len(self.events) + sum(len(t) for t in self.tables.values())
 
 
 class Ingestor:
@@ -71,13 +95,22 @@ class Ingestor:
         batch_rows: int = 5000,
         batch_ms: int = 200,
         group_id: str = CONSUMER_NAME,
+        flush_rows: int = 20000,
+        flush_ms: int = 1000,
     ) -> None:
         self.store = store
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
-        self.batch_rows = batch_rows
-        self.batch_ms = batch_ms
+        self.batch_rows = batch_rows  # records per poll
+        self.batch_ms = batch_ms  # longest poll
+        self.flush_rows = max(1, flush_rows)  # a batch is written at this many rows ...
+        self.flush_ms = max(0, flush_ms)  # ... or this long after its first record, whichever first
         self.group_id = group_id
+        self._batch = _Batch()
+        self._last_flush = time.monotonic()
+        # targets of the read-your-writes waiters; a new waiter sets _wake (ends the current poll)
+        self._waiters: list[dict[TP, int]] = []
+        self._wake = asyncio.Event()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.dead_letters: DeadLetterWriter | None = None
@@ -197,10 +230,12 @@ class Ingestor:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._replay_requests.append(fut)
         self.replaying = True
+        self._wake.set()
         await asyncio.wait_for(asyncio.shield(fut), timeout_s)
 
     async def _do_replay(self) -> None:
         requests, self._replay_requests = self._replay_requests, []
+        self._discard_pending()  # read before the reset: read again from offset 0
         try:
             log.info("replay started: dropping metrics tables", extra={"topics": self.topics})
             await self.store.reset()
@@ -231,9 +266,11 @@ class Ingestor:
             try:
                 if self._replay_requests:
                     await self._do_replay()
-                batch = await self.consumer.getmany(timeout_ms=self.batch_ms, max_records=self.batch_rows)
-                await self._process(batch)
-                if self.replaying and not batch:
+                records = await self._poll()
+                await self._take(records)
+                if await self._flush_due():
+                    await self._flush()
+                if self.replaying and not records and not self._batch.records:
                     await self.caught_up()  # logs "replay finished"
                 backoff = 0.5
             except asyncio.CancelledError:
@@ -244,8 +281,94 @@ class Ingestor:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
+    async def _poll(self) -> dict[TopicPartition, list[Any]]:
+        """One ``getmany``, at most until the current batch is due; a new waiter or a replay request
+        (``_wake``) ends it early. Cancelling ``getmany`` loses nothing: it drains the fetched
+        records synchronously, so it is cancelled either before taking any or after returning."""
+        assert self.consumer is not None
+        timeout_ms = self.batch_ms
+        if self._batch.records:
+            left_ms = (self._batch.started + self.flush_ms / 1000.0 - time.monotonic()) * 1000.0
+            timeout_ms = int(max(0.0, min(timeout_ms, left_ms)))
+        if self._wake.is_set() or timeout_ms <= 0:
+            records = await self.consumer.getmany(timeout_ms=0, max_records=self.batch_rows)
+        else:
+            poll = asyncio.ensure_future(self.consumer.getmany(timeout_ms=timeout_ms, max_records=self.batch_rows))
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({poll, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+                if not poll.done():
+                    poll.cancel()
+                    await asyncio.wait({poll})  # never raises the poll's own cancellation
+            records = {} if poll.cancelled() else poll.result()
+        self._wake.clear()  # the waiters registered so far are looked at by _flush_due, next
+        return records
+
+    async def _take(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Decode the records of one poll into the current batch (dead letters go out at once)."""
+        b = self._batch
+        dec = codec()
+        for tp, records in batch.items():
+            if records and not b.records:
+                b.started = time.monotonic()
+            for rec in records:
+                b.records += 1
+                try:
+                    if tp.topic == EVENTS:
+                        _, ev = dec.decode(rec.value, expect="DeliveryEvent")
+                        row = event_row(ev, tp.partition, rec.offset)
+                        b.events.append(row)
+                        b.types[row[1]] += 1
+                    elif tp.topic == COMMANDS:
+                        ctype = self._command_rows(dec, rec, b.tables)
+                        if ctype:
+                            b.commands[ctype] += 1
+                    elif tp.topic == REPORTS:
+                        _, ack = dec.decode(rec.value, expect="ReportAck")
+                        b.tables["reported"].extend(mp.reported_rows(ack))
+                except (DecodeError, KeyError, TypeError, ValueError) as exc:
+                    assert self.dead_letters is not None
+                    await self.dead_letters.send(rec, CONSUMER_NAME, f"{type(exc).__name__}: {exc}")
+                    b.dead += 1
+                    continue
+
+    async def _read_positions(self) -> dict[TP, int]:
+        """Next offset to read of every assigned partition (past transaction markers too): what the
+        current batch covers once written."""
+        assert self.consumer is not None
+        out: dict[TP, int] = {}
+        for tp in self.consumer.assignment():
+            try:
+                out[(tp.topic, tp.partition)] = await self.consumer.position(tp)
+            except Exception:
+                continue
+        return out
+
+    async def _flush_due(self) -> bool:
+        b = self._batch
+        now = time.monotonic()
+        if b.records and (b.rows() >= self.flush_rows or now - b.started >= self.flush_ms / 1000.0):
+            return True
+        if self._waiters:  # flush now if the records a waiter needs have been read
+            read = await self._read_positions()
+            for targets in self._waiters:
+                if not self.reached(targets) and all(
+                        target <= 0 or max(self.positions.get(tp, 0), read.get(tp, 0)) >= target
+                        for tp, target in targets.items()):
+                    return True
+            return False
+        # nothing decoded, but positions may have moved past transaction markers: store them
+        # now and then (the wait route's targets can point past a marker)
+        return not b.records and now - self._last_flush >= max(self.flush_ms, self.batch_ms) / 1000.0
+
+    def _discard_pending(self) -> None:
+        self._batch = _Batch()
+
     async def _rewind(self) -> None:
         """After a failed batch, re-read from the last offsets known to be stored."""
+        self._discard_pending()
         if self.consumer is None:
             return
         for tp in self.consumer.assignment():
@@ -253,59 +376,24 @@ class Ingestor:
                 with contextlib.suppress(Exception):
                     self.consumer.seek(tp, self.positions[(tp.topic, tp.partition)])
 
-    async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+    async def _flush(self) -> None:
+        """Write the current batch: its rows, then the offsets it reaches (one store call), then
+        the Kafka commit (lag monitoring only)."""
         assert self.consumer is not None
         t0 = time.perf_counter()
-        rows: list[list[Any]] = []
-        tables: dict[str, list[list[Any]]] = {"messages": [], "message_marks": [], "reported": []}
-        types: Counter[str] = Counter()
-        commands: Counter[str] = Counter()
-        dead = 0
-        dec = codec()
-        for tp, records in batch.items():
-            for rec in records:
-                try:
-                    if tp.topic == EVENTS:
-                        _, ev = dec.decode(rec.value, expect="DeliveryEvent")
-                        row = event_row(ev, tp.partition, rec.offset)
-                        rows.append(row)
-                        types[row[1]] += 1
-                    elif tp.topic == COMMANDS:
-                        ctype = self._command_rows(dec, rec, tables)
-                        if ctype:
-                            commands[ctype] += 1
-                    elif tp.topic == REPORTS:
-                        _, ack = dec.decode(rec.value, expect="ReportAck")
-                        tables["reported"].extend(mp.reported_rows(ack))
-                except (DecodeError, KeyError, TypeError, ValueError) as exc:
-                    assert self.dead_letters is not None
-                    await self.dead_letters.send(rec, CONSUMER_NAME, f"{type(exc).__name__}: {exc}")
-                    dead += 1
-                    continue
-
-        # positions of every assigned partition: also moves past transaction markers
-        moved: dict[int, int] = {}
-        for tp in self.consumer.assignment():
-            try:
-                pos = await self.consumer.position(tp)
-            except Exception:
-                continue
-            if records := batch.get(tp):
-                pos = max(pos, records[-1].offset + 1)
-            if pos != self.positions.get((tp.topic, tp.partition)):
-                moved[(tp.topic, tp.partition)] = pos
-
-        if rows:
-            await self.store.insert_events(rows)
-        for table, columns in (("messages", mp.MESSAGE_COLUMNS), ("message_marks", mp.MARK_COLUMNS),
-                               ("reported", mp.REPORTED_COLUMNS)):
-            if tables[table]:
-                await self.store.insert_rows(table, tables[table], columns)
-        if dead:
-            DEADLETTERS.inc(dead)  # each dead letter was acknowledged before its offset moves on
+        read = await self._read_positions()
+        b, self._batch = self._batch, _Batch()
+        self._last_flush = time.monotonic()
+        moved = {tp: pos for tp, pos in read.items() if pos != self.positions.get(tp)}
+        tables = [(name, rows, columns) for name, rows, columns in (
+            ("messages", b.tables["messages"], mp.MESSAGE_COLUMNS),
+            ("message_marks", b.tables["message_marks"], mp.MARK_COLUMNS),
+            ("reported", b.tables["reported"], mp.REPORTED_COLUMNS)) if rows]
+        if b.events or tables or moved:
+            await self.store.write_batch(b.events, tables, moved)
+        if b.dead:
+            DEADLETTERS.inc(b.dead)  # each dead letter was acknowledged before its offset moves on
         if moved:
-            for topic in {t for t, _ in moved}:
-                await self.store.store_offsets(topic, {p: o for (t, p), o in moved.items() if t == topic})
             self.positions.update(moved)
             self._advanced()
             try:
@@ -314,15 +402,15 @@ class Ingestor:
                 )
             except Exception as exc:  # lag monitoring only; ClickHouse holds the real offsets
                 log.warning("kafka offset commit failed", extra={"error": str(exc)})
-        for type_, n in types.items():
+        for type_, n in b.types.items():
             EVENTS_INGESTED.labels(type=type_).inc(n)
-        for ctype, n in commands.items():
+        for ctype, n in b.commands.items():
             COMMANDS_INGESTED.labels(type=ctype).inc(n)
-        self.rows_ingested += len(rows)
-        if batch:
+        self.rows_ingested += len(b.events)
+        if b.records:
             BATCH_SECONDS.observe(time.perf_counter() - t0)
         self._update_lag()
-        self._log_progress(len(rows), dead)
+        self._log_progress(len(b.events), b.dead)
 
     def _update_lag(self) -> None:
         assert self.consumer is not None
@@ -358,20 +446,28 @@ class Ingestor:
 
     async def wait_for(self, targets: dict[TP, int], timeout_s: float) -> str:
         """Wait until :meth:`reached`; "reached", or why not: "replaying" (a replay is rebuilding the
-        tables: fail fast), "timeout"."""
+        tables: fail fast), "timeout". While it waits, the ingest loop flushes its batch as soon as
+        the records these targets need have been read (not when the batch interval ends)."""
+        if self.reached(targets):
+            return "reached"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not self.reached(targets):
-            if self.replaying or self._replay_requests:
-                return "replaying"
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return "timeout"
-            try:
-                await asyncio.wait_for(self._progress.wait(), remaining)
-            except TimeoutError:
-                return "reached" if self.reached(targets) else "timeout"
-        return "reached"
+        self._waiters.append(targets)
+        self._wake.set()
+        try:
+            while not self.reached(targets):
+                if self.replaying or self._replay_requests:
+                    return "replaying"
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return "timeout"
+                try:
+                    await asyncio.wait_for(self._progress.wait(), remaining)
+                except TimeoutError:
+                    return "reached" if self.reached(targets) else "timeout"
+            return "reached"
+        finally:
+            self._waiters.remove(targets)
 
     # -- status ----------------------------------------------------------------------------------
     async def caught_up(self, timeout_s: float = 3.0) -> bool:

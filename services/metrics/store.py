@@ -220,6 +220,22 @@ class Store:
         with self._lock:
             self._client.insert("ingest_offsets", rows, column_names=["topic", "partition", "next_offset"])
 
+    def write_batch(self, events: Sequence[Sequence[Any]],
+                    tables: Sequence[tuple[str, Sequence[Sequence[Any]], Sequence[str]]],
+                    offsets: dict[tuple[str, int], int]) -> None:
+        """One ingest batch: the events, the other tables' rows, then the offsets they reach (one
+        insert each, in this order; a crash before the offsets re-loads the batch, which every
+        query absorbs)."""
+        with self._lock:
+            if events:
+                self._client.insert("events", events, column_names=list(EVENT_COLUMNS))
+            for table, rows, columns in tables:
+                if rows:
+                    self._client.insert(table, rows, column_names=list(columns))
+            if offsets:
+                self._client.insert("ingest_offsets", [[t, p, o] for (t, p), o in sorted(offsets.items())],
+                                    column_names=["topic", "partition", "next_offset"])
+
     def load_offsets(self, topic: str) -> dict[int, int]:
         with self._lock:
             res = self._client.query(
@@ -380,6 +396,11 @@ class AsyncStore:
 
     async def cleanup_ids(self, tenant_id: str, older_than_seconds: float) -> list[str]:
         return await self.run(msgs.cleanup_ids, self.sync, tenant_id, older_than_seconds)
+
+    async def write_batch(self, events: Sequence[Sequence[Any]],
+                          tables: Sequence[tuple[str, Sequence[Sequence[Any]], Sequence[str]]],
+                          offsets: dict[tuple[str, int], int]) -> None:
+        await self.run(self.sync.write_batch, events, tables, offsets)
 
     async def store_offsets(self, topic: str, offsets: dict[int, int]) -> None:
         await self.run(self.sync.store_offsets, topic, offsets)
