@@ -30,8 +30,6 @@ KAFKA_SH = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
 #: start order matters only for readability of the logs: all four start in parallel
 SERVICES = ("metrics", "api", "sender", "reporter", "inbound")
-#: services whose module is not services.<name> (the inbound listener lives with the sender)
-MODULES = {"inbound": "services.sender.inbound"}
 
 
 class LocalSystemError(RuntimeError):
@@ -153,7 +151,7 @@ class LocalSystem:
                 raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
             # readiness without a credential: the stream processors' /ready means "recovered and consuming"
             path = "/ready" if name in ("sender", "reporter", "inbound") else "/health"
-            self.services[name] = Service(name, MODULES.get(name, f"services.{name}"), f"http://127.0.0.1:{self.ports[name]}{path}")
+            self.services[name] = Service(name, f"services.{name}", f"http://127.0.0.1:{self.ports[name]}{path}")
 
     # ------------------------------------------------------------------ configuration
     @classmethod

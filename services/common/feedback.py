@@ -1,5 +1,5 @@
 """Who a bounce or complaint report may be attributed to (SES notifications in services/api, DSNs and
-ARF reports in services/sender/inbound): only an envelope recipient of the message Postbus sent that
+ARF reports in services/inbound): only an envelope recipient of the message Postbus sent that
 the report was correlated to. A report naming anyone else is refused for that address: nothing is
 suppressed, nothing counted.
 

@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     domain_suspend_bounce_rate: float = Field(3.0, gt=0, le=100)
     domain_suspend_min_sent: int = Field(100, ge=1)
 
-    # inbound bounces / complaints / PEC (services/sender/inbound): the SMTP listener of the bounce
+    # inbound bounces / complaints / PEC (services/inbound): the SMTP listener of the bounce
     # return-path domain, its readiness/Prometheus port, the largest message it takes; PEC: a sent
     # message whose From domain is in pec_sender_domains ("a.it,b.it") expects an acceptance
     # receipt within pec_timeout_s, else a pec_timeout event

@@ -27,7 +27,7 @@ CONFIG_DOMAINS = "postbus.config.domains"  # Domain records (key domain name)
 STATUS_DOMAINS = "postbus.status.domains"  # the ledger's counters per domain (key domain name)
 DOMAIN_RESULTS = "postbus.domain.results"  # the ledger's answer to each domain command (key tenant_id)
 BILLING = "postbus.billing"  # monthly counters frozen before a reset (key domain name), kept forever
-# inbound bounces / complaints / PEC receipts (services/sender/inbound)
+# inbound bounces / complaints / PEC receipts (services/inbound)
 INBOUND_RAW = "postbus.inbound.raw"  # every inbound message as received (key: its id), kept forever
 IMAP_POSITION = "postbus.inbound.imap-position"  # the IMAP poller's UIDVALIDITY + last UID (compacted)
 # tracking and complaints (routes_suppression, sender/suppression): suppressed addresses (key tenant/address)

@@ -1,4 +1,4 @@
-"""Queries for the inbound service (services/sender/inbound): which message an inbound report is
+"""Queries for the inbound service (services/inbound): which message an inbound report is
 about, and which PEC messages are still waiting for their acceptance receipt.
 
 Both read projections that already exist (``messages`` from the command topic, ``events``), so a

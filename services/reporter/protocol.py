@@ -67,7 +67,7 @@ def _pec(event: dict[str, Any], ts: float | None) -> dict[str, Any]:
     return out
 
 
-# inbound events (services/sender/inbound): bounces, ARF complaints, PEC receipts
+# inbound events (services/inbound): bounces, ARF complaints, PEC receipts
 _INBOUND = {"bounce": _bounce, "complaint": _complaint, "pec": _pec}
 
 

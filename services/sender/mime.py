@@ -14,10 +14,8 @@ from email.header import Header
 from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import Any
 
-from services.sender import verp
-
-CORRELATION_HEADER = "X-Postbus-Message-Id"
-TENANT_HEADER = "X-Postbus-Tenant"
+from services.common import verp
+from services.common.mail_headers import CORRELATION_HEADER, TENANT_HEADER
 
 
 def _is_ascii(s: str) -> bool:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem
-from services.sender import verp
+from services.common import verp
 from tests.conftest import fresh_state, running_system, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer

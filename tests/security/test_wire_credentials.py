@@ -105,7 +105,7 @@ def test_a_self_signed_certificate_is_refused_by_default_and_trusted_with_ca_bun
 # --- IMAP -------------------------------------------------------------------------------------------
 
 def _imap_cfg(imap: DovecotServer, **kw: Any):
-    from services.sender.inbound.imap_poller import ImapConfig
+    from services.inbound.imap_poller import ImapConfig
 
     return ImapConfig(host=imap.host, port=imap.port, user=imap.user, password=imap.password, mailbox="INBOX",
                       interval_s=1.0, **kw)
@@ -119,14 +119,14 @@ DSN = b"From: MAILER-DAEMON@example.test\r\nTo: b@x.test\r\nSubject: bounce\r\n\
 
 
 def test_imap_poller_builds_a_verifying_context() -> None:
-    from services.sender.inbound.imap_poller import ImapConfig, tls_context
+    from services.inbound.imap_poller import ImapConfig, tls_context
 
     ctx = tls_context(ImapConfig("imap.test", 993, "u", "p", "INBOX", 60.0))
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname is True
 
 
 def test_imap_poller_refuses_plaintext_login_without_starttls() -> None:
-    from services.sender.inbound.imap_poller import PlaintextLoginRefused, fetch_new
+    from services.inbound.imap_poller import PlaintextLoginRefused, fetch_new
 
     assert DovecotServer.available(), "dovecot is not installed (apt-get install dovecot-imapd)"
     with DovecotServer() as imap:  # no TLS at all; the server itself would accept a plaintext LOGIN
@@ -143,7 +143,7 @@ def test_imap_poller_refuses_plaintext_login_without_starttls() -> None:
 
 
 def test_imap_poller_uses_starttls_and_verifies_the_certificate() -> None:
-    from services.sender.inbound.imap_poller import fetch_new
+    from services.inbound.imap_poller import fetch_new
 
     assert DovecotServer.available(), "dovecot is not installed (apt-get install dovecot-imapd)"
     with DovecotServer(tls=True) as imap:

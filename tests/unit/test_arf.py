@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from services.sender.inbound.classify import analyse
-from services.sender.inbound.correlate import Target, events_for
+from services.inbound.classify import analyse
+from services.inbound.correlate import Target, events_for
 
 ARF = (
     "From: <staff@hotmail.example>\r\nTo: <abuse@acme.test>\r\nSubject: FW: Hello\r\nMIME-Version: 1.0\r\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from services.sender.inbound.classify import Analysis, analyse
-from services.sender.inbound.correlate import Target, events_for
-from services.sender.inbound.dsn import Bounce, classify_status, classify_text
+from services.inbound.classify import Analysis, analyse
+from services.inbound.correlate import Target, events_for
+from services.inbound.dsn import Bounce, classify_status, classify_text
 
 ORIGINAL = (
     "From: app@acme.test\r\nTo: bob@example.test\r\nSubject: Hello\r\n"

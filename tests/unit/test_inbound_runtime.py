@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from services.inbound.classify import Hint, analyse
+from services.inbound.correlate import correlate, events_for, pec_timeout_event
+from services.inbound.imap_poller import new_uids, start_uid
 from services.reporter.protocol import report_item
-from services.sender.inbound.classify import Hint, analyse
-from services.sender.inbound.correlate import correlate, events_for, pec_timeout_event
-from services.sender.inbound.imap_poller import new_uids, start_uid
 from tests.unit.test_dsn import POSTFIX
 
 KNOWN = {"tenant_id": "acme", "id": "m-1", "pk": "0b7c-pk", "account_id": "main", "from_addr": "app@acme.test",

@@ -274,7 +274,7 @@ def test_metrics_require_admin_setting() -> None:
 # -- every service refuses to start outside dev mode without the token ----------------------------
 
 @pytest.mark.parametrize("module", ["services.metrics", "services.api", "services.sender", "services.reporter",
-                                    "services.sender.inbound"])
+                                    "services.inbound"])
 def test_every_service_refuses_to_start_without_the_token(module: str, tmp_path: Path) -> None:
     import subprocess
     import sys

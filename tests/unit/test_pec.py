@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.sender.inbound.classify import analyse
+from services.inbound.classify import analyse
 
 
 def receipt(kind: str, ref: str = "<0b7c-pk@acme.test>") -> bytes:

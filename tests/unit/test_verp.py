@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from services.sender import verp
-from services.sender.inbound.classify import Hint, analyse
-from services.sender.inbound.correlate import correlate, verp_ids
+from services.common import verp
+from services.inbound.classify import Hint, analyse
+from services.inbound.correlate import correlate, verp_ids
 from services.sender.mime import envelope_sender
 
 DOMAIN = "bounces.postbus.test"

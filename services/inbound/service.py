@@ -19,8 +19,8 @@ from services.common.avro import codec
 from services.common.internal_auth import auth_headers, load_internal_token
 from services.common.settings import Settings
 from services.common.topics import EVENTS, INBOUND_RAW
-from services.sender.inbound.classify import analyse
-from services.sender.inbound.correlate import correlate, events_for, verp_ids
+from services.inbound.classify import analyse
+from services.inbound.correlate import correlate, events_for, verp_ids
 
 log = logging.getLogger("postbus.inbound")
 

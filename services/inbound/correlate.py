@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 
+from services.common import verp
 from services.common.feedback import attribute
-from services.sender import verp
-from services.sender.inbound.classify import Analysis, Hint
+from services.inbound.classify import Analysis, Hint
 
 log = logging.getLogger("postbus.inbound.correlate")
 

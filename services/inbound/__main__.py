@@ -1,4 +1,4 @@
-"""``python -m services.sender.inbound``: the inbound SMTP listener, the IMAP poller and the PEC
+"""``python -m services.inbound``: the inbound SMTP listener, the IMAP poller and the PEC
 timeout scan in one asyncio process. Ready (Prometheus /metrics answers on
 POSTBUS_INBOUND_METRICS_PORT) once the listener accepts connections."""
 
@@ -18,10 +18,10 @@ from services.common.http_server import start_metrics_server
 from services.common.logs import setup_logging
 from services.common.settings import get_settings
 from services.common.topics import COMMANDS, CONFIG_INSTANCE, IMAP_POSITION
-from services.sender.inbound import pec_timeout
-from services.sender.inbound.imap_poller import ImapPoller
-from services.sender.inbound.listener import serve
-from services.sender.inbound.service import Inbound
+from services.inbound import pec_timeout
+from services.inbound.imap_poller import ImapPoller
+from services.inbound.listener import serve
+from services.inbound.service import Inbound
 
 log = logging.getLogger("postbus.inbound")
 

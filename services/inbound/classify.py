@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from services.sender.inbound.arf import Complaint, parse_arf
-from services.sender.inbound.dsn import Bounce, parse_bounces
-from services.sender.inbound.mailparts import Message, embedded_headers, header, parse
-from services.sender.inbound.pec import PecReceipt, parse_pec
-from services.sender.mime import CORRELATION_HEADER, TENANT_HEADER
+from services.common.mail_headers import CORRELATION_HEADER, TENANT_HEADER
+from services.inbound.arf import Complaint, parse_arf
+from services.inbound.dsn import Bounce, parse_bounces
+from services.inbound.mailparts import Message, embedded_headers, header, parse
+from services.inbound.pec import PecReceipt, parse_pec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.sender.inbound.mailparts import (
+from services.inbound.mailparts import (
     ADDRESS,
     Message,
     bare_address,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.sender.inbound.mailparts import Message, bare_address, field_blocks, report_type
+from services.inbound.mailparts import Message, bare_address, field_blocks, report_type
 
 
 @dataclass(frozen=True)

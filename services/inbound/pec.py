@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.sender.inbound.mailparts import Message, bare_address, header
+from services.inbound.mailparts import Message, bare_address, header
 
 PEC_EVENTS = {
     "accettazione": "pec_acceptance",

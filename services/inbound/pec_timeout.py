@@ -11,8 +11,8 @@ import logging
 import time
 
 from services.common.settings import Settings
-from services.sender.inbound.correlate import pec_timeout_event
-from services.sender.inbound.service import Inbound
+from services.inbound.correlate import pec_timeout_event
+from services.inbound.service import Inbound
 
 log = logging.getLogger("postbus.inbound.pec")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from services.sender.inbound.service import Inbound
+from services.inbound.service import Inbound
 
 log = logging.getLogger("postbus.inbound.smtp")
 

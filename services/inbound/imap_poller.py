@@ -29,7 +29,7 @@ from services.common.config_view import ConfigView
 from services.common.crypto import SecretBox
 from services.common.settings import get_settings
 from services.common.topics import IMAP_POSITION
-from services.sender.inbound.service import Inbound
+from services.inbound.service import Inbound
 
 log = logging.getLogger("postbus.inbound.imap")
 
