@@ -37,7 +37,18 @@ async def _already_sent(st: ApiState, tenant_id: str, ids: list[str]) -> set[str
     the client already has is always found). The sender's table is the authority and enforces the
     same rule: when the projection is unavailable or slower than ``projection_sent_check_wait_s``,
     or the id is being sent at this very moment, the message is accepted, the sender ignores the
-    resubmission and the listing shows the original send (``status: sent``), never a pending one."""
+    resubmission and the listing shows the original send (``status: sent``), never a pending one.
+
+    First this process's own filter of sent events (``sent_filter.py``, caught up with the tenant's
+    events as of this call) rules out the ids that were never sent, usually all of them: only the
+    rest, if any, cost the metrics round trip and the projection wait."""
+    wait_s = st.settings.projection_sent_check_wait_s
+    if st.sent_filter is not None and wait_s > 0:
+        maybe = await st.sent_filter.candidates(tenant_id, ids, timeout_s=min(wait_s, 1.0))
+        if maybe is not None:
+            if not maybe:
+                return set()
+            ids = maybe
     try:
         if st.settings.projection_sent_check_wait_s > 0:
             await wait_for_tenant(st, tenant_id, SENT_TOPICS, timeout_s=st.settings.projection_sent_check_wait_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 
 from services.api.commands import CommandWriter
+from services.api.sent_filter import SentFilter
 from services.common.apikeys import pepper_from
 from services.common.config_view import ConfigView
 from services.common.crypto import SecretBox, load_secret_box
@@ -69,6 +71,8 @@ class ApiState:
     sync_status: ConfigView | None = None
     # the delivery counters snapshot of the public /metrics (gmp_metrics.CountersSnapshot, made lazily)
     gmp_snapshot: Any = None
+    # add-messages' "already sent" pre-check (sent_filter.SentFilter, from postbus.events)
+    sent_filter: Any = None
 
     @classmethod
     def build(cls, settings: Settings) -> ApiState:
@@ -81,7 +85,9 @@ class ApiState:
             admin_token=load_admin_token(settings),
             box=box,
             pepper=pepper_from(key_material.strip()),
-            writer=CommandWriter(bootstrap, f"postbus-api-{settings.instance}-{settings.api_port}",
+            # a transactional id unique per API process (two replicas must not fence each other)
+            writer=CommandWriter(bootstrap,
+                                 f"postbus-api-{settings.instance}-{socket.gethostname()}-{settings.api_port}",
                                  settings.write_timeout_s),
             tenants=ConfigView(bootstrap, CONFIG_TENANTS, "Tenant"),
             accounts=ConfigView(bootstrap, CONFIG_ACCOUNTS, "Account"),
@@ -91,6 +97,7 @@ class ApiState:
             instance=ConfigView(bootstrap, CONFIG_INSTANCE, "Instance"),
             suspensions=ConfigView(bootstrap, CONFIG_SUSPENSIONS, "Suspension"),
             sync_status=ConfigView(bootstrap, STATUS_SYNC, "SyncStatus"),
+            sent_filter=SentFilter(bootstrap),
         )
 
     async def start(self) -> None:
@@ -102,6 +109,8 @@ class ApiState:
             await self.suspensions.start()
         if self.sync_status is not None:
             await self.sync_status.start()
+        if self.sent_filter is not None:
+            await self.sent_filter.start()  # loads in the background
 
     async def stop(self) -> None:
         await asyncio.gather(self.tenants.stop(), self.accounts.stop(), self.apikeys.stop(),
@@ -112,6 +121,8 @@ class ApiState:
             await self.suspensions.stop()
         if self.sync_status is not None:
             await self.sync_status.stop()
+        if self.sent_filter is not None:
+            await self.sent_filter.stop()
         await self.writer.stop()
         await self.metrics.aclose()
 
