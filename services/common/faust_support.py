@@ -40,7 +40,14 @@ async def table_delete(table: Any, partition: int, key: Any) -> None:
 
 
 def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: Any) -> faust.App:
-    return faust.App(
+    """A Faust app with our defaults. Its command-consuming agents iterate ``guarded(stream, name)``
+    (services/common/faust_guard.py: Faust loses records around a rebalance, issue 12 §1)."""
+    from services.common import faust_guard
+    from services.common.settings import get_settings
+
+    faust_guard.set_enabled(get_settings().faust_offset_guard)
+    faust_guard.install()
+    app = faust.App(
         name,
         broker=f"kafka://{bootstrap}",
         store="memory://",
@@ -59,6 +66,8 @@ def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: 
         broker_heartbeat_interval=2.0,
         **extra,
     )
+    app._postbus_bootstrap = bootstrap  # the offset guard's own consumers
+    return app
 
 
 def _await_chain(obj: Any, depth: int = 40) -> list[str]:

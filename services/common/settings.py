@@ -219,6 +219,11 @@ class Settings(BaseSettings):
     # counted send of a registered domain, this long; a repeat within it counts nothing
     domain_idempotency_window_s: int = Field(3600, ge=60, le=7 * 86400)
 
+    # Faust rebalance loss (common/faust_guard.py, docs/architecture.md): the offset guard of the
+    # command-consuming agents re-reads and applies records Faust skipped around a rebalance.
+    # Off (POSTBUS_FAUST_OFFSET_GUARD=0) only to reproduce the defect
+    faust_offset_guard: bool = True
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

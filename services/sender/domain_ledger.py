@@ -34,6 +34,7 @@ from typing import Any
 
 from services.common import domain_quota as q
 from services.common.avro import DecodeError, codec
+from services.common.faust_guard import guarded
 from services.common.topics import BILLING, DOMAIN_RESULTS, STATUS_DOMAINS
 from services.sender.app import app, commands_topic, events_topic, settings
 
@@ -62,7 +63,7 @@ VERIFY_COMMANDS = frozenset({"domain.verify", "domain.verification", "domain.dki
 
 @app.agent(commands_topic)
 async def domain_commands(stream: Any) -> None:
-    async for event in stream.events():
+    async for event in guarded(stream, "domain_commands"):  # no command skipped (issue 12 §1)
         try:
             _, env = codec().decode(event.value, expect="CommandEnvelope")
             if env["type"] not in LEDGER_COMMANDS and env["type"] not in VERIFY_COMMANDS:
