@@ -18,12 +18,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
 from aiokafka.partitioner import murmur2
 
 from services.common.avro import codec
@@ -69,6 +69,25 @@ class BrokerUnavailable(Exception):
     and config upserts are idempotent)."""
 
 
+@dataclass
+class ConfigWrite:
+    """One read-modify-write's outcome: the command and its config records (see update_config)."""
+
+    ctype: str
+    tenant_id: str | None
+    actor: Actor
+    route: str
+    payload_schema: str
+    payload: dict[str, Any]
+    records: list[ConfigRecord]
+
+
+# a fenced transactional producer: it says so, or (fenced mid-transaction) refuses to go on
+_FENCED = (ProducerFenced, InvalidProducerEpoch, IllegalOperation)
+RMW_TX_PREFIX = "postbus-api-rmw"  # shared by every API instance: one transactional id per shard
+RMW_ATTEMPTS = 5
+
+
 class CommandWriter:
     def __init__(self, bootstrap: str, transactional_id: str, write_timeout_s: float = 10.0) -> None:
         common = {"bootstrap_servers": bootstrap, "acks": "all", "request_timeout_ms": 15000}
@@ -81,6 +100,10 @@ class CommandWriter:
         self.tx_producer = AIOKafkaProducer(transactional_id=transactional_id, **common)
         self._tx_broken = False  # a transaction failed: the next write starts a fresh transactional producer
         self._suspect = False  # a write failed: check the broker answers before queuing the next one
+        # read-modify-write producers, one per shard (tenant partition / "instance"), same ids in
+        # every API instance: see update_config
+        self._rmw: dict[str, AIOKafkaProducer] = {}
+        self._rmw_locks: dict[str, asyncio.Lock] = {}
         self._tx_lock = asyncio.Lock()  # one open transaction per transactional producer
         # tenant -> {(topic, partition): next offset after the tenant's last write from this process}
         self.last_writes: dict[str, dict[TP, int]] = {}
@@ -96,6 +119,9 @@ class CommandWriter:
     async def stop(self) -> None:
         await self.producer.stop()
         await self.tx_producer.stop()
+        for producer in self._rmw.values():
+            with contextlib.suppress(Exception):
+                await producer.stop()
         if self._offsets_reader is not None:
             with contextlib.suppress(Exception):
                 await self._offsets_reader.stop()
@@ -179,6 +205,8 @@ class CommandWriter:
         try:
             async with asyncio.timeout(self.write_timeout_s):
                 yield
+        except _FENCED:
+            raise  # another API instance took the shard's transactional id: update_config retries
         except (KafkaError, TimeoutError) as exc:
             self._suspect = True
             log.warning("command not appended: broker unavailable", extra={"what": what, "error": repr(exc)})
@@ -240,6 +268,67 @@ class CommandWriter:
             except BrokerUnavailable:
                 self._tx_broken = True  # its transaction state is unknown: use a fresh producer next time
                 raise
+            except _FENCED:
+                self._tx_broken = True  # another process took this transactional id
+                raise BrokerUnavailable("the command log writer was fenced; retry") from None
+
+    async def shard_of(self, tenant_id: str | None) -> str:
+        """The serialisation shard of a tenant's config: its commands partition (``instance`` for
+        instance-wide records)."""
+        if not tenant_id:
+            return "instance"
+        return f"p{key_partition(tenant_id.encode(), await self._partitions(COMMANDS))}"
+
+    async def update_config(self, shard: str, catch_up: Callable[[], Awaitable[None]],
+                            build: Callable[[], ConfigWrite]) -> dict[str, dict[int, int]]:
+        """A read-modify-write of config that stays correct with any number of API instances.
+
+        Every instance writes a shard's updates through a transactional producer with the same
+        transactional id (``postbus-api-rmw-<shard>``). Starting such a producer fences every older
+        one, whose commit then fails with ProducerFenced; so a commit that succeeds proves that no
+        other instance started one since ours, hence none committed an update of the shard since:
+        the view we caught up to the end of the topics after our start was complete. On
+        ProducerFenced we start a new producer (fencing the others in turn), catch up again,
+        rebuild the update from the fresh view and retry. Inside one instance a lock serialises."""
+        lock = self._rmw_locks.setdefault(shard, asyncio.Lock())
+        async with lock:
+            for attempt in range(1, RMW_ATTEMPTS + 1):
+                # a transaction begun while the broker is down could still commit later, after its 503
+                await self._reachable(self.producer)
+                producer = await self._rmw_producer(shard)
+                try:
+                    async with self._bounded(f"rmw {shard}"):
+                        await catch_up()
+                        write = build()
+                        return await self._transaction(producer, write)
+                except _FENCED:
+                    log.info("config update fenced by another API instance: retrying",
+                             extra={"shard": shard, "attempt": attempt})
+                    await self._drop_rmw_producer(shard)
+                except BrokerUnavailable:
+                    await self._drop_rmw_producer(shard)
+                    raise
+        raise BrokerUnavailable(f"config update of {shard} kept being fenced by other API instances")
+
+    async def _rmw_producer(self, shard: str) -> AIOKafkaProducer:
+        producer = self._rmw.get(shard)
+        if producer is None:
+            producer = AIOKafkaProducer(transactional_id=f"{RMW_TX_PREFIX}-{shard}", **self._common)
+            try:
+                async with self._bounded(f"rmw producer {shard}"):
+                    await producer.start()
+            except BrokerUnavailable:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
+            self._rmw[shard] = producer
+        return producer
+
+    async def _drop_rmw_producer(self, shard: str) -> None:
+        producer = self._rmw.pop(shard, None)
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5)
 
     async def _renew_tx_producer(self) -> None:
         """A new transactional producer with the same id: its init fences and aborts whatever the
@@ -259,15 +348,27 @@ class CommandWriter:
     async def _append_config(self, ctype: str, tenant_id: str | None, actor: Actor, route: str,
                              payload_schema: str, payload: dict[str, Any],
                              records: list[ConfigRecord]) -> dict[str, dict[int, int]]:
-        _, value = self.envelope(ctype, tenant_id, actor, route, payload_schema, payload)
+        return await self._transaction(self.tx_producer, ConfigWrite(ctype, tenant_id, actor, route,
+                                                                     payload_schema, payload, records))
+
+    async def _transaction(self, producer: AIOKafkaProducer, w: ConfigWrite) -> dict[str, dict[int, int]]:
+        _, value = self.envelope(w.ctype, w.tenant_id, w.actor, w.route, w.payload_schema, w.payload)
         c = codec()
-        async with self.tx_producer.transaction():
-            command = await self.tx_producer.send(COMMANDS, value=value, key=(tenant_id or "").encode())
-            futures = []
-            for rec in records:
-                data = c.encode(rec.schema, rec.value) if rec.schema and rec.value is not None else None
-                futures.append((rec.topic, await self.tx_producer.send(rec.topic, value=data, key=rec.key.encode())))
+        command: asyncio.Future[Any] | None = None
+        futures: list[tuple[str, asyncio.Future[Any]]] = []
+        try:
+            async with producer.transaction():
+                command = await producer.send(COMMANDS, value=value, key=(w.tenant_id or "").encode())
+                for rec in w.records:
+                    data = c.encode(rec.schema, rec.value) if rec.schema and rec.value is not None else None
+                    futures.append((rec.topic, await producer.send(rec.topic, value=data, key=rec.key.encode())))
+        except BaseException:
+            for fut in [command, *(f for _, f in futures)]:
+                if fut is not None:  # an aborted transaction's sends fail: their errors are this one
+                    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
         md = await command
+        tenant_id = w.tenant_id
         self._remember(tenant_id, COMMANDS, md.partition, md.offset)
         offsets: dict[str, dict[int, int]] = {}
         for topic, fut in futures:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from services.api import command_log
 from services.api.auth import authenticate, require_admin
-from services.api.commands import ConfigRecord
+from services.api.commands import ConfigRecord, ConfigWrite
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.models import (
@@ -91,27 +91,34 @@ async def put_instance(body: InstanceIn, request: Request) -> InstanceResp:
     st = state_of(request)
     actor = authenticate(request, st)
     require_admin(actor)
-    rec = instance_record(st)
     given = body.model_fields_set
-    if "name" in given:
-        rec["name"] = body.name
-    for f in ("active", "sync_interval_seconds", "report_retention_seconds"):
-        if f in given and getattr(body, f) is not None:
-            rec[f] = getattr(body, f)
-    if body.bounce is not None:
-        b = body.bounce
-        bgiven = b.model_fields_set
-        if b.enabled is not None:
-            rec["bounce_enabled"] = b.enabled
-        for f in _BOUNCE_FIELDS:
-            if f in bgiven:
-                rec[f"bounce_{f}"] = getattr(b, f)
-        if "imap_password" in bgiven:  # null or "" clears it
-            rec["bounce_imap_password_enc"] = st.box.encrypt(b.imap_password)
-    rec["updated_ts"] = int(time.time() * 1000)
-    offsets = await st.writer.append_config(
-        "instance.update", None, actor, "PUT /instance", "Instance", rec,
-        [ConfigRecord(CONFIG_INSTANCE, INSTANCE_KEY, "Instance", rec)])
+    out: dict[str, Any] = {}
+
+    def build() -> ConfigWrite:  # from the view caught up to the end: re-run if another API instance wrote
+        rec = instance_record(st)
+        if "name" in given:
+            rec["name"] = body.name
+        for f in ("active", "sync_interval_seconds", "report_retention_seconds"):
+            if f in given and getattr(body, f) is not None:
+                rec[f] = getattr(body, f)
+        if body.bounce is not None:
+            b = body.bounce
+            bgiven = b.model_fields_set
+            if b.enabled is not None:
+                rec["bounce_enabled"] = b.enabled
+            for f in _BOUNCE_FIELDS:
+                if f in bgiven:
+                    rec[f"bounce_{f}"] = getattr(b, f)
+            if "imap_password" in bgiven:  # null or "" clears it
+                rec["bounce_imap_password_enc"] = st.box.encrypt(b.imap_password)
+        rec["updated_ts"] = int(time.time() * 1000)
+        out["rec"] = rec
+        return ConfigWrite("instance.update", None, actor, "PUT /instance", "Instance", rec,
+                           [ConfigRecord(CONFIG_INSTANCE, INSTANCE_KEY, "Instance", rec)])
+
+    assert st.instance is not None
+    offsets = await st.writer.update_config("instance", st.instance.catch_up, build)
+    rec = out["rec"]
     await st.wait_visible(offsets)
     return InstanceResp(instance=instance_out(st, rec))
 

@@ -8,7 +8,6 @@ sender applies."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, StringConstraints
 
 from services.api.auth import authenticate, scope_tenant
-from services.api.commands import Actor, ConfigRecord
+from services.api.commands import Actor, ConfigRecord, ConfigWrite
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.projection import ALL_TOPICS, STATE_TOPICS, ProjectionUnavailable, wait_for_tenant
@@ -82,10 +81,6 @@ def _tenant(request: Request, st: ApiState, tenant_id: str | None) -> tuple[Acto
     return actor, tid
 
 
-# per-tenant lock: a suspend/activate is read-modify-write of the tenant's record
-_locks: dict[str, asyncio.Lock] = {}
-
-
 async def _change_suspension(request: Request, tenant_id: str | None, batch_code: str | None,
                              action: str) -> SuspensionOut:
     st = state_of(request)
@@ -96,24 +91,27 @@ async def _change_suspension(request: Request, tenant_id: str | None, batch_code
     if batch_code is not None and len(batch_code) > 255:
         raise ApiError(400, "invalid_batch_code", "batch_code must be at most 255 characters (or * for all)")
     assert st.suspensions is not None
-    lock = _locks.setdefault(tid, asyncio.Lock())
-    async with lock:
-        current = st.suspensions.get(tid)
+    views = st.suspensions
+    out: dict[str, Any] = {}
+
+    def build() -> ConfigWrite:  # re-run on a fresh view if another API instance wrote meanwhile
         now = int(time.time() * 1000)
         try:
             if action == "suspend":
-                record = suspension.suspend(current, tid, batch_code, now)
+                record = suspension.suspend(views.get(tid), tid, batch_code, now)
             else:
-                record = suspension.activate(current, tid, batch_code, now)
+                record = suspension.activate(views.get(tid), tid, batch_code, now)
         except suspension.AllBatchesSuspended:
             raise ApiError(409, "all_batches_suspended",
                            f"all batches of tenant {tid!r} are suspended: activate all (no batch_code) "
                            f"before activating batch {batch_code!r}") from None
-        offsets = await st.writer.append_config(
-            f"messages.{action}", tid, actor, f"POST /commands/{action}", "Suspension", record,
-            [ConfigRecord(CONFIG_SUSPENSIONS, tid, "Suspension", record)],
-        )
-        await st.wait_visible(offsets)
+        out["record"] = record
+        return ConfigWrite(f"messages.{action}", tid, actor, f"POST /commands/{action}", "Suspension", record,
+                           [ConfigRecord(CONFIG_SUSPENSIONS, tid, "Suspension", record)])
+
+    offsets = await st.writer.update_config(await st.writer.shard_of(tid), views.catch_up, build)
+    await st.wait_visible(offsets)
+    record = out["record"]
     return SuspensionOut(tenant_id=tid, batch_code=None if batch_code in (None, suspension.ALL) else batch_code,
                          # genro 0.6: "*" listed when everything is held
                          suspended_batches=([suspension.ALL] if record["all"] else []) + record["batches"],
@@ -124,12 +122,16 @@ async def _toggle_scheduler(request: Request, st: ApiState, action: str) -> Susp
     """The seed's admin suspend/activate without a tenant "toggles the scheduler": the instance's
     ``active`` switch (as ``PUT /instance``), which the sender honours for every tenant."""
     actor = authenticate(request, st)
-    async with _locks.setdefault(INSTANCE_KEY, asyncio.Lock()):
+    assert st.instance is not None
+    view = st.instance
+
+    def build() -> ConfigWrite:
         rec = {**instance_record(st), "active": action == "activate", "updated_ts": int(time.time() * 1000)}
-        offsets = await st.writer.append_config(
-            "instance.update", None, actor, f"POST /commands/{action}", "Instance", rec,
-            [ConfigRecord(CONFIG_INSTANCE, INSTANCE_KEY, "Instance", rec)])
-        await st.wait_visible(offsets)
+        return ConfigWrite("instance.update", None, actor, f"POST /commands/{action}", "Instance", rec,
+                           [ConfigRecord(CONFIG_INSTANCE, INSTANCE_KEY, "Instance", rec)])
+
+    offsets = await st.writer.update_config("instance", view.catch_up, build)
+    await st.wait_visible(offsets)
     off = action == "suspend"
     return SuspensionOut(tenant_id=None, batch_code=None, suspended_batches=[suspension.ALL] if off else [],
                          suspended_all=off)

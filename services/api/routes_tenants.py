@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 
 from services.api import field_policy, url_checks
 from services.api.auth import authenticate, require_admin, scope_tenant
-from services.api.commands import ConfigRecord
+from services.api.commands import ConfigRecord, ConfigWrite
 from services.api.deps import state_of
 from services.api.errors import ApiError
 from services.api.models import (
@@ -122,38 +122,42 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request) ->
     st = state_of(request)
     actor = authenticate(request, st)
     scope_tenant(actor, tenant_id)
-    tenant = dict(_tenant_or_404(st, tenant_id))
+    _tenant_or_404(st, tenant_id)
     field_policy.check_write("tenant", actor, body)  # 403 admin_only_field before anything else
     url_checks.check_tenant_fields(body, tenant_id, st.settings)  # 422, nothing written
     given = body.model_fields_set
-    if "name" in given:
-        tenant["name"] = body.name
-    if "client_base_url" in given:
-        tenant["client_base_url"] = str(body.client_base_url).rstrip("/") if body.client_base_url else None
-    for f in ("client_sync_path", "client_attachment_path"):
-        if f in given:
-            tenant[f] = getattr(body, f)
-    if "client_auth" in given:
-        method, user, secret = client_auth_fields(body.client_auth, st.box)
-        tenant.update(client_auth_method=method, client_auth_user=user, client_auth_secret_enc=secret)
-    if "rate_limits" in given:
-        tenant["rate_limit_hourly"] = body.rate_limits.hourly if body.rate_limits else None
-        tenant["rate_limit_daily"] = body.rate_limits.daily if body.rate_limits else None
-    if "large_file_config" in given:
-        lfc = field_policy.keep_admin_subfields("tenant", "large_file_config", body.large_file_config_dict(),
-                                                _stored_json(tenant.get("large_file_config_json")), actor)
-        tenant["large_file_config_json"] = json.dumps(lfc) if lfc else None
-    if "tracking" in given:
-        tenant.update((body.tracking or TrackingConfig()).record_fields())
-    if "default_from" in given:  # null clears it
-        tenant.update(body.default_from.record_fields() if body.default_from
-                      else {"default_from_name": None, "default_from_email": None})
-    if body.active is not None:
-        tenant["active"] = body.active
-    tenant["updated_ts"] = int(time.time() * 1000)
-    offsets = await st.writer.append_config(
-        "tenant.update", tenant_id, actor, "PUT /tenant/{tenant_id}", "Tenant", tenant,
-        [ConfigRecord(CONFIG_TENANTS, tenant_id, "Tenant", tenant)])
+
+    def build() -> ConfigWrite:  # from the view caught up to the end: re-run if another API instance wrote
+        tenant = dict(_tenant_or_404(st, tenant_id))
+        if "name" in given:
+            tenant["name"] = body.name
+        if "client_base_url" in given:
+            tenant["client_base_url"] = str(body.client_base_url).rstrip("/") if body.client_base_url else None
+        for f in ("client_sync_path", "client_attachment_path"):
+            if f in given:
+                tenant[f] = getattr(body, f)
+        if "client_auth" in given:
+            method, user, secret = client_auth_fields(body.client_auth, st.box)
+            tenant.update(client_auth_method=method, client_auth_user=user, client_auth_secret_enc=secret)
+        if "rate_limits" in given:
+            tenant["rate_limit_hourly"] = body.rate_limits.hourly if body.rate_limits else None
+            tenant["rate_limit_daily"] = body.rate_limits.daily if body.rate_limits else None
+        if "large_file_config" in given:
+            lfc = field_policy.keep_admin_subfields("tenant", "large_file_config", body.large_file_config_dict(),
+                                                    _stored_json(tenant.get("large_file_config_json")), actor)
+            tenant["large_file_config_json"] = json.dumps(lfc) if lfc else None
+        if "tracking" in given:
+            tenant.update((body.tracking or TrackingConfig()).record_fields())
+        if "default_from" in given:  # null clears it
+            tenant.update(body.default_from.record_fields() if body.default_from
+                          else {"default_from_name": None, "default_from_email": None})
+        if body.active is not None:
+            tenant["active"] = body.active
+        tenant["updated_ts"] = int(time.time() * 1000)
+        return ConfigWrite("tenant.update", tenant_id, actor, "PUT /tenant/{tenant_id}", "Tenant", tenant,
+                           [ConfigRecord(CONFIG_TENANTS, tenant_id, "Tenant", tenant)])
+
+    offsets = await st.writer.update_config(await st.writer.shard_of(tenant_id), st.tenants.catch_up, build)
     await _visible(st, offsets)
     return Ok()
 
