@@ -6,8 +6,9 @@ mail is always signed with the selector whose DNS record is verified. A message 
 From domain is registered by the message's own tenant and its DKIM record verified (``dkim_status``
 ``Success``); anything else goes out unsigned. Canonicalisation is relaxed/relaxed.
 
-The transform runs last among the transforms (moved to the end at start-up), because any later
-rewrite of a signed header or of the body would break the signature."""
+The transform is the last of the transforms (services/sender/steps.py), because any later rewrite
+of a signed header or of the body would break the signature. :func:`register` starts and stops the
+registry view with the Faust app."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ import logging
 from typing import Any
 
 from services.common.config_view import ConfigView
+from services.common.crypto import load_secret_box
+from services.common.settings import get_settings
 from services.common.topics import CONFIG_DOMAINS
 from services.sender import pipeline
-from services.sender.app import app, box, settings
 from services.sender.dkim_core import from_domain, sign
 
 log = logging.getLogger("postbus.sender.dkim")
 
 VERIFIED = "Success"
 
+settings = get_settings()
+box = load_secret_box(settings)
 domains = ConfigView(settings.kafka_bootstrap, CONFIG_DOMAINS, "Domain")
 # (domain, selector, updated_ts) -> private key PEM: decrypted once per record version
 _keys: dict[tuple[str, str, int], bytes] = {}
@@ -64,18 +68,11 @@ async def dkim_transform(ctx: pipeline.SendContext, data: bytes) -> bytes:
     return signed
 
 
-pipeline.transforms.append(dkim_transform)
+def register(app: Any) -> None:
+    @app.task
+    async def _start_domains_view() -> None:
+        await domains.start()
 
-
-@app.task
-async def _start_domains_view() -> None:
-    # every module has registered its transforms by now: the signature must be the last rewrite
-    if dkim_transform in pipeline.transforms:
-        pipeline.transforms.remove(dkim_transform)
-        pipeline.transforms.append(dkim_transform)
-    await domains.start()
-
-
-@app.on_before_shutdown.connect  # type: ignore[misc]
-async def _stop_domains_view(app: Any, **kwargs: Any) -> None:
-    await domains.stop()
+    @app.on_before_shutdown.connect  # type: ignore[misc]
+    async def _stop_domains_view(app: Any, **kwargs: Any) -> None:
+        await domains.stop()

@@ -94,6 +94,3 @@ async def domain_quota_check(ctx: pipeline.SendContext) -> pipeline.Decision | N
     log.info("message over its domain's soft quota", extra={"domain": domain, "reason": reason,
                                                             "tenant_id": ctx.message["tenant_id"]})
     return None
-
-
-pipeline.checks.append(domain_quota_check)

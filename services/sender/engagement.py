@@ -1,4 +1,4 @@
-"""Engagement and feedback agents of the sender (imported at the end of services/sender/app.py).
+"""Engagement and feedback agents of the sender (:func:`register`, called by services/sender/service.py).
 
 - ``engagement``: the ``tracking.open|click|unsubscribe`` and ``feedback.bounce|complaint`` commands
   (payload ``Engagement``) the API appends become ``DeliveryEvent`` records of the same kind, so the
@@ -21,39 +21,11 @@ from typing import Any
 from services.common.avro import DecodeError, codec
 from services.common.topics import CONFIG_SUPPRESSION_LIST
 from services.sender import suppression
-from services.sender.app import app, commands_topic, events_topic
 from services.sender.tracking import ENGAGEMENT_COMMANDS, engagement_event
 
 log = logging.getLogger("postbus.sender.engagement")
 
-suppression_topic = app.topic(CONFIG_SUPPRESSION_LIST, key_serializer="raw", value_serializer="raw", internal=False)
-
-
-@app.task
-async def _start_suppression_view() -> None:
-    await suppression.view.start()
-
-
-@app.on_before_shutdown.connect  # type: ignore[misc]
-async def _stop_suppression_view(app: Any, **kwargs: Any) -> None:
-    await asyncio.gather(suppression.view.stop(), return_exceptions=True)
-
-
-@app.agent(commands_topic, name="engagement")
-async def engagement(stream: Any) -> None:
-    async for event in stream.events():
-        try:
-            _, env = codec().decode(event.value, expect="CommandEnvelope")
-            if env["type"] not in ENGAGEMENT_COMMANDS:
-                continue
-            _, hit = codec().decode(env["payload"], expect="Engagement")
-        except DecodeError:
-            continue  # the ingest agent dead-letters undecodable commands
-        try:
-            out = codec().encode("DeliveryEvent", engagement_event(env["command_id"], hit))
-            await (await events_topic.send(key=hit["tenant_id"].encode(), value=out))
-        except Exception:
-            log.exception("engagement command not turned into an event", extra={"type": env["type"]})
+topics: dict[str, Any] = {}  # set by register()
 
 
 def suppression_reason(event: dict[str, Any]) -> str | None:
@@ -67,26 +39,55 @@ def suppression_reason(event: dict[str, Any]) -> str | None:
     return None
 
 
-@app.agent(events_topic, name="auto_suppress")
-async def auto_suppress(stream: Any) -> None:
-    async for record in stream.events():
-        try:
-            _, event = codec().decode(record.value, expect="DeliveryEvent")
-        except DecodeError:
-            continue
-        reason = suppression_reason(event)
-        address = (event.get("recipient") or "").strip().lower()
-        if reason is None or not address or "@" not in address:
-            continue
-        if not suppression.view.ready.is_set():
-            await suppression.view.ready.wait()
-        key = suppression.entry_key(event["tenant_id"], address)
-        if suppression.view.get(key) is not None:
-            continue
-        try:
-            await _suppress(event, address, reason, key)
-        except Exception:
-            log.exception("auto-suppression failed", extra={"tenant_id": event["tenant_id"]})
+def register(app: Any, commands_topic: Any, events_topic: Any) -> None:
+    topics["commands"] = commands_topic
+    topics["suppression"] = app.topic(CONFIG_SUPPRESSION_LIST, key_serializer="raw", value_serializer="raw",
+                                      internal=False)
+
+    @app.task
+    async def _start_suppression_view() -> None:
+        await suppression.view.start()
+
+    @app.on_before_shutdown.connect  # type: ignore[misc]
+    async def _stop_suppression_view(app: Any, **kwargs: Any) -> None:
+        await asyncio.gather(suppression.view.stop(), return_exceptions=True)
+
+    @app.agent(commands_topic, name="engagement")
+    async def engagement(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                _, env = codec().decode(event.value, expect="CommandEnvelope")
+                if env["type"] not in ENGAGEMENT_COMMANDS:
+                    continue
+                _, hit = codec().decode(env["payload"], expect="Engagement")
+            except DecodeError:
+                continue  # the ingest agent dead-letters undecodable commands
+            try:
+                out = codec().encode("DeliveryEvent", engagement_event(env["command_id"], hit))
+                await (await events_topic.send(key=hit["tenant_id"].encode(), value=out))
+            except Exception:
+                log.exception("engagement command not turned into an event", extra={"type": env["type"]})
+
+    @app.agent(events_topic, name="auto_suppress")
+    async def auto_suppress(stream: Any) -> None:
+        async for record in stream.events():
+            try:
+                _, event = codec().decode(record.value, expect="DeliveryEvent")
+            except DecodeError:
+                continue
+            reason = suppression_reason(event)
+            address = (event.get("recipient") or "").strip().lower()
+            if reason is None or not address or "@" not in address:
+                continue
+            if not suppression.view.ready.is_set():
+                await suppression.view.ready.wait()
+            key = suppression.entry_key(event["tenant_id"], address)
+            if suppression.view.get(key) is not None:
+                continue
+            try:
+                await _suppress(event, address, reason, key)
+            except Exception:
+                log.exception("auto-suppression failed", extra={"tenant_id": event["tenant_id"]})
 
 
 async def _suppress(event: dict[str, Any], address: str, reason: str, key: str) -> None:
@@ -101,8 +102,8 @@ async def _suppress(event: dict[str, Any], address: str, reason: str, key: str) 
         "command_id": uuid.uuid4().hex, "type": "suppression.add", "tenant_id": tenant_id,
         "actor": "system:auto-suppression", "ts": now, "payload_schema": "SuppressionChange",
         "payload": c.encode("SuppressionChange", change), "route": None})
-    futures = [await commands_topic.send(key=tenant_id.encode(), value=envelope),
-               await suppression_topic.send(key=key.encode(), value=c.encode("SuppressionEntry", entry))]
+    futures = [await topics["commands"].send(key=tenant_id.encode(), value=envelope),
+               await topics["suppression"].send(key=key.encode(), value=c.encode("SuppressionEntry", entry))]
     await asyncio.gather(*futures)
     log.info("recipient suppressed", extra={"tenant_id": tenant_id, "reason": reason,
                                             "message_id": event.get("message_id")})

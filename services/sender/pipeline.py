@@ -2,13 +2,16 @@
 
 - **checks** run before a message is sent (suppression, rate limits, domain quotas, ...). Each
   returns ``None`` (go on) or a :class:`Decision` to defer the message to a later time or to fail
-  it with a reason. They run in registration order; the first decision wins.
+  it with a reason. They run in the order of the one list in :mod:`services.sender.steps`; the first decision wins.
 - **preparers** turn the message into bytes: the builder fetches attachments and writes the MIME
   text; transforms then rewrite those bytes (tracking, List-Unsubscribe, DKIM signature, ...).
 - **on_sent** hooks run after the SMTP server accepted the message and its ``sent`` event is on
   the broker (e.g. counting in the domain ledger).
+- **on_done** callbacks run when an attempt is over, whatever its outcome (a check's reservation,
+  such as a destination throttle slot, is released).
 
-Modules register themselves at import time; ``services/sender/app.py`` imports them."""
+Nothing registers itself at import time: :func:`services.sender.steps.build` lists every step, in
+order, and hands the :class:`Pipeline` to the engine."""
 
 from __future__ import annotations
 
@@ -51,11 +54,7 @@ Check = Callable[[SendContext], Awaitable[Decision | None]]
 Builder = Callable[[SendContext], Awaitable[bytes]]
 Transform = Callable[[SendContext, bytes], Awaitable[bytes]]
 Hook = Callable[[SendContext], Awaitable[None]]
-
-checks: list[Check] = []
-transforms: list[Transform] = []
-on_sent: list[Hook] = []
-_builder: list[Builder] = []
+Done = Callable[[str], None]
 
 
 class PrepareError(Exception):
@@ -67,26 +66,33 @@ class PrepareError(Exception):
         self.temporary = temporary
 
 
-def set_builder(fn: Builder) -> Builder:
-    _builder[:] = [fn]
-    return fn
+@dataclass
+class Pipeline:
+    """The steps of one send, in order (see :mod:`services.sender.steps`)."""
 
+    checks: list[Check]
+    builder: Builder
+    transforms: list[Transform] = field(default_factory=list)
+    on_sent: list[Hook] = field(default_factory=list)
+    on_done: list[Done] = field(default_factory=list)
 
-async def run_checks(ctx: SendContext) -> Decision | None:
-    for check in checks:
-        decision = await check(ctx)
-        if decision is not None:
-            return decision
-    return None
+    async def run_checks(self, ctx: SendContext) -> Decision | None:
+        for check in self.checks:
+            decision = await check(ctx)
+            if decision is not None:
+                return decision
+        return None
 
+    async def prepare(self, ctx: SendContext) -> bytes:
+        data = await self.builder(ctx)
+        for transform in self.transforms:
+            data = await transform(ctx, data)
+        return data
 
-async def prepare(ctx: SendContext) -> bytes:
-    data = await _builder[0](ctx)
-    for transform in transforms:
-        data = await transform(ctx, data)
-    return data
+    async def sent(self, ctx: SendContext) -> None:
+        for hook in self.on_sent:
+            await hook(ctx)
 
-
-async def sent(ctx: SendContext) -> None:
-    for hook in on_sent:
-        await hook(ctx)
+    def done(self, key: str) -> None:
+        for fn in self.on_done:
+            fn(key)

@@ -101,7 +101,6 @@ def _size(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{max(1, n // 1024)} KB"
 
 
-@pipeline.set_builder
 async def build(ctx: pipeline.SendContext) -> bytes:
     msg = ctx.message
     atts = msg.get("attachments") or []

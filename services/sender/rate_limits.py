@@ -17,14 +17,11 @@ import logging
 from typing import Any
 
 from services.common.faust_support import table_put
-from services.common.topics import COMMANDS
+from services.common.settings import Settings
 from services.sender import pipeline
-from services.sender.app import app, ownership, settings
 from services.sender.rate_windows import evaluate
 
 log = logging.getLogger("postbus.sender.rate_limits")
-
-rate_table = app.Table("rate_limits", partitions=settings.topic_partitions)
 
 
 def _limits(ctx: pipeline.SendContext) -> tuple[dict[str, int | None], dict[str, int | None]]:
@@ -33,43 +30,30 @@ def _limits(ctx: pipeline.SendContext) -> tuple[dict[str, int | None], dict[str,
             {"h": tenant.get("rate_limit_hourly"), "d": tenant.get("rate_limit_daily")})
 
 
-async def check(ctx: pipeline.SendContext) -> pipeline.Decision | None:
-    account_limits, tenant_limits = _limits(ctx)
-    tid, aid = ctx.message["tenant_id"], ctx.message["account_id"]
-    akey, tkey = f"a/{tid}/{aid}", f"t/{tid}"
-    minute_ms = int(settings.sender_rate_minute_s * 1000)
-    # both scopes are decided before either is counted: a deferred message reserves nothing. No
-    # await between reading and writing table.data, so concurrent workers see each other's counts.
-    new_a, until_a = evaluate(rate_table.data.get(akey), account_limits, ctx.now_ms, minute_ms)
-    new_t, until_t = evaluate(rate_table.data.get(tkey), tenant_limits, ctx.now_ms, minute_ms)
-    untils = [u for u in (until_a, until_t) if u is not None]
-    if untils:
-        if ctx.account.get("limit_behavior") == "reject":
-            return pipeline.Decision.reject("rate_limit_exceeded")
-        return pipeline.Decision.defer("rate_limit", max(untils))
-    writes = [(k, v) for k, v in ((akey, new_a), (tkey, new_t)) if v is not None]
-    for key, value in writes:
-        rate_table.data[key] = value
-    for key, value in writes:  # on the broker before the SMTP transaction starts
-        await table_put(rate_table, ctx.partition, key, value)
-    return None
+class RateLimits:
+    """The check over the ``rate_limits`` table (created in services/sender/app.py)."""
 
+    def __init__(self, table: Any, settings: Settings) -> None:
+        self.table = table
+        self.minute_ms = int(settings.sender_rate_minute_s * 1000)
 
-pipeline.checks.append(check)
-
-
-# --- partition ownership (several sender instances) ------------------------------------------------
-
-@app.on_partitions_revoked.connect  # type: ignore[misc]
-async def _on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-    partitions = {tp.partition for tp in revoked if tp.topic == COMMANDS}
-    busy = await ownership.revoke(partitions, timeout_s=8.0)
-    if busy:
-        log.warning("partitions revoked with sends still in flight", extra={"in_flight": busy})
-
-
-@app.on_rebalance_complete.connect  # type: ignore[misc]
-async def _on_recovered(sender: Any, **kwargs: Any) -> None:
-    # tables recovered for the new assignment: sends of its partitions may go on (eager rebalances
-    # revoke everything first, so nothing is sent between a revocation and this point)
-    ownership.recovered({tp.partition for tp in app.consumer.assignment() if tp.topic == COMMANDS})
+    async def check(self, ctx: pipeline.SendContext) -> pipeline.Decision | None:
+        account_limits, tenant_limits = _limits(ctx)
+        tid, aid = ctx.message["tenant_id"], ctx.message["account_id"]
+        akey, tkey = f"a/{tid}/{aid}", f"t/{tid}"
+        data = self.table.data
+        # both scopes are decided before either is counted: a deferred message reserves nothing. No
+        # await between reading and writing table.data, so concurrent workers see each other's counts.
+        new_a, until_a = evaluate(data.get(akey), account_limits, ctx.now_ms, self.minute_ms)
+        new_t, until_t = evaluate(data.get(tkey), tenant_limits, ctx.now_ms, self.minute_ms)
+        untils = [u for u in (until_a, until_t) if u is not None]
+        if untils:
+            if ctx.account.get("limit_behavior") == "reject":
+                return pipeline.Decision.reject("rate_limit_exceeded")
+            return pipeline.Decision.defer("rate_limit", max(untils))
+        writes = [(k, v) for k, v in ((akey, new_a), (tkey, new_t)) if v is not None]
+        for key, value in writes:
+            data[key] = value
+        for key, value in writes:  # on the broker before the SMTP transaction starts
+            await table_put(self.table, ctx.partition, key, value)
+        return None

@@ -82,6 +82,3 @@ async def check(ctx: pipeline.SendContext) -> pipeline.Decision | None:
     log.info("suppressed recipients dropped", extra={"tenant_id": ctx.message["tenant_id"],
                                                      "id": ctx.message["id"], "dropped": len(dropped)})
     return None
-
-
-pipeline.checks.insert(0, check)  # first: a suppressed message must not be counted by a quota check

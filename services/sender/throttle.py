@@ -192,6 +192,3 @@ async def check(ctx: pipeline.SendContext) -> pipeline.Decision | None:
 def release(key: str) -> None:
     """The message's transaction is over (whatever its outcome): its sites' slots are free."""
     throttle.release(key)
-
-
-pipeline.checks.append(check)

@@ -120,7 +120,6 @@ async def transform(ctx: pipeline.SendContext, data: bytes) -> bytes:
                  ttl_s=settings.tracking_token_ttl_days * 86400, mailto=settings.unsubscribe_mailto)
 
 
-pipeline.transforms.insert(0, transform)  # before any signing transform
 
 
 def engagement_event(command_id: str, hit: dict[str, Any]) -> dict[str, Any]:
