@@ -33,6 +33,7 @@ Counted in Prometheus: ``postbus_faust_gap_recovered_total``, ``postbus_faust_st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -109,6 +110,15 @@ class _AppGuards:
         self._baselines: dict[Any, int] = {}  # tp -> the broker's committed offset, until revoked
         self._monitor: asyncio.Task[None] | None = None
         app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_before_shutdown.connect(self._on_shutdown)
+
+    async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for consumer in (self._reader, self._offsets):
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(consumer.stop(), 2.0)  # the broker may be down
 
     async def _on_revoked(self, sender: Any, revoked: set[Any], **kwargs: Any) -> None:
         for tp in revoked:

@@ -417,8 +417,6 @@ def test_ses_status_against_published_records(new_tenant: Callable[..., Tenant],
                what="verified on the main API")
 
 
-@pytest.mark.xfail(strict=False, reason="open: in 2 of 3 runs the command appended while the restarted sender "
-                   "was still rebalancing was not applied within 60 s (replayed commands were never double counted)")
 def test_counters_survive_a_sender_kill_without_double_counting(system: LocalSystem,
                                                                   new_tenant: Callable[..., Tenant]) -> None:
     """The ledger table is recovered from its changelog; commands re-read after the kill (their

@@ -63,6 +63,7 @@ class App:
         self.consumer = Consumer({TP0: committed})
         self.conf = SimpleNamespace(id="postbus-sender")
         self.on_partitions_revoked = SimpleNamespace(connect=lambda fun: fun)
+        self.on_before_shutdown = SimpleNamespace(connect=lambda fun: fun)
         self._postbus_bootstrap = "unused"
 
 
