@@ -224,6 +224,11 @@ class Settings(BaseSettings):
     # Off (POSTBUS_FAUST_OFFSET_GUARD=0) only to reproduce the defect
     faust_offset_guard: bool = True
 
+    # sender group commit (sender/group_commit.py, docs/architecture.md "Delivery guarantees"): each SMTP
+    # worker hands its outcomes over without waiting for the broker, with at most this many not yet
+    # durable; a crash resends at most (1 + this) messages per worker
+    sender_unflushed_per_worker: int = Field(4, ge=1, le=64)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

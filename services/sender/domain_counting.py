@@ -24,7 +24,8 @@ entry of the message's From domain, in this same process, and asks what one more
 
 A message whose From domain nobody registered, or another tenant registered without verifying it,
 is not limited here. The counters lag the sends by the time the ``sent`` event takes to come back, so under
-concurrency a hard limit can be passed by the messages in flight (at most one per SMTP worker)."""
+concurrency a hard limit can be passed by the messages in flight (at most 1 + ``sender_unflushed_per_worker``
+per SMTP worker: its send and its outcomes not yet durable)."""
 
 from __future__ import annotations
 

@@ -5,13 +5,16 @@ the held (suspended) keys, the keys in flight, the suspensions, the worker tasks
 loop. Everything outside it is injected (see :class:`Deps`): the message table (read, in-stream
 write, background write that returns once the changelog has it), the event emitter, the clock, the
 config lookups (accounts, tenants, instance switch), the SMTP connection factory and the send
-pipeline (:mod:`services.sender.steps`). ``services/sender/service.py`` wires it to Faust;
-``tests/unit/test_sender_engine.py`` drives it with fakes.
+pipeline (:mod:`services.sender.steps`). Outcomes go through the group commit
+(:mod:`services.sender.group_commit`): a worker does not wait for the broker.
+``services/sender/service.py`` wires it to Faust; ``tests/unit/test_sender_engine.py`` drives it
+with fakes.
 
 Table values (key ``tenant \\x1f id``): ``{"s": "pending", "p": partition, "q": seq, "a": attempts,
 "due": ms | None, "m": message}`` while pending, ``{"s": "sent"|"error", "p": partition, "ts": ms}``
-once final. An outcome is written as event first, table second (see :class:`Outcomes`): a crash
-between the two resends the message, never loses it."""
+once final. An outcome is written as event first, table second (see
+:class:`services.sender.group_commit.GroupCommit`): a crash between the two resends the message,
+never loses it."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 from services.common import suspension
 from services.sender import metrics as m
 from services.sender import pipeline as pl
+from services.sender.group_commit import GroupCommit, Outcome, WriteEvents, WriteTable
 from services.sender.mime import envelope_recipients, envelope_sender
 from services.sender.outcomes import Failure, classify, gave_up, retry_due_ms
 from services.sender.scheduler import Lane, Ownership, Scheduler
@@ -48,6 +52,8 @@ class Store(Protocol):
     def get(self, key: str) -> dict[str, Any] | None: ...
     def keys(self) -> list[str]: ...
     def items(self) -> list[tuple[str, dict[str, Any]]]: ...
+    def set_local(self, key: str, value: dict[str, Any]) -> None:
+        """The local store only (its changelog record follows through the group commit)."""
     def set(self, key: str, value: dict[str, Any]) -> None:
         """In-stream write (inside the ingest agent: the changelog partition is the command's)."""
     def delete(self, key: str) -> None:
@@ -70,7 +76,9 @@ EmitFn = Callable[[str, list[dict[str, Any]]], Awaitable[None]]
 @dataclass
 class Deps:
     store: Store
-    emit: EmitFn
+    emit: EmitFn  # lifecycle commands' events (awaited)
+    write_events: WriteEvents  # the group commit's writes
+    write_table: WriteTable
     account: Callable[[str], dict[str, Any] | None]  # "tenant/account" -> Account record
     tenant: Callable[[str], dict[str, Any] | None]
     instance: Callable[[], dict[str, Any] | None]  # the instance record (global switch)
@@ -86,6 +94,7 @@ class Deps:
     retry_max_age_s: float = 86400.0
     idle_close_s: float = 30.0  # an idle lane closes its SMTP session after this
     error_pause_s: float = 1.0  # after an unexpected worker error
+    unflushed_per_worker: int = 4  # outcomes a worker may have handed over and not yet durable
 
 
 class Sender:
@@ -105,6 +114,7 @@ class Sender:
         # retry), but only one worker may hold it at a time
         self.inflight: set[str] = set()
         self.workers: dict[str, list[asyncio.Task[None]]] = {}
+        self.commit = GroupCommit(deps.write_events, deps.write_table)
         self.handlers: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
             "messages.suspend": self.suspension_changed,
             "messages.activate": self.suspension_changed,
@@ -214,6 +224,7 @@ class Sender:
 
     async def delete(self, env: dict[str, Any], payload: dict[str, Any]) -> None:
         """Still-pending messages leave the table (a ``deleted`` event each); sent ones stay sent."""
+        await self.commit.flush()  # outcomes handed over before this command are written first
         victims = []
         for mid in payload["ids"]:
             key = table_key(payload["tenant_id"], mid)
@@ -228,6 +239,7 @@ class Sender:
     async def cleanup(self, env: dict[str, Any], payload: dict[str, Any]) -> None:
         """Fully reported final messages are forgotten, except that a sent id stays known as sent
         (so it is never sent again): its marker shrinks to ``{"s": "sent"}``."""
+        await self.commit.flush()  # outcomes handed over before this command are written first
         for mid in payload["ids"]:
             key = table_key(payload["tenant_id"], mid)
             value = self.store.get(key)
@@ -253,6 +265,7 @@ class Sender:
 
     async def tenant_deleted(self, env: dict[str, Any], payload: dict[str, Any]) -> None:
         """Every message of the tenant goes (pending ones with a ``deleted`` event), its lanes stop."""
+        await self.commit.flush()  # outcomes handed over before this command are written first
         tenant_id = payload["tenant_id"]
         keys = self.tenant_keys(tenant_id)
         pending = [(key, self.store.get(key)) for key in keys]
@@ -266,6 +279,7 @@ class Sender:
 
     async def account_deleted(self, env: dict[str, Any], payload: dict[str, Any]) -> None:
         """The account's pending messages can no longer be sent: each ends with an ``error`` event."""
+        await self.commit.flush()  # outcomes handed over before this command are written first
         tenant_id = payload["tenant_id"]
         account_id = payload.get("account_id") or payload.get("id")
         if not account_id:
@@ -304,9 +318,21 @@ class Sender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.commit.stop()
+
+    async def revoke(self, partitions: set[int], timeout_s: float) -> int:
+        """Partitions leave this instance: no new claim, the sends in flight end, their outcomes
+        are written (the new owner recovers their final state)."""
+        busy = await self.ownership.revoke(partitions, timeout_s)
+        try:
+            await asyncio.wait_for(self.commit.flush(), timeout_s)
+        except TimeoutError:
+            busy += self.commit.unsettled
+        return busy
 
     async def worker(self, account_key: str, lane: Lane) -> None:
         conn: SmtpConnection | None = None
+        slots = asyncio.Semaphore(self.d.unflushed_per_worker)  # this worker's outcomes not yet durable
         await self.d.ready()  # never send before knowing what is suspended or switched off
         while not lane.closed and not self.excess_worker(account_key):
             try:
@@ -336,7 +362,7 @@ class Sender:
                     if conn is not None:
                         await conn.close()
                     conn = self.d.connect(target)
-                await self.send_one(key, conn, lane)
+                await self.send_one(key, conn, lane, slots)
             except asyncio.CancelledError:
                 if conn is not None:
                     await conn.close()
@@ -347,18 +373,18 @@ class Sender:
         if conn is not None:
             await conn.close()
 
-    async def send_one(self, key: str, conn: SmtpConnection, lane: Lane) -> None:
+    async def send_one(self, key: str, conn: SmtpConnection, lane: Lane, slots: asyncio.Semaphore) -> None:
         if key in self.inflight:
             return
         self.inflight.add(key)
         try:
-            await self.send_pending(key, conn, lane)
+            await self.send_pending(key, conn, lane, slots)
         finally:
             self.inflight.discard(key)
             self.ownership.release(key)
             self.d.pipeline.done(key)
 
-    async def send_pending(self, key: str, conn: SmtpConnection, lane: Lane) -> None:
+    async def send_pending(self, key: str, conn: SmtpConnection, lane: Lane, slots: asyncio.Semaphore) -> None:
         value = self.store.get(key)
         if value is None or value.get("s") != "pending":
             return  # replaced, sent, or removed since it was scheduled
@@ -374,7 +400,7 @@ class Sender:
                              partition=value["p"], attempt=value["a"] + 1, now_ms=self.now())
         decision = await self.d.pipeline.run_checks(ctx)
         if decision is not None:
-            await self.decided(key, value, ctx, decision, lane)
+            await self.decided(key, value, ctx, decision, lane, slots)
             return
         started = time.perf_counter()
         t_built = started
@@ -385,36 +411,37 @@ class Sender:
             await conn.send(envelope_sender(msg, self.d.verp_domain), envelope_recipients(msg), data)
         except pl.PrepareError as exc:
             if exc.temporary:
-                await self.failed(key, value, ctx.attempt, Failure(True, None, exc.reason), lane)
+                await self.failed(key, value, ctx.attempt, Failure(True, None, exc.reason), lane, slots)
             else:
-                await self.finish(key, value, "error", ctx.attempt, error=exc.reason)
+                await self.finish(key, value, "error", ctx.attempt, slots, error=exc.reason)
             return
         except Exception as exc:
-            await self.failed(key, value, ctx.attempt, classify(exc), lane)
+            await self.failed(key, value, ctx.attempt, classify(exc), lane, slots)
             return
         finally:
             m.SMTP_SECONDS.observe(time.perf_counter() - started)
         m.STAGE_SECONDS.labels("smtp").observe(time.perf_counter() - t_built)
-        await self.finish(key, value, "sent", ctx.attempt)
+        await self.finish(key, value, "sent", ctx.attempt, slots)
         await self.d.pipeline.sent(ctx)
 
     async def decided(self, key: str, value: dict[str, Any], ctx: pl.SendContext, decision: pl.Decision,
-                      lane: Lane) -> None:
+                      lane: Lane, slots: asyncio.Semaphore) -> None:
         """A check deferred or refused the message before any SMTP work."""
         msg = value["m"]
         if decision.reason.startswith("rate_limit"):
             m.RATE_LIMITED.labels(msg["tenant_id"], msg["account_id"]).inc()
         if decision.kind == "defer":
             due = decision.until_ms or self.now() + 1000
-            await self.emit(msg, "deferred", value["a"], deferred_reason=decision.reason, deferred_until=due)
-            m.DEFERRED.labels(msg["tenant_id"], msg["account_id"]).inc()
             # a deferral by policy is not a failed attempt: the attempt count stays
-            await self.store.put(value["p"], key, {**value, "due": due})
+            await self.record(slots, key, value, {**value, "due": due}, "deferred", value["a"],
+                              deferred_reason=decision.reason, deferred_until=due)
+            m.DEFERRED.labels(msg["tenant_id"], msg["account_id"]).inc()
             lane.push(key, msg["priority"], value["q"], due, self.now())
             return
-        await self.finish(key, value, decision.event_type, ctx.attempt, error=decision.reason)
+        await self.finish(key, value, decision.event_type, ctx.attempt, slots, error=decision.reason)
 
-    async def failed(self, key: str, value: dict[str, Any], attempt: int, failure: Failure, lane: Lane) -> None:
+    async def failed(self, key: str, value: dict[str, Any], attempt: int, failure: Failure, lane: Lane,
+                     slots: asyncio.Semaphore) -> None:
         msg = value["m"]
         due = None
         if failure.temporary:
@@ -423,30 +450,35 @@ class Sender:
                                cap_s=self.d.retry_max_delay_s, max_attempts=self.d.max_attempts,
                                max_age_s=self.d.retry_max_age_s)
         if due is not None:
-            await self.emit(msg, "deferred", attempt, smtp_code=failure.code, deferred_reason=failure.reason,
-                            deferred_until=due)
+            await self.record(slots, key, value, {**value, "a": attempt, "due": due}, "deferred", attempt,
+                              smtp_code=failure.code, deferred_reason=failure.reason, deferred_until=due)
             m.DEFERRED.labels(msg["tenant_id"], msg["account_id"]).inc()
-            await self.store.put(value["p"], key, {**value, "a": attempt, "due": due})
             lane.push(key, msg["priority"], value["q"], due, self.now())
             return
         reason = failure.reason
         if failure.temporary:
             reason = gave_up(reason, attempt)
-        await self.finish(key, value, "error", attempt, error=reason, smtp_code=failure.code)
+        await self.finish(key, value, "error", attempt, slots, error=reason, smtp_code=failure.code)
 
-    async def finish(self, key: str, value: dict[str, Any], outcome: str, attempt: int, *,
-                     error: str | None = None, smtp_code: int | None = None) -> None:
+    async def finish(self, key: str, value: dict[str, Any], outcome: str, attempt: int, slots: asyncio.Semaphore,
+                     *, error: str | None = None, smtp_code: int | None = None) -> None:
         msg = value["m"]
-        t0 = time.perf_counter()
-        await self.emit(msg, outcome, attempt, error=error, smtp_code=smtp_code)
-        t1 = time.perf_counter()
-        m.STAGE_SECONDS.labels("event_ack").observe(t1 - t0)
+        # the final state lets the table forget the body
+        await self.record(slots, key, value, {"s": outcome, "p": value["p"], "ts": self.now()}, outcome, attempt,
+                          error=error, smtp_code=smtp_code)
         (m.SENT if outcome == "sent" else m.ERRORS).labels(msg["tenant_id"], msg["account_id"]).inc()
-        # the event is on the broker: now the table may forget the body (kept: the final state). The
-        # worker waits for the changelog write, so a crash can resend at most the one message each
-        # worker has in flight.
-        await self.store.put(value["p"], key, {"s": outcome, "p": value["p"], "ts": self.now()})
-        m.STAGE_SECONDS.labels("state_ack").observe(time.perf_counter() - t1)
+
+    async def record(self, slots: asyncio.Semaphore, key: str, value: dict[str, Any], new: dict[str, Any],
+                     etype: str, attempt: int, **fields: Any) -> None:
+        """Hand an outcome (its event, the table's new value) to the group commit. The local store has
+        the new value at once (this process never sends the message again by mistake); the event
+        and then the changelog record follow in the next batch. Waits only for a free slot of the
+        worker (its bounded window of outcomes not yet durable)."""
+        msg = value["m"]
+        await slots.acquire()
+        self.store.set_local(key, new)
+        self.commit.submit(Outcome(msg["tenant_id"], self.message_event(msg, etype, attempt, **fields),
+                                   value["p"], key, new, slots.release))
 
     # --- events -----------------------------------------------------------------------------------
 
@@ -477,10 +509,6 @@ class Sender:
     def message_event(self, msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> dict[str, Any]:
         return self.event(msg["tenant_id"], msg["account_id"], msg["id"], msg["pk"], etype, attempt=attempt,
                           accepted_ts=msg["accepted_ts"], msg=msg, **fields)
-
-    async def emit(self, msg: dict[str, Any], etype: str, attempt: int, **fields: Any) -> None:
-        """One event, acknowledged by the broker (acks=all) before the table moves on."""
-        await self.d.emit(msg["tenant_id"], [self.message_event(msg, etype, attempt, **fields)])
 
     async def emit_all(self, items: list[tuple[dict[str, Any], str, int, dict[str, Any]]]) -> None:
         """Several message events, sent together and all acknowledged on return."""

@@ -5,8 +5,8 @@
   it with a reason. They run in the order of the one list in :mod:`services.sender.steps`; the first decision wins.
 - **preparers** turn the message into bytes: the builder fetches attachments and writes the MIME
   text; transforms then rewrite those bytes (tracking, List-Unsubscribe, DKIM signature, ...).
-- **on_sent** hooks run after the SMTP server accepted the message and its ``sent`` event is on
-  the broker (e.g. counting in the domain ledger).
+- **on_sent** hooks run after the SMTP server accepted the message and its ``sent`` outcome was
+  handed to the group commit (services/sender/group_commit.py).
 - **on_done** callbacks run when an attempt is over, whatever its outcome (a check's reservation,
   such as a destination throttle slot, is released).
 

@@ -54,6 +54,9 @@ class TableStore:
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         return list(self.table.data.items())
 
+    def set_local(self, key: str, value: dict[str, Any]) -> None:
+        self.table.data[key] = value
+
     def set(self, key: str, value: dict[str, Any]) -> None:
         self.table[key] = value  # in-stream write: changelog partition = the current command's
 
@@ -69,6 +72,24 @@ async def emit(tenant_id: str, events: list[dict[str, Any]]) -> None:
     c = codec()
     key = tenant_id.encode()
     futures = [await events_topic.send(key=key, value=c.encode("DeliveryEvent", e)) for e in events]
+    await asyncio.gather(*futures)
+
+
+async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
+    """The group commit's events, sent together (the producer batches them), all acknowledged on return."""
+    c = codec()
+    futures = [await events_topic.send(key=tenant_id.encode(), value=c.encode("DeliveryEvent", e))
+               for tenant_id, e in events]
+    await asyncio.gather(*futures)
+
+
+async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
+    """The group commit's changelog records of ``messages`` (the local store already has them):
+    sent with their explicit partition, as ``table_put`` does, all on the broker on return."""
+    topic = messages.changelog_topic
+    futures = [await topic.send(key=key, value=value, partition=partition, key_serializer=messages.key_serializer,
+                                value_serializer=messages.value_serializer, force=True)
+               for partition, key, value in records]
     await asyncio.gather(*futures)
 
 
@@ -120,6 +141,8 @@ async def _views_ready() -> None:
 sender = Sender(Deps(
     store=TableStore(messages),
     emit=emit,
+    write_events=write_events,
+    write_table=write_table,
     account=accounts.get,
     tenant=tenants.get,
     instance=lambda: instance_view.get(INSTANCE_KEY),
@@ -132,6 +155,7 @@ sender = Sender(Deps(
     retry_max_delay_s=settings.sender_retry_max_delay_s,
     max_attempts=settings.sender_max_attempts,
     retry_max_age_s=settings.sender_retry_max_age_s,
+    unflushed_per_worker=settings.sender_unflushed_per_worker,
 ))
 m.PENDING.set_function(sender.pending)
 engagement.register(app, commands_topic, events_topic)
@@ -184,7 +208,7 @@ async def _rebuild_schedule() -> None:
 @app.on_partitions_revoked.connect  # type: ignore[misc]
 async def _on_revoked(_: Any, revoked: set[Any], **kwargs: Any) -> None:
     partitions = {tp.partition for tp in revoked if tp.topic == COMMANDS}
-    busy = await sender.ownership.revoke(partitions, timeout_s=8.0)
+    busy = await sender.revoke(partitions, timeout_s=8.0)
     if busy:
         log.warning("partitions revoked with sends still in flight", extra={"in_flight": busy})
 

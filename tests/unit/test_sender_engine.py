@@ -1,6 +1,7 @@
 """The sender engine (services/sender/engine.py) without Kafka or SMTP: a dict for the table, a list
 for the events, a fake SMTP connection, a settable clock. Accept, hold/release by suspension, retry
-of a temporary failure, the final outcome and its order (event before table)."""
+of a temporary failure, the final outcome and its order (event before table), and the group
+commit's bounded window (services/sender/group_commit.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class FakeStore:
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         return list(self.data.items())
+
+    def set_local(self, key: str, value: dict[str, Any]) -> None:
+        self.data[key] = value
 
     def set(self, key: str, value: dict[str, Any]) -> None:
         self.data[key] = value
@@ -55,7 +59,7 @@ class FakeConnection:
 
 
 class Harness:
-    def __init__(self, script: list[BaseException | None] | None = None) -> None:
+    def __init__(self, script: list[BaseException | None] | None = None, per_worker: int = 4) -> None:
         self.clock = 1_000_000
         self.log: list[tuple[str, Any]] = []
         self.store = FakeStore(self.log)
@@ -63,6 +67,20 @@ class Harness:
         self.conns: list[FakeConnection] = []
         self.script = script or []
         self.checked: list[str] = []
+        self.durable = asyncio.Event()  # cleared: the broker does not answer
+        self.durable.set()
+        self.table: dict[str, dict[str, Any]] = {}  # what the changelog has
+
+        async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
+            await self.durable.wait()
+            for _, e in events:
+                self.events.append(e)
+                self.log.append(("event", (e["message_id"], e["type"])))
+
+        async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
+            for _, key, value in records:
+                self.table[key] = value
+                self.log.append(("table", (key, value["s"], value.get("a"))))
 
         async def emit(tenant_id: str, events: list[dict[str, Any]]) -> None:
             for e in events:
@@ -85,7 +103,8 @@ class Harness:
             return conn
 
         self.sender = Sender(Deps(
-            store=self.store, emit=emit,
+            store=self.store, emit=emit, write_events=write_events, write_table=write_table,
+            unflushed_per_worker=per_worker,
             account=lambda key: {"id": key, "max_connections": 1, "updated_ts": 1},
             tenant=lambda tid: {"id": tid, "active": True},
             instance=lambda: None,
@@ -118,7 +137,7 @@ async def test_accept_sends_then_writes_event_before_table() -> None:
     h.sender.accept(h.message("m1"), partition=0, seq=1)
     key = table_key("t1", "m1")
     assert h.store.get(key)["s"] == "pending"
-    await h.until(lambda: (h.store.get(key) or {}).get("s") == "sent")
+    await h.until(lambda: h.table.get(key, {}).get("s") == "sent")
     assert h.types("m1") == ["sent"]
     assert [entry[0] for entry in h.log] == ["event", "table"]  # the event is durable first
     assert h.conns[0].sent[0][1] == ["m1@example.org"]
@@ -181,4 +200,27 @@ async def test_delete_and_cleanup_and_rebuild() -> None:
     h.store.set(table_key("t1", "m3"), {"s": "sent", "p": 0, "ts": 1})
     await h.sender.cleanup({}, {"tenant_id": "t1", "ids": ["m3"]})
     assert h.store.get(table_key("t1", "m3")) == {"s": "sent"}
+    await h.sender.stop()
+
+
+async def test_group_commit_window_bounds_what_is_not_durable() -> None:
+    """The broker stops answering: a worker hands over at most ``per_worker`` outcomes and sends no
+    more; nothing reaches the changelog before its event; all of it is written once it answers."""
+    h = Harness(per_worker=2)
+    h.durable.clear()
+    for i in range(6):
+        h.sender.accept(h.message(f"m{i}"), partition=0, seq=i)
+    await h.until(lambda: h.sender.commit.unsettled == 2)
+    await asyncio.sleep(0.05)
+    # two outcomes waiting for the broker, the third message sent and waiting for a slot: no more
+    assert len(h.conns[0].sent) == 3 and h.sender.commit.unsettled == 2
+    assert h.events == [] and h.table == {}
+    h.durable.set()
+    await h.until(lambda: len(h.table) == 6)
+    assert sorted(e["message_id"] for e in h.events) == [f"m{i}" for i in range(6)]
+    for i in range(6):  # per message: its event before its table record
+        key = table_key("t1", f"m{i}")
+        assert h.log.index(("event", (f"m{i}", "sent"))) < h.log.index(("table", (key, "sent", None)))
+    await h.sender.commit.flush()
+    assert h.sender.commit.unsettled == 0
     await h.sender.stop()
