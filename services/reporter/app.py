@@ -1,19 +1,20 @@
 """Faust app of the reporter: consumes ``postbus.events`` into a changelog-backed table of pending
 reports, and ``postbus.commands`` for run-now; the :class:`Reporter` engine does the HTTP side.
 
-Table ``pending_reports``: key ``tenant_id + "\\x1f" + event_id`` ->
-  ``{"r": report item, "p": partition}`` while pending, then
-  ``{"a": acked unix ts, "p": partition, "o": event offset}`` (an *ack marker*) after the client's
-  2xx, then a tombstone once the group's committed offset has passed the event. The marker exists
-  because Faust commits offsets later than it processes events (seconds to minutes under a backlog,
-  measured): if the worker dies in that gap the event is consumed again after restart, finds the
-  marker and is not reported a second time.
+Table ``pending_reports``: grouped records (``ledger.py``): one per consumed batch of events of a
+partition (the pending report items), one per acknowledged sync call (the keys it acknowledged),
+instead of an entry and an ack marker per event. A report is pending while its event group holds it
+and no ack group names it. The ack groups exist because Faust commits offsets later than it
+processes events (seconds to minutes under a backlog, measured): if the worker dies in that gap the
+event is consumed again after restart, is found known and is not reported a second time. Once the
+group's committed offset has passed them, acknowledged entries are dropped from their event group
+(rewritten, or tombstoned when empty) and the ack group is tombstoned.
 
-Why acknowledgements write the changelog by hand: Faust only allows table writes from inside an
-agent (it takes the changelog partition from the event being processed), but acknowledgements
-happen in the flusher's background tasks. So the flusher writes ``table.data`` (the local store)
-and sends the changelog record itself with an explicit partition: the partition of the event that
-created the entry (kept as ``"p"`` in the value). Events are keyed by tenant, the changelog has
+Why the changelog is written by hand: Faust only allows table writes from inside an agent (it
+takes the changelog partition from the event being processed), but acknowledgements happen in the
+flusher's background tasks and the events agent works on batches. So both write ``table.data``
+(the local store) and send the changelog record themselves with an explicit partition: the
+partition of the events a record is about (kept as ``"p"`` in the value). Events are keyed by tenant, the changelog has
 the same partition count as the events topic, and Faust's assignor co-partitions a table with
 its source topic, so that partition is exactly the one recovered on the worker that owns the
 tenant's events.
@@ -21,7 +22,6 @@ tenant's events.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from typing import Any
@@ -50,6 +50,7 @@ from services.common.topics import (
 )
 from services.reporter import metrics
 from services.reporter.engine import Reporter
+from services.reporter.ledger import Ledger
 from services.reporter.protocol import report_item
 
 log = logging.getLogger("postbus.reporter")
@@ -68,15 +69,27 @@ reports_topic = app.topic(REPORTS, key_serializer="raw", value_serializer="raw")
 status_topic = app.topic(STATUS_SYNC, key_serializer="raw", value_serializer="raw")
 
 # keys and values are JSON (Faust's default for untyped tables): str keys, dict values
-# changelog configs (fast compaction: each report writes pending, marker, tombstone) live with the
+# changelog configs (fast compaction: groups are rewritten and tombstoned as reports are acked) live with the
 # topic's definition in services/common/topics.py, which creates it before any worker starts
 pending_reports = app.Table("pending_reports", partitions=settings.topic_partitions)
 
 _view: ConfigView | None = None
 _instance: ConfigView | None = None
-# ack markers to tombstone, per partition: heap of (event offset, key)
-_markers: dict[int, list[tuple[int, str]]] = {}
 _admin: AIOKafkaAdminClient | None = None
+
+
+def _write(partition: int, key: str, value: Any) -> None:
+    """A table record written from outside stream iteration: the store, then the changelog with the
+    explicit partition (a tombstone when value is None)."""
+    if value is None:
+        pending_reports.data.pop(key, None)
+        pending_reports.send_changelog(partition, key, None, value_serializer="raw")
+    else:
+        pending_reports.data[key] = value
+        pending_reports.send_changelog(partition, key, value)
+
+
+ledger = Ledger(_write)
 
 
 def _tenant(tenant_id: str) -> dict[str, Any] | None:
@@ -92,22 +105,16 @@ def _decrypt(token: str | None) -> str | None:
 
 
 async def _ack(entries: list[tuple[str, int]]) -> None:
-    """Make an acknowledgement durable: marker in the store and in the changelog, then flush the
-    producer so only the few ms between the client's 2xx and this flush can re-send after a crash."""
+    """Make an acknowledgement durable: one ack group per partition in the store and the changelog,
+    the ReportAck, then one producer flush, so only the few ms between the client's 2xx and this
+    flush can re-send after a crash."""
     now = time.time()
     acked: dict[str, tuple[list[str], list[str]]] = {}  # tenant -> (event ids, message ids)
-    for key, partition in entries:
-        old = pending_reports.data.get(key)
-        offset = old.get("o", -1) if isinstance(old, dict) else -1
-        if isinstance(old, dict) and "r" in old:
-            tenant_id, _, event_id = key.partition(SEP)
-            eids, mids = acked.setdefault(tenant_id, ([], []))
-            eids.append(event_id)
-            mids.append(str(old["r"].get("id", "")))
-        marker = {"a": now, "p": partition, "o": offset}
-        pending_reports.data[key] = marker
-        pending_reports.send_changelog(partition, key, marker)
-        heapq.heappush(_markers.setdefault(partition, []), (offset, key))
+    for key, item in ledger.ack([key for key, _ in entries], now):
+        tenant_id, _, event_id = key.partition(SEP)
+        eids, mids = acked.setdefault(tenant_id, ([], []))
+        eids.append(event_id)
+        mids.append(str(item.get("id", "")))
     # what was reported, for the message projection's reported_ts (metrics service)
     for tenant_id, (eids, mids) in acked.items():
         await reports_topic.send(key=tenant_id.encode(), value=codec().encode("ReportAck", {
@@ -138,29 +145,14 @@ async def _dead_letter(message: Any, reason: str) -> None:
         log.exception("dead-letter send failed", extra={"topic": message.topic, "offset": message.offset})
 
 
-def _store_event(message: Any, ev: dict[str, Any]) -> None:
-    item = report_item(ev)
-    metrics.EVENTS_IN.labels(ev.get("type") if item is not None else "ignored").inc()
-    if item is None:
-        return
-    tenant_id = ev["tenant_id"]
-    key = tenant_id + SEP + ev["event_id"]
-    if key in pending_reports.data:
-        return  # a duplicate, or replayed after a crash and already acknowledged (marker)
-    value = {"r": item, "p": message.partition, "o": message.offset}
-    # same effect as ``pending_reports[key] = value`` inside the stream (changelog partition =
-    # the event's partition), written explicitly because a batch has no single "current event"
-    pending_reports.data[key] = value
-    pending_reports.send_changelog(message.partition, key, value)
-    reporter.add(tenant_id, key, item, message.partition)
-
-
 @app.agent(events_topic)
 async def consume_events(stream: faust.StreamT[bytes]) -> None:
-    # batches: per-event stream iteration costs more CPU than the whole report path. Offsets of a
-    # batch are committed only after the producer flushed its changelog writes (Faust flushes the
-    # producer before every commit), so a crash never skips an event that is not in the table.
+    # batches: per-event stream iteration costs more CPU than the whole report path. One table
+    # record per partition of a batch (an event group), not one per event. Offsets of a batch are
+    # committed only after the producer flushed its changelog writes (Faust flushes the producer
+    # before every commit), so a crash never skips an event that is not in the table.
     async for events in stream.take_events(1000, within=0.05):
+        by_partition: dict[int, list[tuple[int, str, dict[str, Any]]]] = {}
         for event in events:
             msg = event.message
             try:
@@ -168,7 +160,15 @@ async def consume_events(stream: faust.StreamT[bytes]) -> None:
             except DecodeError as exc:
                 await _dead_letter(msg, str(exc))
                 continue
-            _store_event(msg, ev)
+            item = report_item(ev)
+            metrics.EVENTS_IN.labels(ev.get("type") if item is not None else "ignored").inc()
+            if item is not None:
+                by_partition.setdefault(msg.partition, []).append(
+                    (msg.offset, ev["tenant_id"] + SEP + ev["event_id"], item))
+        for partition, reportable in by_partition.items():
+            # known keys (a duplicate, or replayed after a crash and already acknowledged) are skipped
+            for key, item in ledger.add(partition, reportable):
+                reporter.add(key.split(SEP, 1)[0], key, item, partition)
         await app.producer.buffer.wait_until_ebb()  # back-pressure on the changelog writes
 
 
@@ -195,23 +195,10 @@ def _active_partitions() -> set[int]:
 
 @pending_reports.on_recover
 async def _rebuild_index() -> None:
-    """After recovery the table holds every entry of our partitions: rebuild the in-memory index
-    (pending reports per tenant) and the list of ack markers to expire."""
-    active = _active_partitions()
-    entries: list[tuple[str, str, dict[str, Any], int]] = []
-    markers: dict[int, list[tuple[int, str]]] = {}
-    for key, value in list(pending_reports.data.items()):
-        if not isinstance(value, dict) or value.get("p") not in active:
-            continue
-        if "r" in value:
-            entries.append((key.split(SEP, 1)[0], key, value["r"], value["p"]))
-        elif "a" in value:
-            markers.setdefault(value["p"], []).append((int(value.get("o", -1)), key))
-    reporter.replace_all(entries)
-    for heap in markers.values():
-        heapq.heapify(heap)
-    _markers.clear()
-    _markers.update(markers)
+    """After recovery the table holds every record of our partitions: rebuild the ledger and the
+    in-memory index (pending reports per tenant)."""
+    pending = ledger.rebuild(list(pending_reports.data.items()), _active_partitions())
+    reporter.replace_all([(key.split(SEP, 1)[0], key, item, partition) for key, item, partition in pending])
 
 
 @app.on_partitions_revoked.connect
@@ -219,33 +206,23 @@ async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
     parts = {tp.partition for tp in revoked if tp.topic == EVENTS}
     if parts:
         reporter.drop_partitions(parts)
+        ledger.drop_partitions(parts)
 
 
 @app.timer(interval=10.0)
 async def _expire_markers() -> None:
-    """Tombstone ack markers whose event is behind the group's committed offset: such an event
-    is never consumed again, so its marker has done its job."""
-    if _admin is None or not any(_markers.values()):
+    """Drop acknowledged entries whose events are behind the group's committed offset: such an
+    event is never consumed again, so its acknowledgement has done its job."""
+    if _admin is None or not ledger.acks:
         return
     try:
         committed = await _admin.list_consumer_group_offsets(app.conf.id)
     except Exception as exc:  # the broker is briefly unavailable: try again next tick
         log.warning("cannot read committed offsets", extra={"error": repr(exc)})
         return
-    n = 0
-    for tp, meta in committed.items():
-        heap = _markers.get(tp.partition)
-        if tp.topic != EVENTS or not heap:
-            continue
-        while heap and heap[0][0] < meta.offset:
-            _, key = heapq.heappop(heap)
-            value = pending_reports.data.get(key)
-            if isinstance(value, dict) and "a" in value:
-                del pending_reports.data[key]
-                pending_reports.send_changelog(tp.partition, key, None, value_serializer="raw")
-                n += 1
+    n = ledger.expire({tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == EVENTS})
     if n:
-        log.debug("expired ack markers", extra={"count": n})
+        log.debug("expired acknowledgements", extra={"records": n})
 
 
 @app.timer(interval=1.0)

@@ -213,6 +213,8 @@ class Reporter:
         tenant = self._tenants(tenant_id)
         url = sync_url(tenant, self.s.client_sync_path_default) if tenant else None
         pending = len(self.pending.get(tenant_id, ()))
+        if pending and st.pending_since is None:  # e.g. a call that took them all failed: linger from now
+            st.pending_since = time.time()
         if url is None and pending and tenant_id not in self._warned:
             self._warned.add(tenant_id)
             log.warning(
@@ -252,6 +254,12 @@ class Reporter:
                 batch.append((key, item, part))
                 if len(batch) >= self.s.reporter_batch_size:
                     break
+        lingered_since = st.pending_since
+        if batch and len(batch) == len(box):
+            # this call takes every pending report: one arriving meanwhile starts a new linger (else
+            # every report arriving during a call is sent at once after it, in ever smaller calls:
+            # each one an HTTP call and a Kafka flush)
+            st.pending_since = None
         st.force = st.recall = False
         t0 = time.perf_counter()
         try:
@@ -280,6 +288,8 @@ class Reporter:
         self.dirty.add(tenant_id)
         now = time.time()
         if not answer.acked:
+            if lingered_since is not None:  # the batch is still pending, since then
+                st.pending_since = min(lingered_since, st.pending_since or lingered_since)
             st.failures += 1
             delay = backoff_delay(st.failures, cap_s=self.s.reporter_retry_max_s)
             st.retry_at = now + delay

@@ -255,3 +255,41 @@ async def test_admin_run_now_forces_only_pending_tenants_and_never_an_inactive_o
         assert not any(req.headers["host"] == "off.test" for req, _ in client.calls)
     finally:
         await rep.stop()
+
+
+async def test_reports_arriving_during_a_call_linger_before_the_next() -> None:
+    """A call that took every pending report: those arriving while it runs wait the linger from
+    their arrival (then one call for all of them), not a call at once after it (under a steady
+    flow: ever smaller calls back to back, each one an HTTP call and a Kafka flush)."""
+    client = Client([(200, {"ok": True, "next_sync_after": 4e9})])
+    acked: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+
+    async def slow_ack(entries: list[tuple[str, int]]) -> None:
+        await gate.wait()  # the first call is "in flight" until the test releases it
+        acked.extend(entries)
+
+    s = Settings(reporter_flush_ms=400, reporter_retry_max_s=0.05, reporter_batch_size=100)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(client.handler))
+    rep = Reporter(s, lambda tid: TENANT if tid == "acme" else None, slow_ack, lambda enc: enc, http,
+                   resolving_to("93.184.216.34"))
+    rep.add("acme", "acme\x1fe0", item(0), 5)
+    await rep.start()
+    try:
+        await wait_until(lambda: any(body["delivery_report"] for _, body in client.calls))
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        for i in range(1, 4):  # arrive during the first call
+            rep.add("acme", f"acme\x1fe{i}", item(i), 5)
+        gate.set()
+        await wait_until(lambda: len(acked) == 1)
+        await asyncio.sleep(0.2)
+        event_calls = [body["delivery_report"] for _, body in client.calls if body["delivery_report"]]
+        assert len(event_calls) == 1, event_calls  # still lingering, half-way through
+        await wait_until(lambda: len(acked) == 4)
+        assert loop.time() - arrived >= 0.35
+        sizes = [len(body["delivery_report"]) for _, body in client.calls if body["delivery_report"]]
+        assert sizes == [1, 3], sizes
+    finally:
+        await rep.stop()
+        await http.aclose()
