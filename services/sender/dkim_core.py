@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from email.utils import parseaddr
 from typing import Any
 
 import dkim
+
+from services.sender.addresses import parse_one
 
 # headers signed when present (dkimpy signs each one that occurs in the message)
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
@@ -24,7 +25,7 @@ def sign(data: bytes, domain: str, selector: str, private_key_pem: bytes) -> byt
 
 
 def from_domain(msg: dict[str, Any]) -> str:
-    local, at, domain = parseaddr(msg.get("from_addr") or "")[1].rpartition("@")
+    local, at, domain = parse_one(msg.get("from_addr") or "")[1].rpartition("@")
     return domain.rstrip(".").lower() if at and local else ""
 
 

@@ -133,6 +133,15 @@ class Sender:
 
     # --- accept: commands -> table + scheduler ----------------------------------------------------
 
+    async def accept_all(self, messages: list[dict[str, Any]], partition: int, offset: int) -> None:
+        """The messages of one ``messages.add`` command (sequence ``offset * 1000 + i``). A message
+        that replaces one whose outcome is not yet durable waits for it: the replacement's table
+        record must come after that outcome's on the changelog."""
+        if self.commit.keys and any(table_key(msg["tenant_id"], msg["id"]) in self.commit.keys for msg in messages):
+            await self.commit.flush()
+        for i, message in enumerate(messages):
+            self.accept(message, partition, offset * 1000 + i)
+
     def accept(self, message: dict[str, Any], partition: int, seq: int) -> None:
         key = table_key(message["tenant_id"], message["id"])
         current = self.store.get(key)

@@ -48,6 +48,7 @@ class GroupCommit:
         self.retry_s = retry_s
         self.queue: list[Outcome] = []
         self.unsettled = 0  # handed over, not yet durable
+        self.keys: dict[str, int] = {}  # table keys with an outcome not yet durable (how many)
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # set after each written batch
         self._task: asyncio.Task[None] | None = None
@@ -59,6 +60,7 @@ class GroupCommit:
     def submit(self, outcome: Outcome) -> None:
         """Queue an outcome (the caller holds one of its worker's slots; ``done`` frees it)."""
         self.queue.append(outcome)
+        self.keys[outcome.key] = self.keys.get(outcome.key, 0) + 1
         self.unsettled += 1
         self._wake.set()
         self.start()
@@ -102,6 +104,9 @@ class GroupCommit:
             m.STAGE_SECONDS.labels("state_ack").observe(t2 - t1)
             self.unsettled -= len(batch)
             for o in batch:
+                left = self.keys.pop(o.key, 1) - 1
+                if left:
+                    self.keys[o.key] = left
                 try:
                     o.done()
                 except Exception:

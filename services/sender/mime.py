@@ -11,11 +11,13 @@ import binascii
 import secrets
 import time
 from email.header import Header
-from email.utils import formataddr, formatdate, getaddresses, parseaddr
+from email.utils import formataddr, formatdate
+from functools import lru_cache
 from typing import Any
 
 from services.common import verp
 from services.common.mail_headers import CORRELATION_HEADER, TENANT_HEADER
+from services.sender.addresses import CACHE_SIZE, parse_list, parse_one
 
 
 def _is_ascii(s: str) -> bool:
@@ -28,8 +30,9 @@ def encode_header_value(value: str) -> str:
     return Header(value, "utf-8", maxlinelen=76).encode()
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def format_address(raw: str) -> str:
-    name, addr = parseaddr(raw)
+    name, addr = parse_one(raw)
     if not name:
         return addr
     if _is_ascii(name):
@@ -38,25 +41,25 @@ def format_address(raw: str) -> str:
 
 
 def format_address_list(items: list[str]) -> str:
-    return ", ".join(format_address(f"{n} <{a}>" if n else a) for n, a in getaddresses(items))
+    return ", ".join(format_address(f"{n} <{a}>" if n else a) for n, a in parse_list(items))
 
 
 def envelope_recipients(msg: dict[str, Any]) -> list[str]:
-    return [a for _, a in getaddresses(list(msg["to"]) + list(msg["cc"]) + list(msg["bcc"])) if a]
+    return [a for _, a in parse_list([*msg["to"], *msg["cc"], *msg["bcc"]]) if a]
 
 
 def envelope_sender(msg: dict[str, Any], verp_domain: str | None = None) -> str:
     """``return_path`` or ``from``; with a VERP domain, the message's own bounce address (verp.py)."""
     if verp_domain:
         return verp.encode(msg["tenant_id"], msg["id"], verp_domain)
-    return parseaddr(msg.get("return_path") or msg["from_addr"])[1]
+    return parse_one(msg.get("return_path") or msg["from_addr"])[1]
 
 
 def message_id_for(msg: dict[str, Any]) -> str:
     mid = msg.get("message_id")
     if mid:
         return mid if mid.startswith("<") else f"<{mid}>"
-    domain = parseaddr(msg["from_addr"])[1].rpartition("@")[2] or "postbus.local"
+    domain = parse_one(msg["from_addr"])[1].rpartition("@")[2] or "postbus.local"
     return f"<{msg['pk']}@{domain}>"
 
 

@@ -189,8 +189,7 @@ async def ingest(stream: Any) -> None:
             await _dead_letter(event, str(exc))
             continue
         if kind == "messages.add":
-            for i, message in enumerate(payload["messages"]):
-                sender.accept(message, msg.partition, msg.offset * 1000 + i)
+            await sender.accept_all(payload["messages"], msg.partition, msg.offset)
             continue
         try:
             await sender.handlers[kind](env, payload)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import ssl
 import time
@@ -224,7 +225,12 @@ class Connection:
             if self.client is None:
                 self.client = await self._connect()
             try:
-                await asyncio.wait_for(self.client.sendmail(sender, recipients, data), self.target.send_timeout_s)
+                if self.client.supports_extension("pipelining") and sender.isascii() and all(
+                        r.isascii() for r in recipients):
+                    await asyncio.wait_for(pipelined_sendmail(self.client, sender, recipients, data),
+                                           self.target.send_timeout_s)
+                else:
+                    await asyncio.wait_for(self.client.sendmail(sender, recipients, data), self.target.send_timeout_s)
             except aiosmtplib.SMTPRecipientsRefused:
                 await self._reset()
                 raise
@@ -255,3 +261,111 @@ class Connection:
                     await asyncio.wait_for(client.quit(), 5.0)
             except Exception:
                 client.close()
+
+
+# --- RFC 2920 PIPELINING ------------------------------------------------------------------------------
+
+_PERIOD = re.compile(rb"(?m)^\.")
+_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def _responses(buf: bytearray) -> list[tuple[int, str]]:
+    """The complete replies at the head of ``buf`` (consumed from it): multi-line replies joined."""
+    out: list[tuple[int, str]] = []
+    lines: list[str] = []
+    offset = 0
+    while True:
+        end = buf.find(b"\n", offset)
+        if end == -1:
+            break
+        line = bytes(buf[offset:end + 1]).rstrip(b"\r\n")
+        offset = end + 1
+        try:
+            code = int(line[:3])
+        except ValueError:
+            raise aiosmtplib.SMTPResponseException(-1, f"malformed SMTP reply: {line[:80]!r}") from None
+        lines.append(line[4:].decode("utf-8", "surrogateescape"))
+        if line[3:4] != b"-":
+            out.append((code, "\n".join(lines)))
+            lines = []
+            del buf[:offset]
+            offset = 0
+    return out
+
+
+async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes) -> None:
+    """One mail transaction with RFC 2920 PIPELINING: ``MAIL FROM``, every ``RCPT TO`` and ``DATA``
+    in one write, their replies read together, then the message in a second write: two round trips
+    instead of ``3 + recipients``. Raises what ``aiosmtplib.SMTP.sendmail`` raises (sender refused,
+    all recipients refused, data error), so the callers classify it the same way; a partial recipient
+    refusal sends to the others, as ``sendmail`` does.
+
+    The replies are read straight off the session's protocol (its ``data_received`` is redirected for
+    the duration of the transaction and restored after), because aiosmtplib reads one reply per
+    command written."""
+    proto = client.protocol
+    if proto is None or proto.transport is None or proto.transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("connection lost")
+    normalized = _LINE_END.sub(b"\r\n", data)
+    body = _PERIOD.sub(b"..", normalized)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    mail = f"MAIL FROM:{aiosmtplib.email.quote_address(sender)}"
+    if client.supports_extension("size"):
+        mail += f" SIZE={len(normalized)}"  # as aiosmtplib's sendmail counts it (RFC 1870)
+    commands = [mail] + [f"RCPT TO:{aiosmtplib.email.quote_address(r)}" for r in recipients] + ["DATA"]
+    for c in commands:
+        if "\r" in c or "\n" in c:
+            raise ValueError("address contains a line break")
+    buf = bytearray()
+    replies: list[tuple[int, str]] = []
+    arrived = asyncio.Event()
+    lost: list[BaseException | None] = []
+
+    def on_data(chunk: bytes) -> None:
+        buf.extend(chunk)
+        arrived.set()
+
+    original_lost = proto.connection_lost
+
+    def on_lost(exc: Exception | None) -> None:
+        lost.append(exc)
+        arrived.set()
+        original_lost(exc)
+
+    async def read(n: int) -> list[tuple[int, str]]:
+        while len(replies) < n:
+            if lost:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            arrived.clear()
+            replies.extend(_responses(buf))
+            if len(replies) < n:
+                await arrived.wait()
+        got, replies[:] = replies[:n], replies[n:]
+        return got
+
+    if True:  # the worker owns the session: no other command runs meanwhile
+        proto.data_received = on_data  # type: ignore[method-assign]
+        proto.connection_lost = on_lost  # type: ignore[method-assign]
+        try:
+            proto.transport.write(("\r\n".join(commands) + "\r\n").encode("ascii"))
+            got = await read(len(commands))
+            (mail_code, mail_msg), rcpts, (data_code, data_msg) = got[0], got[1:-1], got[-1]
+            refused = [aiosmtplib.SMTPRecipientRefused(code, msg, r)
+                       for r, (code, msg) in zip(recipients, rcpts, strict=True) if code not in (250, 251)]
+            if data_code == 354 and (mail_code != 250 or len(refused) == len(recipients)):
+                proto.transport.write(b".\r\n")  # an empty message ends the data phase; it is refused below
+                await read(1)
+            if mail_code != 250:
+                raise aiosmtplib.SMTPSenderRefused(mail_code, mail_msg, sender)
+            if len(refused) == len(recipients):
+                raise aiosmtplib.SMTPRecipientsRefused(refused)
+            if data_code != 354:
+                raise aiosmtplib.SMTPDataError(data_code, data_msg)
+            proto.transport.write(body + b".\r\n")
+            (code, msg), = await read(1)
+            if code != 250:
+                raise aiosmtplib.SMTPDataError(code, msg)
+        finally:
+            del proto.data_received  # the class's own methods again
+            del proto.connection_lost

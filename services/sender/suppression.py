@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from email.utils import getaddresses
 from typing import Any
 
 from services.common.config_view import ConfigView
 from services.common.settings import get_settings
 from services.common.topics import CONFIG_SUPPRESSION_LIST
 from services.sender import pipeline
+from services.sender.addresses import parse_item
 
 log = logging.getLogger("postbus.sender.suppression")
 
@@ -51,7 +51,7 @@ def split(message: dict[str, Any], lookup: Any) -> tuple[dict[str, list[str]], l
     for field in ("to", "cc", "bcc"):
         keep[field] = []
         for raw in message.get(field) or []:
-            addrs = [a for _, a in getaddresses([raw]) if a]
+            addrs = [a for _, a in parse_item(raw) if a]
             entry = next((e for a in addrs if (e := lookup(entry_key(message["tenant_id"], a)))), None)
             if entry is None:
                 keep[field].append(raw)

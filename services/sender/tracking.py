@@ -17,12 +17,12 @@ import logging
 import re
 from email import policy
 from email.parser import BytesParser
-from email.utils import getaddresses
 from typing import Any
 
 from services.common import track_tokens as tt
 from services.common.settings import Settings, get_settings
 from services.sender import pipeline
+from services.sender.addresses import parse_list
 
 log = logging.getLogger("postbus.sender.tracking")
 
@@ -50,7 +50,7 @@ def flags(message: dict[str, Any], tenant: dict[str, Any] | None) -> tuple[bool,
 
 
 def first_recipient(message: dict[str, Any]) -> str | None:
-    addrs = [a for _, a in getaddresses(list(message.get("to") or [])) if a]
+    addrs = [a for _, a in parse_list(message.get("to") or []) if a]
     return addrs[0].lower() if addrs else None
 
 

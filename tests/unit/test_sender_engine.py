@@ -224,3 +224,22 @@ async def test_group_commit_window_bounds_what_is_not_durable() -> None:
     await h.sender.commit.flush()
     assert h.sender.commit.unsettled == 0
     await h.sender.stop()
+
+
+async def test_a_replacement_waits_for_the_outcome_it_follows() -> None:
+    """A message re-added (new submission) while its previous attempt's outcome is not yet durable:
+    the replacement is written after that outcome, so a recovery never restores the older value."""
+    h = Harness(script=[aiosmtplib.SMTPResponseException(451, "4.7.1 later")])
+    h.durable.clear()
+    h.sender.accept(h.message("m1"), partition=0, seq=1)
+    key = table_key("t1", "m1")
+    await h.until(lambda: key in h.sender.commit.keys)
+    replaced = asyncio.ensure_future(h.sender.accept_all([h.message("m1", pk="pk-new")], 0, 2))
+    await asyncio.sleep(0.05)
+    assert not replaced.done() and h.store.get(key)["m"]["pk"] == "pk-m1"
+    h.durable.set()
+    await replaced
+    assert ("table", (key, "pending", 1)) in h.log  # the deferral reached the changelog first
+    await h.until(lambda: h.types("m1") == ["deferred", "sent"])
+    assert h.events[-1]["pk"] == "pk-new"
+    await h.sender.stop()
