@@ -106,14 +106,18 @@ class Tenant:
         return msg
 
 
-@pytest.fixture
-def new_tenant(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtpServer) -> Iterator[Callable[..., Tenant]]:
+@contextlib.contextmanager
+def tenant_factory(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtpServer, *, prefix: str = "t",
+                   client_host: str = "127.0.0.1", base_host: str | None = None) -> Iterator[Callable[..., Tenant]]:
+    """Makes fresh tenants of ``system``, each with its own client app (listening on ``client_host``,
+    named ``base_host`` in its client_base_url) and an SMTP account at ``smtp``; stops them after."""
     made: list[Tenant] = []
 
     def make(**tenant_fields: Any) -> Tenant:
-        client = ClientApp(token="s3cret").start()
-        tid = "t" + uuid.uuid4().hex[:10]
-        body = {"id": tid, "name": f"Tenant {tid}", "client_base_url": client.url,
+        client = ClientApp(token="s3cret", host=client_host).start()
+        tid = prefix + uuid.uuid4().hex[:10]
+        base_url = f"http://{base_host or client_host}:{client.port}"
+        body = {"id": tid, "name": f"Tenant {tid}", "client_base_url": base_url,
                 "client_auth": {"method": "bearer", "token": "s3cret"}, **tenant_fields}
         r = admin.post("/tenant", json=body)
         assert r.status_code == 200, r.text
@@ -125,10 +129,18 @@ def new_tenant(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtpServ
         made.append(t)
         return t
 
-    yield make
-    for t in made:
-        t.client.stop()
-        t.http.close()
+    try:
+        yield make
+    finally:
+        for t in made:
+            t.client.stop()
+            t.http.close()
+
+
+@pytest.fixture
+def new_tenant(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtpServer) -> Iterator[Callable[..., Tenant]]:
+    with tenant_factory(system, admin, smtp) as make:
+        yield make
 
 
 def internal_headers(system: LocalSystem) -> dict[str, str]:

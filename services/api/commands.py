@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -85,7 +86,7 @@ class ConfigWrite:
 # a fenced transactional producer: it says so, or (fenced mid-transaction) refuses to go on
 _FENCED = (ProducerFenced, InvalidProducerEpoch, IllegalOperation)
 RMW_TX_PREFIX = "postbus-api-rmw"  # shared by every API instance: one transactional id per shard
-RMW_ATTEMPTS = 5
+RMW_ATTEMPTS = 8
 
 
 class CommandWriter:
@@ -297,17 +298,23 @@ class CommandWriter:
                 await self._reachable(self.producer)
                 producer = await self._rmw_producer(shard)
                 try:
-                    async with self._bounded(f"rmw {shard}"):
+                    async with asyncio.timeout(self.write_timeout_s):
                         await catch_up()
                         write = build()
                         return await self._transaction(producer, write)
-                except _FENCED:
-                    log.info("config update fenced by another API instance: retrying",
-                             extra={"shard": shard, "attempt": attempt})
+                except (*_FENCED, KafkaError) as exc:
+                    # fenced by another instance (or its transaction state broken by the fence, which
+                    # aiokafka reports as a plain KafkaError): nothing committed (or, if the commit answer
+                    # was lost, the same idempotent update is applied once more)
+                    log.info("config update fenced or refused: retrying",
+                             extra={"shard": shard, "attempt": attempt, "error": repr(exc)})
                     await self._drop_rmw_producer(shard)
-                except BrokerUnavailable:
+                    # two instances retrying in step would fence each other again: random backoff
+                    await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
+                except TimeoutError:
                     await self._drop_rmw_producer(shard)
-                    raise
+                    self._suspect = True
+                    raise BrokerUnavailable("the command log is unavailable (timeout)") from None
         raise BrokerUnavailable(f"config update of {shard} kept being fenced by other API instances")
 
     async def _rmw_producer(self, shard: str) -> AIOKafkaProducer:

@@ -206,6 +206,11 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
                               pk: str | None = None) -> Any:
         astore: AsyncStore = request.app.state.store
         found = await astore.run(inbound_lookup.resolve, astore.sync, tenant_id, id, pk)
+        ing: Ingestor | None = request.app.state.ingestor
+        if found is None and ing is not None:
+            # a report can come right after the send: write the batch already read, then look again
+            await ing.settle()
+            found = await astore.run(inbound_lookup.resolve, astore.sync, tenant_id, id, pk)
         return found if found is not None else _error(404, "NOT_FOUND", "no such message")
 
     @app.get("/internal/inbound/pec-overdue")

@@ -444,6 +444,13 @@ class Ingestor:
         """Every (topic, partition) loaded into ClickHouse up to (excluding) its target offset."""
         return all(target <= 0 or self.positions.get(tp, 0) >= target for tp, target in targets.items())
 
+    async def settle(self, timeout_s: float = 3.0) -> str:
+        """Every record read from the topics so far is in ClickHouse (the current batch written at
+        once): for lookups that must not miss what this service has already consumed."""
+        if self.consumer is None:
+            return "reached"
+        return await self.wait_for(await self._read_positions(), timeout_s)
+
     async def wait_for(self, targets: dict[TP, int], timeout_s: float) -> str:
         """Wait until :meth:`reached`; "reached", or why not: "replaying" (a replay is rebuilding the
         tables: fail fast), "timeout". While it waits, the ingest loop flushes its batch as soon as

@@ -17,12 +17,12 @@ from tests.integration.test_domains import extra_api
 ROUNDS = 12
 
 
-async def _both(url_a: str, url_b: str, key: str, calls: list[tuple[str, str, dict, dict | None]]) -> list[int]:
+async def _both(url_a: str, url_b: str, key: str, calls: list[tuple[str, str, dict, dict | None]]) -> list[object]:
     async with httpx.AsyncClient(headers={"X-API-Token": key}, timeout=60) as c:
-        async def one(i: int, call: tuple[str, str, dict, dict | None]) -> int:
+        async def one(i: int, call: tuple[str, str, dict, dict | None]) -> object:
             method, path, params, body = call
             r = await c.request(method, (url_a if i % 2 == 0 else url_b) + path, params=params, json=body)
-            return r.status_code
+            return r.status_code if r.status_code == 200 else (r.status_code, r.text)
         return list(await asyncio.gather(*(one(i, call) for i, call in enumerate(calls))))
 
 

@@ -58,6 +58,8 @@ def two_senders() -> Iterator[tuple[LocalSystem, str]]:
         wait_until(lambda: _up(second, internal_headers(sys_)) or proc.poll() is not None, 120,
                    what="second sender")
         assert proc.poll() is None, "the second sender exited"
+        # the first one went through the rebalance the second one caused: ready again
+        wait_until(lambda: _up(sys_.url("sender"), internal_headers(sys_)), 120, what="first sender ready")
         yield sys_, second
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -74,8 +76,10 @@ def two_senders() -> Iterator[tuple[LocalSystem, str]]:
 
 
 def _up(url: str, headers: dict[str, str]) -> bool:
+    """Recovered and consuming (``/ready``), with its Prometheus endpoint answering."""
     try:
-        return httpx.get(f"{url}/metrics", headers=headers, timeout=2).status_code == 200
+        return (httpx.get(f"{url}/ready", timeout=2).status_code == 200
+                and httpx.get(f"{url}/metrics", headers=headers, timeout=2).status_code == 200)
     except httpx.HTTPError:
         return False
 

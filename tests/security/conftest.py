@@ -9,17 +9,14 @@ Tests that need no particular network policy use the session ``system`` of ``tes
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from infra.supervisor import LocalSystem
-from tests.conftest import ADMIN_TOKEN, Tenant, fresh_state, running_system
-from tests.support.client_app import ClientApp
+from tests.conftest import ADMIN_TOKEN, Tenant, fresh_state, running_system, tenant_factory
 from tests.support.smtp_server import RecordingSmtpServer
 
 ALLOWED_HOST = "127.0.0.2"  # the operator-listed internal network (loopback alias on Linux)
@@ -62,25 +59,6 @@ def secure_tenant(secure_system: LocalSystem, secure_admin: httpx.Client,
     """A fresh tenant of the secure system whose client app listens on every loopback address (so
     the same listener is reachable as 127.0.0.2, allowed, and as 127.0.0.1/localhost, refused); its
     ``client_base_url`` is the allowed address."""
-    made: list[Tenant] = []
-
-    def make(**tenant_fields: Any) -> Tenant:
-        client = ClientApp(token="s3cret", host="0.0.0.0").start()
-        tid = "s" + uuid.uuid4().hex[:10]
-        body = {"id": tid, "name": f"Tenant {tid}", "client_base_url": f"http://{ALLOWED_HOST}:{client.port}",
-                "client_auth": {"method": "bearer", "token": "s3cret"}, **tenant_fields}
-        r = secure_admin.post("/tenant", json=body)
-        assert r.status_code == 200, r.text
-        key = r.json()["api_key"]
-        http = httpx.Client(base_url=secure_system.url("api"), headers={"X-API-Token": key}, timeout=30)
-        r = http.post("/account", json={"id": "main", "host": secure_smtp.host, "port": secure_smtp.port,
-                                        "use_tls": False})
-        assert r.status_code == 200, r.text
-        t = Tenant(tid, key, "main", client, http)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.client.stop()
-        t.http.close()
+    with tenant_factory(secure_system, secure_admin, secure_smtp, prefix="s", client_host="0.0.0.0",
+                        base_host=ALLOWED_HOST) as make:
+        yield make
