@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import smtplib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,8 @@ import pytest
 
 from infra.supervisor import LocalSystem
 from tests.conftest import Tenant, wait_until
+from tests.integration.test_bounces import _deliver
+from tests.integration.test_bounces import _dsn as bounce_dsn
 from tests.support.smtp_server import RecordingSmtpServer
 from tests.support.sns_server import TOPIC, SnsTestServer
 
@@ -282,23 +283,8 @@ def _headers_of(sent: Any) -> str:
     return head.replace("\n", "\r\n") + "\r\n"
 
 
-def _deliver(system: LocalSystem, raw: str) -> None:
-    with smtplib.SMTP("127.0.0.1", system.inbound_smtp_port, timeout=30) as s:
-        s.sendmail("", ["bounce@bounces.postbus.test"], raw.encode())
-
-
 def _dsn(headers: str, rcpt: str) -> str:
-    b = "dsn-" + uuid.uuid4().hex[:8]
-    return (
-        "From: MAILER-DAEMON@mx.example.test\r\nTo: bounce@bounces.postbus.test\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{b}"\r\n\r\n'
-        f"--{b}\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
-        f"--{b}\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.test\r\n\r\n"
-        f"Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        f"Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: user unknown\r\n\r\n"
-        f"--{b}\r\nContent-Type: text/rfc822-headers\r\n\r\n{headers}\r\n--{b}--\r\n"
-    )
+    return bounce_dsn(headers, rcpt, "5.1.1", f"550 5.1.1 <{rcpt}>: user unknown")
 
 
 def _arf(headers: str, rcpt: str) -> str:
