@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Histogram
 
 from services.api import (
+    provider,
     routes_admin,
     routes_config,
     routes_core,
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    routes_messages_read, routes_admin, routes_smtp, routes_domains, routes_files,
                    routes_suppression, routes_tracking, routes_webhooks):
         app.include_router(module.router)
+    app.include_router(provider.router)  # provider API: /api/smtp-*, /api/v1/smtp-*, /tenant/{id}/users
 
     @app.middleware("http")
     async def observe(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]

@@ -51,6 +51,12 @@ def load_admin_token(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def _provider_views(bootstrap: str) -> Any:
+    from services.api.provider.views import ProviderViews  # here: the provider package imports this module
+
+    return ProviderViews(bootstrap)
+
+
 @dataclass
 class ApiState:
     settings: Settings
@@ -73,6 +79,8 @@ class ApiState:
     gmp_snapshot: Any = None
     # add-messages' "already sent" pre-check (sent_filter.SentFilter, from postbus.events)
     sent_filter: Any = None
+    # provider API projections (services/api/provider/views.ProviderViews: users, tokens, senders, ...)
+    provider: Any = None
 
     @classmethod
     def build(cls, settings: Settings) -> ApiState:
@@ -98,6 +106,7 @@ class ApiState:
             suspensions=ConfigView(bootstrap, CONFIG_SUSPENSIONS, "Suspension"),
             sync_status=ConfigView(bootstrap, STATUS_SYNC, "SyncStatus"),
             sent_filter=SentFilter(bootstrap),
+            provider=_provider_views(bootstrap),
         )
 
     async def start(self) -> None:
@@ -111,6 +120,8 @@ class ApiState:
             await self.sync_status.start()
         if self.sent_filter is not None:
             await self.sent_filter.start()  # loads in the background
+        if self.provider is not None:
+            await self.provider.start()
 
     async def stop(self) -> None:
         await asyncio.gather(self.tenants.stop(), self.accounts.stop(), self.apikeys.stop(),
@@ -123,6 +134,8 @@ class ApiState:
             await self.sync_status.stop()
         if self.sent_filter is not None:
             await self.sent_filter.stop()
+        if self.provider is not None:
+            await self.provider.stop()
         await self.writer.stop()
         await self.metrics.aclose()
 

@@ -32,6 +32,18 @@ INBOUND_RAW = "postbus.inbound.raw"  # every inbound message as received (key: i
 IMAP_POSITION = "postbus.inbound.imap-position"  # the IMAP poller's UIDVALIDITY + last UID (compacted)
 # tracking and complaints (routes_suppression, sender/suppression): suppressed addresses (key tenant/address)
 CONFIG_SUPPRESSION_LIST = "postbus.config.suppression-list"
+# provider API (services/api/provider): compacted, 1 partition each; keys in docs/provider.md
+CONFIG_PROVIDER_USERS = "postbus.config.provider-users"  # ProviderUser (key "<user_id>")
+CONFIG_PROVIDER_TOKENS = "postbus.config.provider-tokens"  # ProviderToken (key "<token_id>")
+CONFIG_PROVIDER_SENDERS = "postbus.config.provider-senders"  # ProviderSender (key "<tenant>/<sender_id>")
+CONFIG_PROVIDER_TEMPLATES = "postbus.config.provider-templates"  # ProviderTemplate (key "<tenant>/<template_id>")
+CONFIG_PROVIDER_LISTS = "postbus.config.provider-lists"  # ProviderList (key "<tenant>/<list_id>")
+CONFIG_PROVIDER_MEMBERS = "postbus.config.provider-members"  # ProviderMember (key "<tenant>/<list_id>/<member_id>")
+CONFIG_PROVIDER_IDS = "postbus.config.provider-ids"  # ProviderCounter: the integer id allocator (key kind)
+# provider campaigns (services/api/provider/campaigns.py, services/sender/campaigns.py)
+CONFIG_PROVIDER_CAMPAIGNS = "postbus.config.provider-campaigns"  # ProviderCampaign (key "<tenant>/<campaign_id>")
+# the expansion cursor of each campaign, written in one transaction with its messages.add commands
+STATE_CAMPAIGN_CURSORS = "postbus.state.campaign-cursors"  # CampaignCursor (key "<tenant>/<campaign_id>")
 
 # Faust's own topics, named "<app id>-<table>-changelog" / "<app id>-__assignor-__leader" by Faust.
 # Created here so their partition counts match the source topics before any worker starts (Faust
@@ -96,6 +108,12 @@ def topic_specs(partitions: int) -> list[TopicSpec]:
         TopicSpec(INBOUND_RAW, partitions, FOREVER),
         TopicSpec(IMAP_POSITION, 1, COMPACTED),
         TopicSpec(CONFIG_SUPPRESSION_LIST, 1, COMPACTED),
+        # provider API (users, tokens, senders, templates, lists, members, id counters)
+        *(TopicSpec(t, 1, COMPACTED) for t in (
+            CONFIG_PROVIDER_USERS, CONFIG_PROVIDER_TOKENS, CONFIG_PROVIDER_SENDERS, CONFIG_PROVIDER_TEMPLATES,
+            CONFIG_PROVIDER_LISTS, CONFIG_PROVIDER_MEMBERS, CONFIG_PROVIDER_IDS)),
+        TopicSpec(CONFIG_PROVIDER_CAMPAIGNS, 1, COMPACTED),  # campaigns and their cursors
+        TopicSpec(STATE_CAMPAIGN_CURSORS, 1, COMPACTED),
         TopicSpec(SENDER_RATE_LIMITS_CHANGELOG, partitions, {
             "cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"}),
         TopicSpec(f"{SENDER_APP}-__assignor-__leader", 1, {}),

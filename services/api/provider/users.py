@@ -1,0 +1,7 @@
+"""Provider users (being built)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["provider users"])
