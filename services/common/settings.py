@@ -229,6 +229,23 @@ class Settings(BaseSettings):
     # durable; a crash resends at most (1 + this) messages per worker
     sender_unflushed_per_worker: int = Field(4, ge=1, le=64)
 
+    # provider API (services/api/provider, docs/provider.md): token lifetime; failed token requests
+    # per email (per API process) before 429, counted over provider_token_throttle_window_s; the
+    # operator's system SMTP account that sends sender-verification and welcome mail (tls: none |
+    # starttls | tls; unset host = those routes answer 503); sender-verification link lifetime and
+    # the public base URL of its link (default http://api_host:api_port)
+    provider_token_ttl_s: int = Field(30 * 86400, ge=1)
+    provider_token_max_failures: int = Field(5, ge=1)
+    provider_token_throttle_window_s: float = Field(900.0, gt=0)
+    system_smtp_host: str | None = None
+    system_smtp_port: int = Field(25, ge=1, le=65535)
+    system_smtp_user: str | None = None
+    system_smtp_password: str | None = None
+    system_smtp_from: str = "no-reply@postbus.invalid"
+    system_smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    provider_sender_link_ttl_s: int = Field(86400, ge=60)
+    provider_public_base_url: str | None = None
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
