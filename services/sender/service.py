@@ -33,6 +33,7 @@ from services.common.topics import (
 from services.sender import dkim_sign, domain_ledger, engagement, steps  # noqa: F401  (domain_ledger: its agents)
 from services.sender import metrics as m
 from services.sender.app import app, box, commands_topic, deadletter_topic, events_topic, messages, rate_table, settings
+from services.sender.campaign_runtime import CampaignRuntime, install_read_committed
 from services.sender.engine import Deps, Sender
 from services.sender.smtp_pool import Connection, SmtpTarget, make_target
 
@@ -160,6 +161,10 @@ sender = Sender(Deps(
 m.PENDING.set_function(sender.pending)
 engagement.register(app, commands_topic, events_topic)
 dkim_sign.register(app)
+# provider-API campaigns: expansion into messages.add (services/sender/campaigns.py); the ingest
+# consumer reads read_committed, so an aborted expansion step is never seen
+install_read_committed()
+campaigns = CampaignRuntime(settings, sender, tenants)
 
 
 # --- agents -------------------------------------------------------------------------------------------
@@ -226,6 +231,11 @@ async def _start_views() -> None:
     await asyncio.gather(*(v.start() for v in VIEWS))
 
 
+@app.task
+async def _campaigns() -> None:
+    await campaigns.run(_views_ready)
+
+
 _ready = [False]  # read by the /ready probe's thread; computed in the event loop (Faust is not thread-safe)
 
 
@@ -239,6 +249,7 @@ async def _readiness() -> None:
 @app.on_before_shutdown.connect  # type: ignore[misc]
 async def _shutdown(_: Any, **kwargs: Any) -> None:
     await sender.stop()
+    await campaigns.stop()
     await asyncio.gather(*(v.stop() for v in VIEWS), return_exceptions=True)
 
 
