@@ -77,9 +77,25 @@ def _sending_state(request: Request, st: ApiState, tenant_id: str) -> tuple[list
 
 @router.get("/metrics", summary="Aggregated deliverability metrics over a window")
 async def smtp_metrics(tenant_id: str, request: Request,
-                       window: str = Query("24h", description="Nh or Nd, e.g. 24h, 7d, 30d")) -> dict[str, Any]:
+                       window: str = Query("24h", description="Nh or Nd, e.g. 24h, 7d, 30d"),
+                       group_by: str | None = Query(None, description="campaign: counts per provider-API "
+                                                    "campaign (docs/campaigns.md)")) -> dict[str, Any]:
     st = state_of(request)
     await authorize(request, st, tenant_id, {"smtp:read"})
+    if group_by is not None:  # provider-API campaigns (services/metrics/campaigns.py)
+        if group_by != "campaign":
+            raise ApiError(400, "validation_error", "group_by must be campaign")
+        if not WINDOW.match(window):
+            raise ApiError(400, "validation_error", "window must look like 24h, 7d or 30d")
+        try:
+            r = await st.metrics.get(f"/internal/tenants/{tenant_id}/metrics",
+                                     params={"window": window, "group_by": "campaign"})
+        except Exception as exc:
+            raise ApiError(503, "metrics_unavailable", "metrics are temporarily unavailable") from exc
+        if r.status_code != 200:
+            raise ApiError(503, "metrics_unavailable", "metrics are temporarily unavailable")
+        groups = [{"campaign_id": int(g.pop("key")), **g} for g in r.json()["groups"]]
+        return {"success": True, "data": {"window": window, "group_by": "campaign", "campaigns": groups}}
     m = await _window_counts(st, tenant_id, window)
     band, recommendations, _, _ = assess(m, thresholds_from(st.settings))
     if _sending_state(request, st, tenant_id)[0]:

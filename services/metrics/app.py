@@ -6,7 +6,9 @@ common/internal_auth.py). Operators replay through the API's admin route ``POST 
     GET  /health                                   liveness + ingest connection (public)
     GET  /metrics                                  Prometheus text
     GET  /internal/tenants/{tenant_id}/metrics     distinct messages per outcome over ?window=24h|7d|...
-                                                   (&group_by=domain|provider: per sending domain / provider)
+                                                   (&group_by=domain|provider: per sending domain / provider;
+                                                   &group_by=campaign: per provider-API campaign)
+    GET  /internal/tenants/{tenant_id}/campaigns      counts per campaign (all time), ?ids=1,2
     GET  /internal/tenants/{tenant_id}/messages/{message_id}/events   one message's event history
     POST /internal/sent-ids                        which of these ids were already sent
     GET  /internal/messages                        message projection of one tenant (GET /messages)
@@ -38,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.internal_auth import InternalAuthMiddleware, load_internal_token
 from services.common.settings import Settings
 from services.common.topics import EVENTS
-from services.metrics import analytics, inbound_lookup, ingest_wait
+from services.metrics import analytics, campaigns, inbound_lookup, ingest_wait
 from services.metrics.ingest import Ingestor
 from services.metrics.store import AsyncStore, Counts, Store, parse_window
 
@@ -152,11 +154,17 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
 
     @app.get("/internal/tenants/{tenant_id}/metrics")
     async def tenant_metrics(request: Request, tenant_id: str, window: str = "24h",
-                             group_by: Literal["domain", "provider"] | None = None) -> Any:
+                             group_by: Literal["domain", "provider", "campaign"] | None = None) -> Any:
         try:
             hours = parse_window(window)
         except ValueError as exc:
             return _error(422, "VALIDATION_ERROR", str(exc))
+        if group_by == "campaign":  # provider-API campaigns, by message id prefix (campaigns.py)
+            astore_c: AsyncStore = request.app.state.store
+            from_ts, to_ts = analytics.window_bounds(hours)
+            per = await astore_c.run(campaigns.campaign_counts, astore_c.sync, tenant_id, None, from_ts)
+            return {"window": window, "from_ts": from_ts, "to_ts": to_ts, "group_by": group_by,
+                    "groups": [{"key": str(cid), **values} for cid, values in sorted(per.items())]}
         if group_by is not None:  # per sending domain / mailbox provider, from the hourly aggregates
             astore: AsyncStore = request.app.state.store
             from_ts, to_ts, groups = await astore.run(analytics.grouped_counts, astore.sync, tenant_id, hours,
@@ -167,6 +175,17 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
         from_ts = to_ts - hours * 3_600_000
         counts = await request.app.state.store.tenant_counts(tenant_id, from_ts, to_ts)
         return {"window": window, "from_ts": from_ts, "to_ts": to_ts, **counts.as_dict()}
+
+    @app.get("/internal/tenants/{tenant_id}/campaigns")
+    async def campaign_metrics(request: Request, tenant_id: str, ids: str = "") -> Any:
+        """Counts of the tenant's campaigns (all time): ``ids`` = comma-separated campaign ids."""
+        try:
+            wanted = [int(i) for i in ids.split(",") if i.strip()][:campaigns.MAX_IDS]
+        except ValueError:
+            return _error(422, "VALIDATION_ERROR", "ids must be comma-separated integers")
+        astore: AsyncStore = request.app.state.store
+        per = await astore.run(campaigns.campaign_counts, astore.sync, tenant_id, wanted if ids.strip() else None)
+        return {"campaigns": {str(cid): values for cid, values in sorted(per.items())}}
 
     @app.get("/internal/tenants/{tenant_id}/messages/{message_id}/events")
     async def message_events(request: Request, tenant_id: str, message_id: str) -> dict[str, Any]:
