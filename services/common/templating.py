@@ -22,6 +22,7 @@ CACHE_SIZE = 512
 
 _env = ImmutableSandboxedEnvironment(autoescape=select_autoescape(default=True, default_for_string=True),
                                      auto_reload=False)
+_text_env = ImmutableSandboxedEnvironment(autoescape=False, auto_reload=False)  # headers (subjects): not HTML
 _cache: OrderedDict[str, Any] = OrderedDict()
 _lock = threading.Lock()
 
@@ -63,6 +64,22 @@ def render(source: str, context: dict[str, Any]) -> str:
     tpl = _compiled(source)
     try:
         return str(tpl.render(context))
+    except SecurityError as exc:
+        raise TemplateError(f"not allowed in a template: {exc}") from None
+    except JinjaTemplateError as exc:
+        raise TemplateError(str(exc)) from None
+    except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+
+
+def render_text(source: str, context: dict[str, Any]) -> str:
+    """A plain-text template (a subject line): the same sandbox, no HTML escaping, not cached."""
+    if len(source) > MAX_SOURCE_CHARS:
+        raise TemplateError(f"the template is longer than {MAX_SOURCE_CHARS} characters")
+    try:
+        return str(_text_env.from_string(source).render(context))
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"line {exc.lineno}: {exc.message}") from None
     except SecurityError as exc:
         raise TemplateError(f"not allowed in a template: {exc}") from None
     except JinjaTemplateError as exc:
