@@ -98,6 +98,14 @@ def main() -> int:
     # says otherwise (POSTBUS_ALLOW_PRIVATE_NETWORKS=false make up runs the production policy)
     passthrough.setdefault("POSTBUS_ALLOW_PRIVATE_NETWORKS", "true")
     private_ok = passthrough["POSTBUS_ALLOW_PRIVATE_NETWORKS"].strip().lower() in ("1", "true", "yes", "on")
+    # provider API mail (sender verification links, welcome mail) goes through the operator's system SMTP
+    # account: the local sink unless the caller names one (POSTBUS_SYSTEM_SMTP_HOST/_PORT/_USER/...)
+    if "POSTBUS_SYSTEM_SMTP_HOST" in passthrough:
+        if env.get("POSTBUS_SYSTEM_SMTP_PORT"):  # *_PORT variables are not passed through above
+            passthrough["POSTBUS_SYSTEM_SMTP_PORT"] = env["POSTBUS_SYSTEM_SMTP_PORT"]
+    else:
+        passthrough.update(POSTBUS_SYSTEM_SMTP_HOST="127.0.0.1", POSTBUS_SYSTEM_SMTP_PORT=str(sink_port),
+                           POSTBUS_SYSTEM_SMTP_TLS="none")
     system = LocalSystem(
         state,
         kafka_port=int(env.get("KAFKA_PORT", "9092")),
@@ -130,6 +138,8 @@ def main() -> int:
             f"    admin token  {token}\n"
             f"                 (also in {state / 'admin.token'}; send it as X-API-Token)\n"
             f"    SMTP sink    127.0.0.1:{sink_port}  -> {state / 'mail'}/*.eml\n"
+            f"    system mail  {passthrough['POSTBUS_SYSTEM_SMTP_HOST']}:"
+            f"{passthrough.get('POSTBUS_SYSTEM_SMTP_PORT', 25)}  (provider API verification and welcome mail)\n"
             f"    bounces      127.0.0.1:{system.inbound_smtp_port}  (inbound SMTP: DSN, ARF, PEC receipts)\n"
             f"    metrics      {system.url('metrics')}  (internal: Bearer $(cat {state / 'internal.token'}))\n"
             f"    Kafka        {system.kafka_bootstrap}\n"
