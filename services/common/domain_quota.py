@@ -291,9 +291,11 @@ def sent_answer(entry: dict[str, Any]) -> tuple[bool, str | None]:
 
 
 def send_counts(mark: dict[str, Any] | None) -> bool:
-    """Whether a ``sent`` event whose message id has ``mark`` is still to be counted: not when an
-    increment counted it first (and no send was matched with that increment yet)."""
-    return mark is None or mark["src"] != "inc" or not mark["c"] or bool(mark["m"])
+    """Whether a ``sent`` event whose message id has ``mark`` is still to be counted: not when the
+    message was counted already, by an increment naming it or by an earlier ``sent`` event (a
+    message resent after a sender crash, docs/architecture.md "Delivery guarantees", is one
+    message: counted once, as the analytics count it)."""
+    return mark is None or not mark["c"]
 
 
 def purge_before(marks: dict[str, dict[str, Any]], now: int, window_ms: int) -> list[str]:
@@ -325,4 +327,4 @@ def send_once(entry: dict[str, Any], mark: dict[str, Any] | None, event_ts_ms: i
     count_sent(entry, event_ts_ms)
     if mark is None:
         return new_mark(entry, "sent", allowed, reason, True, event_ts_ms, partition)
-    return {**mark, "c": True, "m": True, "w": now_ms()}  # a second send, or one the increment refused
+    return {**mark, "c": True, "m": True, "w": now_ms()}  # a send the increment refused
