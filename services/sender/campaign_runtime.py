@@ -156,7 +156,8 @@ class CampaignRuntime:
             cursor=self.cursors.get,
             members_after=self.members.after,
             suppressed=lambda t, a: suppression.view.get(suppression.entry_key(t, a)) is not None,
-            held=lambda t, b: bool(self.sender.is_held(t, b)),
+            # a deleted tenant's campaigns stop too (its accounts are gone)
+            held=lambda t, b: self.tenants.get(t) is None or bool(self.sender.is_held(t, b)),
             partition_of=self.partition_of,
             owned=lambda: self.sender.ownership.owned,
             acquire=self.acquire,
