@@ -20,7 +20,7 @@ from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_guard import guarded
-from services.common.faust_support import table_put
+from services.common.faust_support import produce_many, table_put
 from services.common.http_server import set_readiness, start_metrics_server
 from services.common.suspension import INSTANCE_KEY
 from services.common.topics import (
@@ -29,6 +29,7 @@ from services.common.topics import (
     CONFIG_INSTANCE,
     CONFIG_SUSPENSIONS,
     CONFIG_TENANTS,
+    EVENTS,
 )
 from services.sender import dkim_sign, domain_ledger, engagement, steps  # noqa: F401  (domain_ledger: its agents)
 from services.sender import metrics as m
@@ -72,26 +73,26 @@ async def emit(tenant_id: str, events: list[dict[str, Any]]) -> None:
     """The tenant's events on ``postbus.events``, all acknowledged (acks=all) on return."""
     c = codec()
     key = tenant_id.encode()
-    futures = [await events_topic.send(key=key, value=c.encode("DeliveryEvent", e)) for e in events]
-    await asyncio.gather(*futures)
+    await produce_many(app, EVENTS, [(None, key, c.encode("DeliveryEvent", e)) for e in events])
 
 
 async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
-    """The group commit's events, sent together (the producer batches them), all acknowledged on return."""
+    """The group commit's events, one producer batch per partition, all acknowledged on return."""
     c = codec()
-    futures = [await events_topic.send(key=tenant_id.encode(), value=c.encode("DeliveryEvent", e))
-               for tenant_id, e in events]
-    await asyncio.gather(*futures)
+    await produce_many(app, EVENTS, [(None, tenant_id.encode(), c.encode("DeliveryEvent", e))
+                                     for tenant_id, e in events])
 
 
 async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
     """The group commit's changelog records of ``messages`` (the local store already has them):
-    sent with their explicit partition, as ``table_put`` does, all on the broker on return."""
+    with their explicit partition, as ``table_put`` writes them, all on the broker on return."""
     topic = messages.changelog_topic
-    futures = [await topic.send(key=key, value=value, partition=partition, key_serializer=messages.key_serializer,
-                                value_serializer=messages.value_serializer, force=True)
-               for partition, key, value in records]
-    await asyncio.gather(*futures)
+    out = []
+    for partition, key, value in records:
+        k, _ = topic.prepare_key(key, messages.key_serializer)
+        v, _ = topic.prepare_value(value, messages.value_serializer)
+        out.append((partition, k, v))
+    await produce_many(app, topic.get_topic_name(), out)
 
 
 _targets: dict[str, tuple[int, SmtpTarget]] = {}
