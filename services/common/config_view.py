@@ -13,6 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.common import lag
 from services.common.avro import DecodeError, codec
 from services.common.deadletter import DeadLetterWriter
 from services.common.topics import topic_partitions
@@ -56,6 +57,9 @@ class ConfigView:
         tps = [TopicPartition(self.topic, p) for p in await topic_partitions(self._consumer, self.topic, 100)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
+        # consumer lag in Prometheus (services/common/lag.py): records not yet applied to the view
+        lag.register(f"{lag.service_name()}:view:{self.topic}",
+                     lag.aiokafka_source(lambda: self._consumer, lambda tp: self._applied.get(tp.partition, 0)))
         ends = await self._consumer.end_offsets(tps)
         self._task = asyncio.create_task(self._run(), name=f"config-view:{self.topic}")
         # initial load: ready once everything present at start-up is applied

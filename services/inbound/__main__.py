@@ -11,6 +11,7 @@ import signal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.common import lag
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
@@ -40,6 +41,7 @@ async def watch_reloads(bootstrap: str, poller: ImapPoller) -> None:
         tps = [TopicPartition(COMMANDS, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
+        lag.register("inbound:reloads", lag.aiokafka_source(lambda: consumer))  # services/common/lag.py
         async for rec in consumer:
             try:
                 _, env = codec().decode(rec.value, expect="CommandEnvelope")

@@ -31,6 +31,7 @@ from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
+from services.common import lag
 from services.common.avro import DecodeError, codec
 from services.common.deadletter import DeadLetterWriter
 from services.common.topics import COMMANDS, EVENTS, REPORTS
@@ -185,6 +186,9 @@ class Ingestor:
             self.consumer, self.producer = consumer, producer
             self.dead_letters = DeadLetterWriter(producer)
             consumer.subscribe(list(self.topics), listener=_Rebalance(self))
+            # postbus_consumer_lag (services/common/lag.py): records not yet stored with their offsets
+            lag.register(self.group_id, lag.aiokafka_source(
+                lambda: self.consumer, lambda tp: self.positions.get((tp.topic, tp.partition))))
             self.connected = True
             log.info("ingest consuming", extra={"topics": self.topics, "bootstrap": self.bootstrap})
             return

@@ -30,6 +30,7 @@ import faust
 from aiokafka.admin import AIOKafkaAdminClient
 from faust.types import TP
 
+from services.common import lag
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.crypto import load_secret_box
@@ -61,6 +62,7 @@ RUN_NOW_MAX_AGE_S = 300.0  # an old run-now replayed after a restart wakes nobod
 
 app = make_app(REPORTER_APP, settings.kafka_bootstrap, str(settings.state_dir / "reporter"),
                settings.topic_partitions)
+lag.faust_app(app)  # postbus_consumer_lag (services/common/lag.py)
 
 events_topic = app.topic(EVENTS, key_serializer="raw", value_serializer="raw")
 commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw")

@@ -11,6 +11,7 @@ Tables (keys and values are JSON, Faust's default for untyped tables):
 
 from __future__ import annotations
 
+from services.common import lag
 from services.common.crypto import load_secret_box
 from services.common.faust_support import make_app
 from services.common.settings import get_settings
@@ -21,6 +22,7 @@ box = load_secret_box(settings)
 
 app = make_app(SENDER_APP, settings.kafka_bootstrap, str(settings.state_dir / "sender"),
                settings.topic_partitions)
+lag.faust_app(app)  # postbus_consumer_lag (services/common/lag.py)
 commands_topic = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw", internal=False)
 events_topic = app.topic(EVENTS, key_serializer="raw", value_serializer="raw", internal=False)
 deadletter_topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer="raw", internal=False)
