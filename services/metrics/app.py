@@ -23,6 +23,7 @@ common/internal_auth.py). Operators replay through the API's admin route ``POST 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -78,8 +79,28 @@ class CleanupRequest(BaseModel):
     older_than_seconds: float = Field(ge=0)
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+STORE_RETRY_S = 0.5  # first wait before opening ClickHouse again at start-up (doubling to 10 s)
+
+
+async def _open_store(settings: MetricsSettings) -> Store:
+    """Open the store and create its tables, retrying while ClickHouse does not answer (a server
+    outage at start-up): the service waits for it instead of exiting into a restart loop."""
+    backoff = STORE_RETRY_S
+    while True:
+        try:
+            store = await asyncio.to_thread(Store, settings.clickhouse, settings.metrics_retention_days)
+            await asyncio.to_thread(store.create)
+            return store
+        except Exception as exc:  # the type only: a driver message may carry the server's address details
+            log.warning("ClickHouse not reachable at start-up, retrying",
+                        extra={"clickhouse": _safe_dsn(settings.clickhouse), "error": type(exc).__name__,
+                               "retry_s": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
 
 
 def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI:
@@ -89,9 +110,11 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sync_store = store or Store(settings.clickhouse, settings.metrics_retention_days)
-        astore = AsyncStore(sync_store)
-        await astore.create()
+        if store is None:
+            astore = AsyncStore(await _open_store(settings))
+        else:
+            astore = AsyncStore(store)
+            await astore.create()
         ingestor: Ingestor | None = None
         if settings.metrics_ingest:
             ingestor = Ingestor(
@@ -137,7 +160,8 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("query failed", extra={"error": str(exc)})
-        return _error(503, "STORE_UNAVAILABLE", "metrics store query failed")
+        # a ClickHouse outage: the ingest keeps its stored offsets and catches up when it returns
+        return _error(503, "STORE_UNAVAILABLE", "metrics store query failed", {"Retry-After": "5"})
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
