@@ -28,6 +28,9 @@ LEVELS: dict[str, dict[str, int | str]] = {
     "smtp": {"none": 401, "bad": 401, "other": 403, "own": "ok", "admin": "ok"},
     # outbound domains: another tenant's domain is answered as if it did not exist
     "domain": {"none": 401, "bad": 401, "other": 404, "own": "ok", "admin": "ok"},
+    # provider API (docs/provider.md): only a provider token (POST /api/smtp-token-generate) opens it;
+    # tenant keys and the admin token are not provider tokens
+    "provider": dict.fromkeys(IDENTITIES, 401),
 }
 FAR_FUTURE = 4102444800
 
@@ -47,6 +50,25 @@ class Route:
 T = {"tenant_id": "{tenant}"}
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/health"): Route("public"),
+    # provider API users: the tenant's key or the admin; the admin's repeat of the same email is 409
+    ("POST", "/tenant/{tenant_id}/users"): Route("tenant", body={"email": "authz-{tenant}@users.example.test",
+                                                                 "name": "Authz", "password": "authz-password"},
+                                                 overrides={"admin": 409}),
+    ("GET", "/tenant/{tenant_id}/users"): Route("tenant"),
+    ("DELETE", "/tenant/{tenant_id}/users/{user_id}"): Route("tenant", ok=404),  # a literal "{user_id}"
+    # the token route is public: an unknown email is 401 for everyone (seed shape {status, message})
+    ("POST", "/api/smtp-token-generate"): Route("public", ok=401,
+                                                body={"email": "nobody-authz@users.example.test", "password": "x"}),
+    ("GET", "/api/v1/smtp-sender-confirm"): Route("public", query={"token": "forged.link"}, ok=404),
+    **{(m, f"/api/v1/{p}"): Route("provider") for m, p in (
+        ("POST", "smtp-domain-add"), ("GET", "smtp-domain-list"), ("GET", "smtp-domain-view"),
+        ("GET", "smtp-domain-verify"), ("GET", "smtp-sender-list"), ("POST", "smtp-domain-sender-add"),
+        ("POST", "smtp-domain-sender-verify"), ("GET", "smtp-template-index"), ("GET", "smtp-template-default"),
+        ("GET", "smtp-template-show"), ("POST", "smtp-template-add"), ("POST", "smtp-template-update"),
+        ("GET", "smtp-mailing-list"), ("POST", "smtp-mailing-add"), ("POST", "smtp-mailing-members-add"),
+        ("GET", "smtp-mailing-members"), ("POST", "smtp-mailing-members-remove"), ("POST", "smtp-welcome-mail"),
+        ("GET", "smtp-campaign-index"), ("GET", "smtp-campaign-create"), ("POST", "smtp-campaign-store"),
+        ("POST", "smtp-campaign-pause"), ("GET", "smtp-campaign-edit"), ("POST", "smtp-campaign-update"))},
     ("GET", "/metrics"): Route("public"),
     # a made-up token: 403 invalid_link for everyone (the signed token is the only credential)
     ("GET", "/files/{token}"): Route("public", ok=403),
@@ -185,7 +207,7 @@ def test_authorization(method: str, path: str, system, admin: httpx.Client,
             r = http.request(method, url, **kwargs)
             if r.status_code != expected:
                 failures.append(f"{who}: expected {expected}, got {r.status_code} {r.text[:200]}")
-            elif r.status_code in (401, 403) and not path.startswith("/api/v1/"):
+            elif r.status_code in (401, 403) and not path.startswith(("/api/v1/", "/api/smtp-")):
                 err = r.json()["error"]
                 assert r.json()["ok"] is False and err["code"] and err["message"]
     assert not failures, f"{method} {path}:\n" + "\n".join(failures)

@@ -125,22 +125,25 @@ class Ok(BaseModel):
 
 @router.delete("/tenant/{tenant_id}/users/{user_id}", response_model=Ok, responses=errors(401, 404),
                summary="Delete a provider user; every token of it stops working at once")
-async def delete_user(tenant_id: str, user_id: int, request: Request) -> Ok:
+async def delete_user(tenant_id: str, user_id: str, request: Request) -> Ok:
     st = state_of(request)
-    actor = _tenant(request, st, tenant_id)
-    rec = st.provider.user(user_id)
+    actor = _tenant(request, st, tenant_id)  # authenticated before the id is even parsed
+    if not user_id.isdigit() or len(user_id) > 18:
+        raise ApiError(404, "user_not_found", "no such user")
+    uid = int(user_id)
+    rec = st.provider.user(uid)
     if rec is None or rec["tenant_id"] != tenant_id:
         raise ApiError(404, "user_not_found", f"user {user_id} does not exist for tenant {tenant_id!r}")
 
     def build() -> ConfigWrite:
-        current = st.provider.user(user_id)
+        current = st.provider.user(uid)
         if current is None or current["tenant_id"] != tenant_id:
             raise ApiError(404, "user_not_found", f"user {user_id} does not exist for tenant {tenant_id!r}")
-        tokens = sorted(k for k, v in list(st.provider.tokens.items.items()) if int(v["user_id"]) == user_id)
-        records = [ConfigRecord(CONFIG_PROVIDER_USERS, str(user_id), None, None)]
+        tokens = sorted(k for k, v in list(st.provider.tokens.items.items()) if int(v["user_id"]) == uid)
+        records = [ConfigRecord(CONFIG_PROVIDER_USERS, str(uid), None, None)]
         records += [ConfigRecord(CONFIG_PROVIDER_TOKENS, k, None, None) for k in tokens]
         return ConfigWrite("provider.user.delete", tenant_id, actor, "DELETE /tenant/{tenant_id}/users/{user_id}",
-                           "ProviderRef", {"tenant_id": tenant_id, "user_id": user_id, "kind": "user", "ids": tokens},
+                           "ProviderRef", {"tenant_id": tenant_id, "user_id": uid, "kind": "user", "ids": tokens},
                            records)
 
     async def catch_up() -> None:
