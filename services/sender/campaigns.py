@@ -324,7 +324,8 @@ class CampaignEngine:
             self.stats.render_s += time.perf_counter() - t0
             self.stats.rendered += 1
         from_addr = formataddr((c["from_name"], c["from_email"])) if c.get("from_name") else c["from_email"]
-        to = formataddr((mem["name"], email)) if mem.get("name") else email
+        name = " ".join(str(mem.get("name") or "").split())  # no line breaks into a header
+        to = formataddr((name, email)) if name else email
         return {
             "id": mid, "pk": message_pk(tenant, cid, member_id), "tenant_id": tenant, "account_id": account,
             "from_addr": from_addr, "to": [to], "cc": [], "bcc": [],

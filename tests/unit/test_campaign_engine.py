@@ -306,3 +306,12 @@ def test_member_data_is_escaped_in_html(name: str) -> None:
     e = w.engine()
     run(drain(w, e))
     assert "<b>x</b>" not in w.committed[0]["body_html"] and "&lt;b&gt;" in w.committed[0]["body_html"]
+
+
+def test_a_member_name_cannot_break_the_to_header() -> None:
+    w = World(n_members=1)
+    w.members[1]["name"] = "Eve\r\nBcc: victim@else.test"
+    e = w.engine()
+    run(drain(w, e))
+    (to,) = w.committed[0]["to"]
+    assert "\r" not in to and "\n" not in to and to.endswith("<m1@rcpt.test>")
