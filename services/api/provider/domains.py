@@ -94,12 +94,18 @@ def tenant_domain(request: Request, user: ProviderUser, name: str | None) -> dic
 async def domain_add(body: DomainAddIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
     st, rt = state_of(request), _runtime(request)
     name = normalized(body.domain_name)
+
+    def taken(existing: dict[str, Any] | None) -> bool:
+        return existing is not None and (existing["tenant_id"] != user.tenant_id
+                                         or existing.get("dkim_selector") == SELECTOR)
+
+    if taken(rt.domains.get(name)):  # refused before the key is made; checked again below
+        raise ProviderError(422, TAKEN)
     key = await asyncio.to_thread(generate_dkim_key, SELECTOR)
     async with rt.claims:  # decided on the caught-up view, then written (as the outbound API does)
         await rt.domains.catch_up()
         existing = rt.domains.get(name)
-        if existing is not None and (existing["tenant_id"] != user.tenant_id
-                                     or existing.get("dkim_selector") == SELECTOR):
+        if taken(existing):
             raise ProviderError(422, TAKEN)
         if existing is None:
             rec = _new_record(st, user.actor, name, None)

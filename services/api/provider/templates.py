@@ -47,10 +47,15 @@ def template_out(rec: dict[str, Any]) -> dict[str, Any]:
             "created_at": iso(rec["created_ts"]), "updated_at": iso(rec["updated_ts"])}
 
 
+MAX_BODY_BYTES = 256 * 1024  # a template travels in its command and its record (broker limit 1 MiB each)
+
+
 def check_compiles(html_body: str | None, subject: str | None) -> None:
     for field, source in (("html body", html_body), ("subject", subject)):
         if source is None:
             continue
+        if len(source.encode()) > MAX_BODY_BYTES:
+            raise ProviderError(422, f"The {field} may not be greater than {MAX_BODY_BYTES // 1024} kilobytes.")
         if field == "subject" and ("\r" in source or "\n" in source):
             raise ProviderError(422, "The subject may not contain line breaks.")
         try:

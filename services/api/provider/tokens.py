@@ -10,7 +10,6 @@ written by a fenced update of the users shard, so a token is never minted for a 
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import OrderedDict, deque
@@ -54,11 +53,15 @@ class Throttle:
             del self._fails[email]
         return q
 
-    def retry_after(self, email: str, limit: int, window: float) -> int:
+    def retry_after(self, email: str, limit: int, window: float, inflight: int = 0) -> int:
+        """Seconds to wait (0: go ahead). Attempts still being checked count as failures, so
+        concurrent guesses cannot slip past the limit while the first ones are being hashed."""
         now = time.monotonic()
         q = self._recent(email, window, now)
         if len(q) >= limit:
             return max(1, math.ceil(q[-limit] + window - now))
+        if len(q) + inflight >= limit:
+            return 1
         return 0
 
     def fail(self, email: str) -> None:
@@ -73,7 +76,7 @@ class Throttle:
 
 
 _throttle = Throttle()
-_locks: dict[str, asyncio.Lock] = {}  # one attempt per email at a time (the throttle counts them all)
+_inflight: dict[str, int] = {}  # email -> attempts being checked now
 
 
 def _answer(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -97,22 +100,23 @@ async def token_generate(request: Request) -> JSONResponse:
         return _answer(422, messages[0], errors=messages)
     email = body.email.strip().lower()
     s = st.settings
-    lock = _locks.setdefault(email, asyncio.Lock())
+    wait = _throttle.retry_after(email, s.provider_token_max_failures, s.provider_token_throttle_window_s,
+                                 _inflight.get(email, 0))
+    if wait:
+        return _answer(429, "Too many login attempts. Please try again later.", retry_after=wait)
+    _inflight[email] = _inflight.get(email, 0) + 1
     try:
-        async with lock:
-            wait = _throttle.retry_after(email, s.provider_token_max_failures, s.provider_token_throttle_window_s)
-            if wait:
-                return _answer(429, "Too many login attempts. Please try again later.", retry_after=wait)
-            user_id = st.provider.user_by_email.get(email)
-            rec = st.provider.user(user_id) if user_id is not None else None
-            ok = await password_matches(rec["password_hash"] if rec else None, body.password)
-            if not ok or rec is None or st.tenants.get(rec["tenant_id"]) is None:
-                _throttle.fail(email)
-                return _answer(401, INVALID)
-            _throttle.clear(email)
+        user_id = st.provider.user_by_email.get(email)
+        rec = st.provider.user(user_id) if user_id is not None else None
+        ok = await password_matches(rec["password_hash"] if rec else None, body.password)
+        if not ok or rec is None or st.tenants.get(rec["tenant_id"]) is None:
+            _throttle.fail(email)
+            return _answer(401, INVALID)
+        _throttle.clear(email)
     finally:
-        if not lock.locked() and _locks.get(email) is lock:
-            del _locks[email]
+        left = _inflight.pop(email, 1) - 1
+        if left > 0:
+            _inflight[email] = left
     user = ProviderUser(int(rec["user_id"]), rec["tenant_id"], rec["email"], rec["name"])
     token, token_id, secret_hash = new_token(st.pepper, user.user_id)
     created = now_ms()
