@@ -337,6 +337,8 @@ def main() -> None:
     ap.add_argument("--broker-down-s", type=float, default=8.0, help="how long the broker stays down")
     ap.add_argument("--recover-timeout", type=float, default=240.0)
     ap.add_argument("--timeout", type=float, default=1200.0, help="for delivery after the last kill")
+    ap.add_argument("--settle-timeout", type=float, default=300.0,
+                    help="for ClickHouse and the domain ledgers to match the sink after the last delivery")
     ap.add_argument("--seed", type=int, default=None, help="kill moments are jittered; fixed with a seed")
     ap.add_argument("--kafka-heap", default="512m")
     ap.add_argument("--out", type=Path, default=None)
@@ -428,12 +430,15 @@ def main() -> None:
 
             tids = [t[0] for t in tenants]
             sink_per_tenant = counts_at_sink(tracker, tids)
+            t0 = time.monotonic()
             ch = wait_equal("ClickHouse sent per tenant", lambda: {t: clickhouse_sent(system.url("metrics"),
                                                                                       internal).get(t, 0)
                                                                     for t in tids},
-                            sink_per_tenant, 180)
+                            sink_per_tenant, args.settle_timeout)
+            ch_s = time.monotonic() - t0
             led = wait_equal("domain ledger per tenant", lambda: ledger_counts(api, tenants),
-                             {t: (n, n) for t, n in sink_per_tenant.items()}, 180)
+                             {t: (n, n) for t, n in sink_per_tenant.items()}, args.settle_timeout)
+            led_s = time.monotonic() - t0
             tracker.poll()
             sender_kills = sum(1 for k in kills if "sender" in k["targets"])
             bound = sender_kills * len(tenants) * CONNECTIONS_PER_ACCOUNT * (1 + UNFLUSHED_PER_WORKER)
@@ -462,7 +467,9 @@ def main() -> None:
                 "sink_per_tenant": sink_per_tenant, "clickhouse_sent_per_tenant": ch,
                 "ledger_today_month_per_tenant": {t: list(v) for t, v in led.items()} if isinstance(led, dict) else led,
                 "kills": kills,
-                "seconds": {"feed": round(t_accepted - t_start, 1), "delivered": round(t_delivered - t_start, 1)},
+                "seconds": {"feed": round(t_accepted - t_start, 1), "delivered": round(t_delivered - t_start, 1),
+                            "clickhouse_exact_after_delivery": round(3 + ch_s, 1),
+                            "ledger_exact_after_delivery": round(3 + led_s, 1)},
                 "restarts_logged": restarts,
                 "clean": clean, "ok": all(clean.values()),
                 "load": {"uptime_end": uptime()},
