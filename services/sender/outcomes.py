@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import aiosmtplib
+from prometheus_client import Counter
 
 
 @dataclass(frozen=True)
@@ -93,5 +94,11 @@ def retry_due_ms(attempt: int, now_ms: int, first_ms: int | None, *, base_s: flo
     return due
 
 
+RETRIES_EXHAUSTED = Counter("postbus_sender_retries_exhausted_total",
+                            "Messages given up after their last retry (max attempts or max age): an error event")
+
+
 def gave_up(reason: str, attempts: int) -> str:
+    """The error of a message whose retries are exhausted (counted: alert-worthy, docs/operations.md)."""
+    RETRIES_EXHAUSTED.inc()
     return f"{reason} (gave up after {attempts} attempts)"
