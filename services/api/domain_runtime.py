@@ -39,7 +39,8 @@ class ResultFollower:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="latest", fetch_max_wait_ms=20)
+                                          auto_offset_reset="latest",
+                                          fetch_max_wait_ms=500)  # long poll: answers when a result arrives
         await self._consumer.start()
         tps = [TopicPartition(DOMAIN_RESULTS, p) for p in await topic_partitions(self._consumer, DOMAIN_RESULTS, 100)]
         self._consumer.assign(tps)
