@@ -10,6 +10,7 @@ sender process."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -80,10 +81,10 @@ def _ready(url: str, headers: dict[str, str]) -> bool:
 
 def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
     system, api, smtp, second = world
-    n = 30
+    n = 20
     with httpx.Client(base_url=system.url("api"), headers={"X-API-Token": ADMIN}, timeout=30) as admin, \
             tenant_factory(system, admin, smtp) as make:
-        setups = [Setup(api, make(), n) for _ in range(4)]  # 4 tenants: their partitions split between the two
+        setups = [Setup(api, make(), n) for _ in range(6)]  # 6 tenants: their partitions split between the two
         campaigns = []
         for s in setups:
             r = s.store(speed=18_000)  # 5 per second each: the kill lands mid-campaign
@@ -94,7 +95,9 @@ def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
         os.killpg(second.pid, signal.SIGKILL)  # the second sender dies; the first takes its partitions
         second.wait()
         at_kill = sum(len(s.delivered(smtp)) for s in setups)
-        assert at_kill < 4 * n, "the kill must land mid-campaign"
+        assert at_kill < 6 * n, "the kill must land mid-campaign"
+        taken = _acquired(system.logs_dir / "sender2.log")
+        assert taken, "the second sender expanded no campaign: nothing to take over"
         wait_until(lambda: all(len(s.delivered(smtp)) == n for s in setups), timeout=240,
                    what="every member of every campaign delivered")
         time.sleep(1.5)
@@ -104,3 +107,14 @@ def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
             assert sum(v - 1 for v in got.values()) <= RESEND_BOUND  # SMTP in flight at the kill only
             ids = committed_campaign_ids(system.kafka_bootstrap, s.t.id, cid)
             assert len(ids) == n and set(ids.values()) == {1}, (s.t.id, ids.most_common(3))
+        # the first sender took the dead one's partitions over (fencing its transactional producer)
+        assert taken <= _acquired(system.logs_dir / "sender.log")
+
+
+def _acquired(log: Any) -> set[int]:
+    """Partitions a sender acquired for campaign expansion (its log)."""
+    out = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if '"campaign partition acquired"' in line:
+            out.add(json.loads(line)["partition"])
+    return out
