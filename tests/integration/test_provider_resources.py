@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -16,8 +18,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from tests.conftest import Tenant
-from tests.integration.provider_support import SYSTEM_FROM, ProviderApi, User, domain_name, login, papi
+from infra.supervisor import LocalSystem
+from tests.conftest import Tenant, wait_until
+from tests.integration.provider_support import SYSTEM_FROM, ProviderApi, User, domain_name, login, papi, token_for
 from tests.support.smtp_server import ReceivedMessage
 
 pytestmark = pytest.mark.integration
@@ -278,3 +281,41 @@ def test_welcome_mail_default_and_custom(papi: ProviderApi, new_tenant: Callable
     assert user.post("smtp-welcome-mail", from_email=rcpt3, shop_name="Shop").status_code == 200
     papi.mailbox.wait_for(1, timeout=20, predicate=lambda m: rcpt3 in m.rcpt_tos)
     assert len(papi.mailbox.messages_to(rcpt3)) == 1
+
+
+def test_ids_and_user_emails_stay_unique_across_api_replicas(papi: ProviderApi, system: LocalSystem,
+                                                             new_tenant: Callable[..., Tenant]) -> None:
+    """Two API processes (the session's and the provider test API) write at once: the fenced id
+    allocator hands out each id once, and one email becomes one user."""
+    t = new_tenant()
+    user = login(papi, t)
+    main = httpx.Client(base_url=system.url("api"), headers=dict(user.http.headers), timeout=30)
+    wait_until(lambda: main.get("/api/v1/smtp-template-index", params={"user_id": user.id}).status_code == 200,
+               timeout=60, what="token visible to the other API process")
+
+    def add(i: int) -> int:
+        client = main if i % 2 else user.http
+        r = client.post("/api/v1/smtp-template-add", json={"user_id": user.id, "name": f"t{i}", "html_body": "<p/>"})
+        assert r.status_code == 200, r.text
+        return int(r.json()["data"]["template"]["id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(add, range(24)))
+    assert len(set(ids)) == 24
+    wait_until(lambda: {x["id"] for x in user.get("smtp-template-index").json()["data"]["templates"]} == set(ids),
+               timeout=30, what="every template readable")
+
+    tenant_main = httpx.Client(base_url=system.url("api"), headers={"X-API-Token": t.api_key}, timeout=30)
+    tenant_papi = papi.tenant_http(t)
+    email = f"race-{uuid.uuid4().hex[:8]}@users.example.test"
+
+    def create(client: httpx.Client) -> int:
+        return client.post(f"/tenant/{t.id}/users", json={"email": email, "name": "R", "password": "race-password"}
+                           ).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(create, [tenant_main, tenant_papi] * 3))
+    assert sorted(codes) == [200] + [409] * 5, codes
+    wait_until(lambda: sum(u["email"] == email for u in tenant_papi.get(f"/tenant/{t.id}/users").json()["users"]) == 1,
+               timeout=30, what="the one user")
+    assert token_for(papi, email, "race-password").status_code == 200
