@@ -241,6 +241,12 @@ def test_provider_routes_answer_in_the_provider_shape(papi: ProviderApi,
     assert r.status_code == 422 and r.json() == {"success": False, "data": ["The name must be a string."]}
     r = me.get("smtp-template-show", template_id=999_999_999)
     assert r.status_code == 404 and r.json() == {"success": False, "data": ["The template was not found."]}
+    r = me.http.get("/api/v1/smtp-domain-add", params={"user_id": me.id})  # another method, an unknown path
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"success": False,
+                        "data": ["The GET method is not supported for this route. Supported methods: POST."]}
+    r = me.get("smtp-no-such-route")
+    assert r.status_code == 404 and r.json() == {"success": False, "data": ["Not found."]}
     ok = me.post("smtp-domain-add", domain_name=domain_name())  # the same route, valid: the envelope
     assert ok.status_code == 200 and ok.json()["success"] is True and "domain" in ok.json()["data"]
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from services.api.provider import domains, lists, senders, templates, tokens, users, welcome
+from services.api.provider.envelope import fail
 
 router = APIRouter()
 router.include_router(users.router)
@@ -26,5 +28,23 @@ except ModuleNotFoundError as _exc:  # only its absence is tolerated, never an e
         raise
 else:
     router.include_router(_campaigns.router)
+
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+@router.api_route("/api/smtp-{rest:path}", methods=_ALL_METHODS, include_in_schema=False)
+@router.api_route("/api/v1/smtp-{rest:path}", methods=_ALL_METHODS, include_in_schema=False)
+async def _unmatched(request: Request, rest: str) -> JSONResponse:
+    """Added last: an unknown provider path (404) or another method of a provider path (405) answers
+    in the provider shape too, not the tenant SMTP API's."""
+    ops = request.app.openapi()["paths"].get(request.url.path, {})  # generated once, then cached by FastAPI
+    methods = sorted(m.upper() for m in ops if m in ("get", "post", "put", "patch", "delete"))
+    if methods:
+        response = fail(405, f"The {request.method} method is not supported for this route. "
+                             f"Supported methods: {', '.join(methods)}.")
+        response.headers["Allow"] = ", ".join(methods)
+        return response
+    return fail(404, "Not found.")
+
 
 __all__ = ["router"]
