@@ -23,6 +23,8 @@ reported to its client, and until the analytics and the ledgers have caught up, 
 - missing / duplicate delivery reports at the client applications
 - ClickHouse ``sent`` per tenant (the metrics service's ``/internal/counters``) vs the sink: exact
 - each tenant's domain ledger (``outbound_sent_today`` / ``outbound_sent_month``) vs the sink: exact
+- a last sender SIGKILL once everything is delivered and counted: nothing may be sent again (every
+  outcome is durable by then; a final state missing from the recovered table would resend its mail)
 
     python bench/chaos.py                     # 20,000 messages, the full kill sequence
     python bench/chaos.py -n 5000 --rate 100  # scaled down (a loaded machine), same kill sequence
@@ -342,6 +344,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1200.0, help="for delivery after the last kill")
     ap.add_argument("--settle-timeout", type=float, default=300.0,
                     help="for ClickHouse and the domain ledgers to match the sink after the last delivery")
+    ap.add_argument("--no-final-sender-kill", dest="final_sender_kill", action="store_false",
+                    help="skip the last check (a sender SIGKILL once everything is delivered must resend nothing)")
+    ap.add_argument("--final-wait-s", type=float, default=30.0, help="how long the final check watches the sink")
     ap.add_argument("--seed", type=int, default=None, help="kill moments are jittered; fixed with a seed")
     ap.add_argument("--kafka-heap", default="512m")
     ap.add_argument("--out", type=Path, default=None)
@@ -443,9 +448,20 @@ def main() -> None:
                              {t: (n, n) for t, n in sink_per_tenant.items()}, args.settle_timeout)
             led_s = time.monotonic() - t0
             tracker.poll()
+            # every outcome must be durable by now: one more sender SIGKILL must resend nothing (a
+            # final state missing from its recovered table shows up here as mail sent again)
+            resent_after_final_kill = None
+            if args.final_sender_kill:
+                before = sum(tracker.arrivals.values())
+                log("final check: SIGKILL sender after everything was delivered")
+                wait_recovered(system, kill(system, ["sender"]), args.recover_timeout)
+                time.sleep(args.final_wait_s)
+                tracker.poll()
+                resent_after_final_kill = sum(tracker.arrivals.values()) - before
+                log(f"  resent after the final sender restart: {resent_after_final_kill}")
             sender_kills = sum(1 for k in kills if "sender" in k["targets"])
             bound = sender_kills * len(tenants) * CONNECTIONS_PER_ACCOUNT * (1 + UNFLUSHED_PER_WORKER)
-            duplicates = sum(c - 1 for k, c in tracker.arrivals.items() if k in keys)
+            duplicates = sum(c - 1 for k, c in tracker.arrivals.items() if k in keys) - (resent_after_final_kill or 0)
             missing = sum(1 for k in keys if k not in tracker.first_arrival)
             missing_reports = sum(1 for k in keys if k not in tracker.report_at)
             dup_reports = sum(c - 1 for k, c in tracker.reports.items() if k in keys)
@@ -457,6 +473,7 @@ def main() -> None:
                 "no_missing_reports": missing_reports == 0,
                 "clickhouse_exact": ch == sink_per_tenant,
                 "ledger_exact": led == {t: (n, n) for t, n in sink_per_tenant.items()},
+                "nothing_resent_after_final_kill": not resent_after_final_kill,
             }
             result = {
                 "messages": args.messages, "tenants": args.tenants, "rate": args.rate, "steps": steps,
@@ -466,6 +483,7 @@ def main() -> None:
                 "duplicate_deliveries": duplicates, "duplicate_bound": bound,
                 "duplicated_messages": sum(1 for k, c in tracker.arrivals.items() if k in keys and c > 1),
                 "unexpected_at_sink": unexpected,
+                "resent_after_final_sender_kill": resent_after_final_kill,
                 "missing_reports": missing_reports, "duplicate_reports": dup_reports,
                 "sink_per_tenant": sink_per_tenant, "clickhouse_sent_per_tenant": ch,
                 "ledger_today_month_per_tenant": {t: list(v) for t, v in led.items()} if isinstance(led, dict) else led,
