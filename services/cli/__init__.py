@@ -1,0 +1,1 @@
+"""The ``postbus`` operator command line (docs/cli.md). Imports services/common only."""

@@ -1,0 +1,32 @@
+"""Secret redaction for anything shown to an operator (the CLI's tail, trace, dead letters, state-at).
+
+The same rule as the command-log export of the API (``services/api/command_log.py``): a field whose
+name contains one of ``SECRET_MARKERS`` is a secret, or derived from one, and is shown as ``"***"``
+(null stays null: it reveals only that no secret is set); bytes become base64 text. Kept here so
+code outside the API (which may import only ``services/common``) applies exactly that rule;
+``tests/unit/test_cli_redaction.py`` holds both to the same markers and output."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+REDACTED = "***"
+SECRET_MARKERS = ("password", "secret", "token", "key_hash", "_enc", "authorization", "api_key")
+
+
+def is_secret(name: str) -> bool:
+    low = name.lower()
+    return any(m in low for m in SECRET_MARKERS)
+
+
+def redact(value: Any) -> Any:
+    """A JSON-able copy of ``value`` with every secret-named field replaced by ``"***"``."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if value[k] is not None else None) if is_secret(str(k)) else redact(value[k])
+                for k in value}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(bytes(value)).decode()
+    return value
