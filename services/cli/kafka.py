@@ -97,9 +97,11 @@ async def read_snapshot(c: AIOKafkaConsumer, tps: list[TopicPartition], *,
             pos = await c.position(tp)
             if pos >= ends[tp]:
                 pending.remove(tp)
-        done = total - sum(max(0, ends[tp] - await c.position(tp)) for tp in pending)
         if progress:
-            progress(done, total)
+            left = 0
+            for tp in pending:
+                left += max(0, ends[tp] - await c.position(tp))
+            progress(total - left, total)
         empty = 0 if got else empty + 1
         if empty >= STALL_POLLS:
             raise KafkaUnavailable(f"reading {', '.join(f'{tp.topic}[{tp.partition}]' for tp in pending)} "
