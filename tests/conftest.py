@@ -62,10 +62,23 @@ def running_system(state: Path, admin_token: str, env: dict[str, str],
             shutil.rmtree(state, ignore_errors=True)
 
 
+SYSTEM_MAIL_FROM = "postbus-system@mail.example.test"
+
+
 @pytest.fixture(scope="session")
-def system() -> Iterator[LocalSystem]:
+def system_mailbox() -> Iterator[RecordingSmtpServer]:
+    """The operator's system SMTP account of the session system: the sender delivers provider
+    verification and welcome mail here (services/sender/system_mail.py)."""
+    with RecordingSmtpServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def system(system_mailbox: RecordingSmtpServer) -> Iterator[LocalSystem]:
     state = fresh_state("run")
     with running_system(state, ADMIN_TOKEN, kafka_heap="320m", env={
+        "POSTBUS_SYSTEM_SMTP_HOST": system_mailbox.host, "POSTBUS_SYSTEM_SMTP_PORT": str(system_mailbox.port),
+        "POSTBUS_SYSTEM_SMTP_TLS": "none", "POSTBUS_SYSTEM_SMTP_FROM": SYSTEM_MAIL_FROM,
         "POSTBUS_SENDER_RETRY_BASE_S": "0.5", "POSTBUS_REPORTER_FLUSH_MS": "100",
         "POSTBUS_SUPPORT_PRINCIPALS_JSON": SUPPORT_PRINCIPALS,
         # SES webhook tests (test_ses_webhook.py): their test CA and HTTPS server on localhost

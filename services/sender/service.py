@@ -37,6 +37,7 @@ from services.sender.app import app, box, commands_topic, deadletter_topic, even
 from services.sender.campaign_runtime import CampaignRuntime, install_read_committed
 from services.sender.engine import Deps, Sender
 from services.sender.smtp_pool import Connection, SmtpTarget, make_target
+from services.sender.system_mail import SystemMailer
 
 log = logging.getLogger("postbus.sender")
 
@@ -162,6 +163,9 @@ sender = Sender(Deps(
 m.PENDING.set_function(sender.pending)
 engagement.register(app, commands_topic, events_topic)
 dkim_sign.register(app)
+# provider sender verification and welcome mail through the operator's system SMTP account
+system_mailer = SystemMailer(settings, box)
+sender.handlers["system_mail.send"] = system_mailer.handle
 # provider-API campaigns: expansion into messages.add (services/sender/campaigns.py); the ingest
 # consumer reads read_committed, so an aborted expansion step is never seen
 install_read_committed()
@@ -250,6 +254,7 @@ async def _readiness() -> None:
 @app.on_before_shutdown.connect  # type: ignore[misc]
 async def _shutdown(_: Any, **kwargs: Any) -> None:
     await sender.stop()
+    await system_mailer.stop()
     await campaigns.stop()
     await asyncio.gather(*(v.stop() for v in VIEWS), return_exceptions=True)
 

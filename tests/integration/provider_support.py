@@ -1,6 +1,7 @@
 """Shared helpers of the provider API tests (test_provider_*.py): a second API process of the
-session system whose system SMTP account is a recording SMTP server of the test and whose DNS
-checks go to a loopback DNS server the test controls, and a client for the seed's routes."""
+session system whose DNS checks go to a loopback DNS server the test controls, the session's system
+mailbox (the operator's system SMTP account: the sender delivers verification and welcome mail there),
+and a client for the seed's routes."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem
-from tests.conftest import ADMIN_TOKEN, Tenant, wait_until
+from tests.conftest import ADMIN_TOKEN, SYSTEM_MAIL_FROM, Tenant, wait_until
 from tests.integration.test_domains import _Zone, dns_server, extra_api
 from tests.support.smtp_server import RecordingSmtpServer
 
-SYSTEM_FROM = "postbus-system@mail.example.test"
+SYSTEM_FROM = SYSTEM_MAIL_FROM
 
 
 @dataclass
@@ -90,8 +91,9 @@ def login(api: ProviderApi, t: Tenant, tenant_http: httpx.Client | None = None, 
     return User(api, t, u["id"], u["email"], u["password"], token, http)
 
 
-def provider_api_fixture(system: LocalSystem, **env: str) -> Iterator[ProviderApi]:
-    with RecordingSmtpServer() as mailbox, dns_server() as (port, zone), extra_api(
+def provider_api_fixture(system: LocalSystem, mailbox: RecordingSmtpServer, **env: str) -> Iterator[ProviderApi]:
+    """``mailbox``: the system SMTP account the system's sender was started with (``system_mailbox``)."""
+    with dns_server() as (port, zone), extra_api(
             system, f"api-provider-{uuid.uuid4().hex[:6]}", POSTBUS_DNS_RESOLVERS=f"127.0.0.1:{port}",
             POSTBUS_DNS_TIMEOUT_S="2", POSTBUS_SYSTEM_SMTP_HOST=mailbox.host,
             POSTBUS_SYSTEM_SMTP_PORT=str(mailbox.port), POSTBUS_SYSTEM_SMTP_TLS="none",
@@ -104,8 +106,8 @@ def provider_api_fixture(system: LocalSystem, **env: str) -> Iterator[ProviderAp
 
 
 @pytest.fixture(scope="module")
-def papi(system: LocalSystem) -> Iterator[ProviderApi]:
-    yield from provider_api_fixture(system)
+def papi(system: LocalSystem, system_mailbox: RecordingSmtpServer) -> Iterator[ProviderApi]:
+    yield from provider_api_fixture(system, system_mailbox)
 
 
 def domain_name() -> str:

@@ -23,6 +23,7 @@ from tests.integration.provider_support import (
     token_for,
 )
 from tests.integration.test_durability import _all_topic_bytes
+from tests.support.smtp_server import RecordingSmtpServer
 
 pytestmark = pytest.mark.integration
 __all__ = ["papi"]  # the fixture, imported for this module
@@ -151,8 +152,8 @@ def test_repeated_failures_for_one_email_are_throttled(papi: ProviderApi,
 
 
 @pytest.fixture(scope="module")
-def short_ttl_api(system: LocalSystem) -> Iterator[ProviderApi]:
-    yield from provider_api_fixture(system, POSTBUS_PROVIDER_TOKEN_TTL_S="3")
+def short_ttl_api(system: LocalSystem, system_mailbox: RecordingSmtpServer) -> Iterator[ProviderApi]:
+    yield from provider_api_fixture(system, system_mailbox, POSTBUS_PROVIDER_TOKEN_TTL_S="3")
 
 
 def test_expired_token_is_refused(short_ttl_api: ProviderApi, new_tenant: Callable[..., Tenant]) -> None:

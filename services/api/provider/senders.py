@@ -139,8 +139,8 @@ async def sender_verify(body: SenderVerifyIn, request: Request, user: ProviderUs
             f'<p><a href="{escape(link)}">Verify this sender</a></p>'
             f"<p>The link expires in {st.settings.provider_sender_link_ttl_s // 3600 or 1} hour(s).</p>")
     text = f"Confirm that {rec['from_email']} may be used as a sender: {link}\n"
-    msg = system_mail.build(st.settings, rec["from_email"], "Verify your sender address", html, text)
-    await system_mail.send(st.settings, msg, "sender verification")
+    await system_mail.send(st, user, "sender-verification", "POST /api/v1/smtp-domain-sender-verify",
+                           rec["from_email"], "Verify your sender address", html, text)
     return ok({"success": True, "message": "Verification Email Sent Successfully"})
 
 

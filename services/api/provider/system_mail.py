@@ -1,23 +1,18 @@
 """Mail Postbus itself sends for the provider API (sender verification, welcome mail) through the
 operator's system SMTP account (settings ``system_smtp_*``; ``make up`` points it at its local sink).
 
-The SMTP host is the operator's, never a tenant's: a tenant only chooses the recipient address and
-the content, so this connection does not go through the tenant network policy. The account's
-password is never logged nor put in an error message."""
+The API does no SMTP: it appends a ``system_mail.send`` command (schema ``SystemMail``) and answers;
+the sender sends it (services/sender/system_mail.py). The bodies travel encrypted: a verification
+link is a credential, and the command log is kept forever and exported."""
 
 from __future__ import annotations
 
-import logging
 import uuid
-from email.message import EmailMessage
-from email.utils import formataddr, formatdate
 
-import aiosmtplib
-
+from services.api.provider.auth import ProviderUser
 from services.api.provider.envelope import ProviderError
+from services.api.state import ApiState
 from services.common.settings import Settings
-
-log = logging.getLogger("postbus.api.provider.mail")
 
 
 def configured(settings: Settings) -> bool:
@@ -30,35 +25,16 @@ def _clean_header(value: str) -> str:
     return value
 
 
-def build(settings: Settings, to: str, subject: str, html: str, text: str | None = None,
-          from_name: str | None = None) -> EmailMessage:
-    msg = EmailMessage()
-    sender = settings.system_smtp_from
-    msg["From"] = formataddr((_clean_header(from_name), sender)) if from_name else sender
-    msg["To"] = _clean_header(to)
-    msg["Subject"] = _clean_header(subject)
-    msg["Date"] = formatdate(usegmt=True)
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@{sender.rpartition('@')[2] or 'postbus'}>"
-    msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(text or "This message needs an HTML-capable mail reader.")
-    msg.add_alternative(html, subtype="html")
-    return msg
-
-
-async def send(settings: Settings, msg: EmailMessage, what: str) -> None:
-    """Send through the system account; 503 (provider shape) when it is not configured or refuses."""
-    if not configured(settings):
+async def send(st: ApiState, user: ProviderUser, kind: str, route: str, to: str, subject: str, html: str,
+               text: str | None = None, from_name: str | None = None) -> str:
+    """Queue one system mail (503 in the provider shape when no system account is configured);
+    returns its id."""
+    if not configured(st.settings):
         raise ProviderError(503, "The system mail account is not configured; ask the operator.")
-    tls = settings.system_smtp_tls
-    try:
-        await aiosmtplib.send(
-            msg, hostname=settings.system_smtp_host, port=settings.system_smtp_port,
-            username=settings.system_smtp_user or None, password=settings.system_smtp_password or None,
-            use_tls=tls == "tls", start_tls=True if tls == "starttls" else False,
-            timeout=settings.sender_smtp_timeout_s)
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        # the exception text can echo server replies; never the password (aiosmtplib does not put it there)
-        log.warning("system mail not sent", extra={"what": what, "error": type(exc).__name__,
-                                                   "code": getattr(exc, "code", None)})
-        raise ProviderError(503, "The mail could not be sent right now; try again later.") from None
-    log.info("system mail sent", extra={"what": what})
+    mail_id = uuid.uuid4().hex
+    payload = {"tenant_id": user.tenant_id, "user_id": user.user_id, "kind": kind, "mail_id": mail_id,
+               "to": _clean_header(to), "subject": _clean_header(subject),
+               "from_name": _clean_header(from_name) if from_name else None,
+               "html_enc": st.box.encrypt(html) or st.box.encrypt(" "), "text_enc": st.box.encrypt(text)}
+    await st.writer.append("system_mail.send", user.tenant_id, user.actor, route, "SystemMail", payload)
+    return mail_id

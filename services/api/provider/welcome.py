@@ -50,6 +50,6 @@ async def welcome_mail(body: WelcomeIn, request: Request, user: ProviderUser = D
         subject = body.subject if body.subject is not None else render_text(tpl["subject"], context)
     except TemplateError as exc:
         raise ProviderError(422, f"The html content is not a valid template: {exc}.") from None
-    msg = system_mail.build(st.settings, to, subject, html, from_name=body.shop_name.strip())
-    await system_mail.send(st.settings, msg, "welcome mail")
+    await system_mail.send(st, user, "welcome", "POST /api/v1/smtp-welcome-mail", to, subject, html,
+                           from_name=body.shop_name.strip())
     return ok({"success": True, "message": "Welcome Mail Sent Successfully"})
