@@ -10,12 +10,12 @@ Exit codes: 0 success, 1 failure (API error, broker unreachable, ...), 2 usage e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -96,7 +96,7 @@ def api_failure(r: httpx.Response) -> click.ClickException:
     return click.ClickException(f"the API answered {r.status_code}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def api_call(ctx: Ctx) -> Iterator[None]:
     try:
         yield
@@ -586,35 +586,43 @@ def replay_analytics(ctx: Ctx, yes: bool, wait: bool, timeout: float) -> None:
             raise click.UsageError("replay drops and rebuilds every analytics table: add --yes to confirm")
         if not click.confirm("drop and rebuild every analytics table?", err=True):
             raise click.ClickException("not confirmed: nothing replayed")
+    follow_progress = wait and ctx.metrics_url and ctx.internal_token
+    metrics = httpx.Client(base_url=(ctx.metrics_url or "").rstrip("/"), timeout=10,
+                           headers={"Authorization": f"Bearer {ctx.internal_token}"}) if follow_progress else None
+
+    def ingest_status() -> dict[str, Any]:
+        assert metrics is not None
+        try:
+            s = metrics.get("/internal/ingest-status")
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"the metrics service did not answer ({type(exc).__name__})") from None
+        if s.status_code != 200:
+            raise click.ClickException(f"the metrics service answered {s.status_code} to ingest-status")
+        return s.json()
+
+    rows_before = ingest_status().get("rows") if metrics is not None else None
     with api_call(ctx), ctx.http() as http:
+        # answered once the tables are dropped and the ingest rewound (``replaying`` is then true)
         r = http.post("/admin/replay/metrics", json={"confirm": True})
         if r.status_code != 202:
             raise api_failure(r)
     err.print("replay requested")
     if not wait:
         return
-    if not (ctx.metrics_url and ctx.internal_token):
+    if metrics is None:
         err.print("progress not followed: it needs --metrics-url and --internal-token (the metrics port is internal)")
         return
     ends = run(_events_ends(ctx))
     total = sum(ends.values())
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {}
-    with httpx.Client(base_url=ctx.metrics_url.rstrip("/"), timeout=10,
-                      headers={"Authorization": f"Bearer {ctx.internal_token}"}) as m, \
+    with contextlib.closing(metrics), \
             Progress(SpinnerColumn(), TextColumn("[bold]rebuilding analytics[/bold]"), BarColumn(),
                      TextColumn("{task.completed}/{task.total} events, {task.fields[rows]} rows"),
                      TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("replay", total=total, rows=0)
-        time.sleep(0.5)  # let the ingest pick the request up before the first status
         while True:
-            try:
-                s = m.get("/internal/ingest-status")
-            except httpx.HTTPError as exc:
-                raise click.ClickException(f"the metrics service did not answer ({type(exc).__name__})") from None
-            if s.status_code != 200:
-                raise click.ClickException(f"the metrics service answered {s.status_code} to ingest-status")
-            status = s.json()
+            status = ingest_status()
             done = sum(min(int(o), ends.get(p, 0)) for p, o in (status.get("partitions") or {}).items())
             bar.update(task, completed=done, rows=status.get("rows", 0))
             if status.get("caught_up") and not status.get("replaying") and done >= total:
@@ -623,7 +631,9 @@ def replay_analytics(ctx: Ctx, yes: bool, wait: bool, timeout: float) -> None:
                 raise click.ClickException(
                     f"the rebuild had not caught up after {timeout:.0f}s ({done}/{total} events)")
             time.sleep(0.5)
-    click.echo(json.dumps({"ok": True, "events": total, "rows": status.get("rows")}))
+    # rows_before: the row count before the replay (equal to rows when no event arrived meanwhile:
+    # a rebuild from the same topics gives the same tables)
+    click.echo(json.dumps({"ok": True, "events": total, "rows": status.get("rows"), "rows_before": rows_before}))
 
 
 # -- state-at ---------------------------------------------------------------------------------------------

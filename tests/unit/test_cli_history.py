@@ -39,7 +39,8 @@ def test_trace_collects_command_events_report_and_engagement_in_time_order() -> 
     ev = {"event_id": "e1", "type": "deferred", "tenant_id": T, "message_id": "m1", "ts": 2000, "attempt": 1,
           "smtp_code": 451, "error": "try later", "deferred_until": 5000}
     items.append(history.event_item(ev, rec("postbus.events", 20), T, "m1"))
-    ev2 = {**ev, "event_id": "e2", "type": "sent", "ts": 6000, "attempt": 2, "smtp_code": 250, "error": None}
+    ev2 = {**ev, "event_id": "e2", "type": "sent", "ts": 6000, "attempt": 2, "smtp_code": None, "error": None,
+           "deferred_until": None}
     items.append(history.event_item(ev2, rec("postbus.events", 21), T, "m1"))
     assert history.event_item({**ev2, "message_id": "m0"}, rec("postbus.events", 22), T, "m1") is None
     items += history.report_items({"tenant_id": T, "event_ids": ["e0", "e2"], "message_ids": ["m0", "m1"], "ts": 7000},
@@ -53,7 +54,7 @@ def test_trace_collects_command_events_report_and_engagement_in_time_order() -> 
     assert add["offset"] == 10 and add["index"] == 1 and add["detail"]["to"] == ["b@y"]
     assert tl[3]["detail"]["event_ids"] == ["e2"]
     text = "\n".join(history.render_timeline(T, "m1", tl))
-    assert "smtp_code=451" in text and "smtp_code=250" in text and "attempt=2" in text
+    assert "smtp_code=451" in text and "accepted=2xx" in text and "attempt=2" in text
     assert "xx" not in str(tl)  # the attachment credential never shown
 
 
