@@ -39,6 +39,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import procstat  # noqa: E402
+from bench.e2e import prom_sum, sender_stages  # noqa: E402
 from bench.sinks import make_sink  # noqa: E402
 from infra.supervisor import LocalSystem, free_port  # noqa: E402
 from tests.integration.test_domains import dns_server  # noqa: E402
@@ -176,6 +178,7 @@ def main() -> None:
             result["members_add"] = {"seconds": round(add_s, 2), "members_per_s": round(args.members / add_s, 1)}
             print(f"members added: {result['members_add']}", flush=True)
 
+            sender_cpu0 = procstat.process_cpu_s(system.pid("sender"))
             t_store = time.time()
             camp = check(u.post("/smtp-campaign-store", json={
                 "user_id": uid, "template_id": tpl, "mailing_list_id": lst, "campaign_name": "Spring",
@@ -231,6 +234,11 @@ def main() -> None:
             }
             c = check(u.get("/smtp-campaign-edit", params={"user_id": uid, "campaign_id": cid}), "edit")["data"]
             result["campaign_stats"] = c["campaign"]["stats"]
+            internal = {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}
+            result["sender"] = {
+                "cpu_s": round(procstat.process_cpu_s(system.pid("sender")) - sender_cpu0, 1),
+                "sent": prom_sum(system.url("sender"), "gmp_sent_total", internal),
+                "stage_ms": sender_stages(system.url("sender"), internal)}
             result["loadavg_after"] = os.getloadavg()
         finally:
             system.stop()
