@@ -18,6 +18,11 @@ _ID_LIST_COMMANDS = ("messages.delete", "messages.cleanup")
 # engagement commands (tracking pixels / links, SES feedback): payload Engagement with message_id
 _ENGAGEMENT_COMMANDS = ("tracking.open", "tracking.click", "tracking.unsubscribe", "feedback.bounce",
                         "feedback.complaint")
+# the command types trace / state-at look at (the others' payloads are not even decoded)
+TRACE_COMMANDS = frozenset({"messages.add", "messages.reject", *_ID_LIST_COMMANDS, *_ENGAGEMENT_COMMANDS})
+STATE_COMMANDS = frozenset({"tenant.create", "tenant.update", "tenant.delete", "account.upsert", "account.delete",
+                            "messages.suspend", "messages.activate", "messages.add", "messages.reject",
+                            *_ID_LIST_COMMANDS})
 FINAL_EVENTS = ("sent", "error", "rejected", "deleted")  # a message that had one is no longer queued
 _EVENT_FIELDS = ("event_id", "type", "attempt", "smtp_code", "error", "deferred_reason", "deferred_until",
                  "account_id", "batch_code", "recipient", "bounce_type", "bounce_code", "bounce_reason",

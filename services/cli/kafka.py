@@ -132,13 +132,16 @@ def text_key(key: bytes | None) -> str | None:
         return base64.b64encode(key).decode()
 
 
-def command_entry(rec: Any) -> dict[str, Any] | None:
+def command_entry(rec: Any, only_types: frozenset[str] | None = None) -> dict[str, Any] | None:
     """The redacted entry of a command record (the command-log export's shape); None when the record
-    is not a command envelope. ``payload_raw`` (not redacted, internal use only) is popped by callers."""
+    is not a command envelope (or, with ``only_types``, not one of those types: its payload is then
+    not decoded at all). ``_payload`` (not redacted: internal use only) is never printed."""
     c = codec()
     try:
         _, env = c.decode(rec.value, expect="CommandEnvelope")
     except DecodeError:
+        return None
+    if only_types is not None and env["type"] not in only_types:
         return None
     try:
         _, payload = c.decode(env["payload"], expect=env["payload_schema"])

@@ -271,7 +271,7 @@ async def collect_trace(ctx: Ctx, tenant_id: str, message_id: str) -> list[dict[
                     if rec.key is not None and rec.key != tenant_id.encode():
                         continue
                     if topic == COMMANDS:
-                        entry = command_entry(rec)
+                        entry = command_entry(rec, history.TRACE_COMMANDS)
                         if entry is not None:
                             items.extend(history.command_items(entry, tenant_id, message_id))
                         continue
@@ -655,7 +655,7 @@ async def collect_state(ctx: Ctx, tenant_id: str, at_ms: int) -> dict[str, Any]:
                     if rec.timestamp > at_ms or rec.key != tenant_id.encode():
                         continue
                     if topic == COMMANDS:
-                        entry = command_entry(rec)
+                        entry = command_entry(rec, history.STATE_COMMANDS)
                         if entry is not None and entry["ts"] <= at_ms:
                             timeline.append((entry["ts"], 0, entry))
                     else:

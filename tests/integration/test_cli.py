@@ -4,8 +4,10 @@ system: admin API for the export and the analytics replay, Kafka directly for th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,16 +25,33 @@ from tests.support.smtp_server import RecordingSmtpServer
 REPO = Path(__file__).resolve().parents[2]
 
 
+@functools.cache
+def program() -> list[str]:
+    """The installed ``postbus`` console script when it runs this tree's code (``make install``
+    installs the package editable, so CI's fresh clone has it), else the same entry point through
+    ``python -m services.cli``."""
+    script = shutil.which("postbus")
+    if script:
+        with open(script, encoding="utf-8", errors="replace") as fh:
+            interpreter = fh.readline().removeprefix("#!").strip()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        where = subprocess.run([interpreter, "-c", "import services.cli as m; print(m.__file__)"], cwd="/",
+                               env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+        if where and Path(where).resolve().is_relative_to(REPO):
+            return [script]
+    return [sys.executable, "-m", "services.cli"]
+
+
 def cli(system: LocalSystem, *args: str, token: str | None = ADMIN_TOKEN, timeout: float = 120,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``postbus ARGS`` (``python -m services.cli``: the console script's entry point) with the
-    system's API, admin token and broker in its environment, as an operator's shell would have."""
+    """``postbus ARGS`` with the system's API, admin token and broker in its environment, as an
+    operator's shell would have."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBUS_")}
     full_env.update(POSTBUS_API_URL=system.url("api"), POSTBUS_KAFKA_BOOTSTRAP=system.kafka_bootstrap)
     if token is not None:
         full_env["POSTBUS_ADMIN_TOKEN"] = token
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO, env=full_env,
+    return subprocess.run([*program(), *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -125,7 +144,7 @@ def test_tail_commands_and_events(system: LocalSystem, new_tenant, smtp) -> None
     assert ev["record"]["attempt"] == 1 and ev["record"]["tenant_id"] == t.id and ev["record"]["event_id"]
 
     # follow mode: started at the end, it prints the next record and stops at --limit
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "tail", "commands", "--tenant", t.id,
+    proc = subprocess.Popen([*program(), "tail", "commands", "--tenant", t.id,
                              "--limit", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**{k: v for k, v in os.environ.items() if not k.startswith("POSTBUS_")},
                                  "POSTBUS_KAFKA_BOOTSTRAP": system.kafka_bootstrap})

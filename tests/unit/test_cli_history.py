@@ -119,6 +119,8 @@ def test_record_json_decodes_and_redacts() -> None:
     assert out["schema"] == "CommandEnvelope" and out["record"]["payload"]["password_enc"] == "***"
     assert "_payload" not in out["record"] and "cipher" not in str(out)
     assert command_entry(r)["_payload"]["password_enc"] == "cipher"  # internal only, never printed
+    assert command_entry(r, history.TRACE_COMMANDS) is None  # not a type trace looks at
+    assert command_entry(r, history.STATE_COMMANDS)["type"] == "account.upsert"
     junk = record_json(SimpleNamespace(topic="t", partition=0, offset=1, timestamp=1, key=None, value=b"junk"))
     assert junk["record"] is None and "undecodable" in junk
     tomb = record_json(SimpleNamespace(topic="t", partition=0, offset=2, timestamp=1, key=b"k", value=None))
