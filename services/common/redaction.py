@@ -1,10 +1,11 @@
 """Secret redaction for anything shown to an operator (the CLI's tail, trace, dead letters, state-at).
 
 The same rule as the command-log export of the API (``services/api/command_log.py``): a field whose
-name contains one of ``SECRET_MARKERS`` is a secret, or derived from one, and is shown as ``"***"``
+name contains one of ``SECRET_MARKERS`` (also spelled with hyphens, as header names are) is a
+secret, or derived from one, and is shown as ``"***"``
 (null stays null: it reveals only that no secret is set); bytes become base64 text. Kept here so
 code outside the API (which may import only ``services/common``) applies exactly that rule;
-``tests/unit/test_cli_redaction.py`` holds both to the same markers and output."""
+``tests/unit/test_cli_redaction.py`` holds both to the same markers, this one never redacting less."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ SECRET_MARKERS = ("password", "secret", "token", "key_hash", "_enc", "authorizat
 
 
 def is_secret(name: str) -> bool:
+    """The API's rule, and also with hyphens (a header map's ``X-API-Key``) or run together
+    (``apikey``): what the API's export redacts is redacted here too, never less."""
     low = name.lower()
-    return any(m in low for m in SECRET_MARKERS)
+    spelled = low.replace("-", "_")
+    return any(m in low or m in spelled for m in SECRET_MARKERS) or "apikey" in low
 
 
 def redact(value: Any) -> Any:

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.supervisor import LocalSystem
@@ -203,6 +205,39 @@ def test_trace_timeline(system: LocalSystem, new_tenant, smtp) -> None:
     assert r.returncode == 1 and "no record of message" in r.stderr
     r = cli(system, "trace", t.id, "never-sent")
     assert r.returncode == 1 and "no record of message" in r.stderr
+
+
+def test_trace_shows_opens_and_clicks(system: LocalSystem, new_tenant, smtp) -> None:
+    t: Tenant = new_tenant(tracking={"opens": True, "clicks": True})
+    html_body = '<html><body><p>Hi</p><a href="https://example.org/landing">go</a></body></html>'
+    r = t.http.post("/commands/add-messages", json={"messages": [
+        t.message("tr-trk", body=html_body, content_type="html", to=["reader@example.test"])]})
+    assert r.status_code == 200 and r.json()["queued"] == 1, r.text
+    mail = wait_until(lambda: next((m for m in smtp.messages if m.message["X-Postbus-Tenant"] == t.id
+                                    and m.message["X-Postbus-Message-Id"] == "tr-trk"), None), timeout=60)
+    html = mail.message.get_body(("html",)).get_content()
+    pixel = re.search(r'src="([^"]+/t/o/[^"]+)"', html).group(1)
+    link = re.search(r'href="([^"]+/t/c/[^"]+)"', html).group(1)
+    with httpx.Client(timeout=30) as anon:  # the reader's mail client
+        assert anon.get(pixel).status_code == 200
+        assert anon.get(link, follow_redirects=False).status_code == 302
+
+    def traced() -> dict[str, Any] | None:
+        out = cli(system, "trace", t.id, "tr-trk", "--json")
+        doc = json.loads(out.stdout) if out.returncode == 0 else None
+        whats = [i["what"] for i in doc["timeline"]] if doc else []
+        return doc if {"open", "click"} <= set(whats) else None
+
+    doc = wait_until(traced, timeout=60, interval=1, what="the open and click events in the trace")
+    whats = [i["what"] for i in doc["timeline"]]
+    assert whats[0] == "messages.add" and whats.index("sent") < whats.index("open")
+    # the API's tracking commands and the sender's events they became
+    assert "tracking.open" in whats and "tracking.click" in whats
+    click_ev = next(i for i in doc["timeline"] if i["what"] == "click")
+    assert click_ev["detail"]["url"] == "https://example.org/landing"
+    assert click_ev["detail"]["recipient"] == "reader@example.test"
+    opened = next(i for i in doc["timeline"] if i["what"] == "tracking.open")
+    assert opened["route"] and opened["detail"]["source"] == "pixel"
 
 
 def test_lag_and_topics(system: LocalSystem, new_tenant, smtp) -> None:
