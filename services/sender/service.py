@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from services.common.avro import DecodeError, codec
@@ -43,10 +44,19 @@ log = logging.getLogger("postbus.sender")
 
 
 class TableStore:
-    """The ``messages`` table behind the engine's :class:`services.sender.engine.Store`."""
+    """The ``messages`` table behind the engine's :class:`services.sender.engine.Store`.
+
+    One key's changelog records must reach the broker in the order they were written: recovery
+    keeps the last one. In-stream writes (``set``, ``delete``: a message accepted, marked, removed)
+    go through Faust's send-soon buffer, drained by a background task that can lag seconds behind
+    under load, while the group commit writes outcomes straight to the producer (``write_table``).
+    So a direct write of a key first waits until the key's buffered record is on the broker
+    (``settled``): bench/chaos.py found ``pending`` records landing after the ``sent`` state written
+    after them, and every sender restart then sent those messages again."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self.buffered: dict[str, Any] = {}  # key -> its newest changelog record in the send-soon buffer
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.table.data.get(key)
@@ -61,13 +71,34 @@ class TableStore:
         self.table.data[key] = value
 
     def set(self, key: str, value: dict[str, Any]) -> None:
-        self.table[key] = value  # in-stream write: changelog partition = the current command's
+        # in-stream write (changelog partition = the current command's), as ``table[key] = value``
+        # makes it, keeping the record's future
+        self.table.data[key] = value
+        self._buffered(key, self.table.send_changelog(self.table.partition_for_key(key), key, value))
 
     def delete(self, key: str) -> None:
-        del self.table[key]
+        del self.table.data[key]
+        self._buffered(key, self.table.send_changelog(self.table.partition_for_key(key), key, value=None,
+                                                      value_serializer="raw"))
+
+    def _buffered(self, key: str, fut: Any) -> None:
+        self.buffered[key] = fut
+        if len(self.buffered) > 50_000:  # keys never written directly afterwards (deleted, marked)
+            self.buffered = {k: f for k, f in self.buffered.items() if not f.done()}
+
+    async def settled(self, keys: Iterable[str]) -> None:
+        """Until the buffered changelog records of ``keys`` are on the broker (the buffer is FIFO:
+        everything put before them is too)."""
+        waits = [f for key in keys if (f := self.buffered.pop(key, None)) is not None and not f.done()]
+        if waits:
+            await asyncio.gather(*waits)
 
     async def put(self, partition: int, key: str, value: dict[str, Any]) -> None:
+        await self.settled((key,))
         await table_put(self.table, partition, key, value)
+
+
+message_store = TableStore(messages)
 
 
 async def emit(tenant_id: str, events: list[dict[str, Any]]) -> None:
@@ -87,6 +118,7 @@ async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
 async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
     """The group commit's changelog records of ``messages`` (the local store already has them):
     with their explicit partition, as ``table_put`` writes them, all on the broker on return."""
+    await message_store.settled(key for _, key, _ in records)  # after the keys' buffered records
     topic = messages.changelog_topic
     out = []
     for partition, key, value in records:
@@ -142,7 +174,7 @@ async def _views_ready() -> None:
 
 
 sender = Sender(Deps(
-    store=TableStore(messages),
+    store=message_store,
     emit=emit,
     write_events=write_events,
     write_table=write_table,
