@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -709,5 +710,21 @@ def state_at(ctx: Ctx, tenant_id: str, when: str, as_json: bool) -> None:
             click.echo(line)
 
 
-def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
-    return cli.main(args=argv, prog_name="postbus")
+def main(argv: list[str] | None = None) -> None:
+    """The console script. Click handles usage errors (exit 2) and ClickException (exit 1); an
+    unexpected error is one line on stderr and exit 1 (its traceback with POSTBUS_CLI_DEBUG=1); a
+    closed stdout (``postbus tail events | head``) ends quietly."""
+    try:
+        cli.main(args=argv, prog_name="postbus", standalone_mode=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if os.environ.get("POSTBUS_CLI_DEBUG") == "1":
+            raise
+        click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (POSTBUS_CLI_DEBUG=1 shows the traceback)",
+                   err=True)
+        sys.exit(1)
