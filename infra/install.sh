@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing for a local run and for the test suite. Idempotent, and fast when done:
-#   - Java 17 + Maven, and dovecot for the IMAP tests (apt-get, only when absent)
+#   - Java 17 + Maven, dovecot for the IMAP tests and chromium for the dashboard test (apt-get, only
+#     when absent)
 #   - the Python package with its [test] extra (pip install -e '.[test]', only when pyproject.toml
 #     changed since the last install or an import fails)
 #   - the Kafka broker jars from Maven Central (infra/kafka/kafka.sh fetch, skipped when present)
@@ -19,6 +20,9 @@ command -v java >/dev/null 2>&1 || apt_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || apt_pkgs+=(maven)
 # a real IMAP server for the bounce-mailbox tests (started on loopback by the tests themselves)
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || apt_pkgs+=(dovecot-imapd)
+# Debian's chromium for the dashboard's browser test (Playwright drives it: its own browser download
+# does not work here), only when absent
+[ -x /usr/bin/chromium ] || apt_pkgs+=(chromium)
 
 # ---- Python 3.11: the one on PATH if pip may install into it, else a venv in .venv ---------------
 pick_python() {

@@ -14,6 +14,7 @@ from services.api import (
     routes_admin,
     routes_config,
     routes_core,
+    routes_dashboard,
     routes_domains,
     routes_files,
     routes_lifecycle,
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    routes_suppression, routes_tracking, routes_webhooks):
         app.include_router(module.router)
     app.include_router(provider.router)  # provider API: /api/smtp-*, /api/v1/smtp-*, /tenant/{id}/users
+    app.include_router(routes_dashboard.router)  # GET /dashboard: the BI page (docs/dashboard.md)
 
     @app.middleware("http")
     async def observe(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
