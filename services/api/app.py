@@ -12,6 +12,7 @@ from prometheus_client import Counter, Histogram
 from services.api import (
     provider,
     routes_admin,
+    routes_bi,
     routes_config,
     routes_core,
     routes_dashboard,
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    routes_messages_read, routes_admin, routes_smtp, routes_domains, routes_files,
                    routes_suppression, routes_tracking, routes_webhooks):
         app.include_router(module.router)
+    app.include_router(routes_bi.router)  # BI aggregates: GET /api/v1/bi/metrics (docs/bi.md)
     app.include_router(provider.router)  # provider API: /api/smtp-*, /api/v1/smtp-*, /tenant/{id}/users
     app.include_router(routes_dashboard.router)  # GET /dashboard: the BI page (docs/dashboard.md)
 

@@ -9,6 +9,7 @@ common/internal_auth.py). Operators replay through the API's admin route ``POST 
                                                    (&group_by=domain|provider: per sending domain / provider;
                                                    &group_by=campaign: per provider-API campaign)
     GET  /internal/tenants/{tenant_id}/campaigns      counts per campaign (all time), ?ids=1,2
+    GET  /internal/bi/metrics                      BI aggregates: totals, series, top groups (bi.py)
     GET  /internal/tenants/{tenant_id}/messages/{message_id}/events   one message's event history
     POST /internal/sent-ids                        which of these ids were already sent
     GET  /internal/messages                        message projection of one tenant (GET /messages)
@@ -41,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.internal_auth import InternalAuthMiddleware, load_internal_token
 from services.common.settings import Settings
 from services.common.topics import EVENTS
-from services.metrics import analytics, campaigns, inbound_lookup, ingest_wait
+from services.metrics import analytics, bi, campaigns, inbound_lookup, ingest_wait
 from services.metrics.ingest import Ingestor
 from services.metrics.store import AsyncStore, Counts, Store, parse_window
 
@@ -199,6 +200,19 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
         from_ts = to_ts - hours * 3_600_000
         counts = await request.app.state.store.tenant_counts(tenant_id, from_ts, to_ts)
         return {"window": window, "from_ts": from_ts, "to_ts": to_ts, **counts.as_dict()}
+
+    @app.get("/internal/bi/metrics")
+    async def bi_metrics(request: Request, from_ts: int, to_ts: int, bucket: str = "hour",
+                         group_by: str | None = None, top: int = bi.DEFAULT_TOP,
+                         tenant_id: str | None = None) -> Any:
+        """Cross-tenant (or one tenant's) aggregates from ``bi_hourly``; the API checks who may ask."""
+        q = bi.Query(from_ts, to_ts, bucket, group_by, top, tenant_id)
+        try:
+            bi.validate(q)
+        except ValueError as exc:
+            return _error(422, "VALIDATION_ERROR", str(exc))
+        astore_b: AsyncStore = request.app.state.store
+        return await astore_b.run(bi.run, astore_b.sync, q)
 
     @app.get("/internal/tenants/{tenant_id}/campaigns")
     async def campaign_metrics(request: Request, tenant_id: str, ids: str = "") -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from services.metrics import analytics
+from services.metrics import analytics, bi
 from services.metrics import messages as msgs
 
 log = logging.getLogger("postbus.metrics.store")
@@ -118,10 +118,12 @@ def _ddl(retention_days: int) -> list[str]:
         """,
         *msgs.DDL,
         *analytics.ddl(retention_days),
+        *bi.ddl(retention_days),  # BI aggregates (bi.py): after analytics adds recipient_domain
     ]
 
 
 DROP = [
+    *bi.DROP,
     *analytics.DROP,
     "DROP VIEW IF EXISTS sent_ids_mv",
     "DROP TABLE IF EXISTS events",
@@ -187,6 +189,8 @@ class Store:
         with self._lock:
             for stmt in _ddl(self.retention_days):
                 self._client.command(stmt)
+            if bi.backfill(self._client):  # once: the events loaded before bi_hourly existed
+                log.info("bi_hourly backfilled from events")
 
     def reset(self) -> None:
         """Drop and recreate every table: the next ingest starts from offset 0."""
