@@ -256,7 +256,8 @@ def tail(ctx: Ctx, stream: str, tenant_id: str | None, from_beginning: bool, lim
 
 
 # -- trace -------------------------------------------------------------------------------------------
-async def collect_trace(ctx: Ctx, tenant_id: str, message_id: str) -> list[dict[str, Any]]:
+async def collect_trace(ctx: Ctx, tenant_id: str, message_id: str, since_ms: int | None = None
+                        ) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     c_ = codec()
     with progress_bar(f"reading {tenant_id}'s partitions") as bar:
@@ -264,11 +265,15 @@ async def collect_trace(ctx: Ctx, tenant_id: str, message_id: str) -> list[dict[
             for topic in (COMMANDS, EVENTS, REPORTS):
                 tp = await tenant_partition(c, topic, tenant_id)
                 task = bar.add_task(topic, total=None)
+                start = None
+                if since_ms is not None:  # the first record at or after since (none: nothing to read)
+                    found = (await c.offsets_for_times({tp: since_ms})).get(tp)
+                    start = {tp: found.offset if found is not None else (await c.end_offsets([tp]))[tp]}
 
                 def show(done: int, total: int, task: Any = task) -> None:
                     bar.update(task, completed=done, total=total)
 
-                async for rec in read_snapshot(c, [tp], progress=show):
+                async for rec in read_snapshot(c, [tp], start=start, progress=show):
                     if rec.key is not None and rec.key != tenant_id.encode():
                         continue
                     if topic == COMMANDS:
@@ -293,14 +298,17 @@ async def collect_trace(ctx: Ctx, tenant_id: str, message_id: str) -> list[dict[
 @click.argument("tenant_id")
 @click.argument("message_id")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of the readable timeline.")
+@click.option("--since", default=None,
+              help="Read only records from this time on (ISO 8601 or unix seconds): faster on long partitions.")
 @click.pass_obj
-def trace(ctx: Ctx, tenant_id: str, message_id: str, as_json: bool) -> None:
+def trace(ctx: Ctx, tenant_id: str, message_id: str, as_json: bool, since: str | None) -> None:
     """The whole life of one message, from the topics: the messages.add command (offset, time, actor,
     route), every event (attempt, SMTP code, error), the report acknowledgements, and
     bounces/complaints/opens/clicks. Reads the tenant's partitions only.
 
     Example: postbus trace acme order-4711"""
-    items = run(collect_trace(ctx, tenant_id, message_id))
+    since_ms = parse_time(since, "--since") if since else None
+    items = run(collect_trace(ctx, tenant_id, message_id, since_ms))
     if not items:
         raise click.ClickException(f"no record of message {message_id!r} of tenant {tenant_id!r} on the topics")
     if as_json:

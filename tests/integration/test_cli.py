@@ -166,6 +166,7 @@ def test_tail_commands_and_events(system: LocalSystem, new_tenant, smtp) -> None
 
 def test_trace_timeline(system: LocalSystem, new_tenant, smtp) -> None:
     t: Tenant = new_tenant()
+    started = time.time()
     send_and_wait_sent(t, smtp, "tr-1")
     r = t.http.post("/commands/add-messages",
                     json={"messages": [t.message("tr-bad", to=["reject@example.test"])]})
@@ -204,6 +205,11 @@ def test_trace_timeline(system: LocalSystem, new_tenant, smtp) -> None:
     r = cli(system, "trace", other.id, "tr-1")
     assert r.returncode == 1 and "no record of message" in r.stderr
     r = cli(system, "trace", t.id, "never-sent")
+    assert r.returncode == 1 and "no record of message" in r.stderr
+    # --since bounds the read: from before the message, the same timeline; from after it, nothing
+    r = cli(system, "trace", t.id, "tr-1", "--json", "--since", str(started - 1))
+    assert r.returncode == 0 and json.loads(r.stdout)["timeline"] == doc["timeline"]
+    r = cli(system, "trace", t.id, "tr-1", "--since", str(time.time() + 1))
     assert r.returncode == 1 and "no record of message" in r.stderr
 
 
