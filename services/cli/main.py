@@ -363,9 +363,9 @@ async def collect_lag(ctx: Ctx, group_filter: str | None) -> list[dict[str, Any]
 @click.pass_obj
 def lag(ctx: Ctx, group: str | None, as_json: bool) -> None:
     """Per consumer group and partition: committed offset, end offset (high watermark) and lag.
-    Covers the groups that commit to Kafka (postbus-sender, postbus-reporter); the metrics ingest
-    keeps its offsets in ClickHouse and the config views have no group (see the
-    postbus_consumer_lag gauge for those).
+    Covers every group that commits to Kafka (postbus-sender, postbus-reporter, postbus-metrics:
+    the metrics ingest's own offsets live in ClickHouse next to its rows and its Kafka commit
+    follows them); the config views have no group (see the postbus_consumer_lag gauge).
 
     Example: postbus lag --group postbus-sender"""
     rows = run(collect_lag(ctx, group))
