@@ -1,29 +1,32 @@
 """BI aggregates (issue 13, "Analysts"): cross-tenant counts over any window, from an hourly
-aggregating materialized view over ``events``.
+summing materialized view over ``events``.
 
-``bi_hourly`` (AggregatingMergeTree) holds, per UTC hour, tenant, event type, sending domain,
-mailbox provider, campaign and account, the ``uniqExact`` state of the 64-bit hashes of
-``(tenant_id, message_id)``. A 30-day query merges those states instead of reading the events:
+``bi_hourly`` (SummingMergeTree) holds, per UTC hour, tenant, sending domain, mailbox provider,
+campaign and account, the number of events of each kind: ``sent``, ``bounced`` (hard bounces; soft
+ones are ``soft_bounced``, as in analytics.py), ``complained``, ``opened``, ``clicked``,
+``deferred`` and ``errors`` (``error`` + ``rejected``). A 30-day query sums a few hundred thousand
+rows of integers instead of reading the events; ``delivered`` = ``sent - bounced`` (never below 0).
 
-- counts are distinct messages per type (a message deferred three times counts once), exact even
-  when a batch is loaded twice (a re-loaded message hash joins a set that already holds it);
-- hashes, not the id strings: the sets are 8 bytes per message and merge several times faster
-  (a 64-bit collision among 10 million ids has a probability of about 3e-6);
-- ``delivered`` = sent in the window and not hard-bounced in the window, computed exactly from two
-  set unions: ``|sent union bounced| - |bounced|``;
-- ``errors`` = messages with an ``error`` or ``rejected`` event (one set union);
-- ``bounced`` counts hard bounces (soft ones are kept as ``soft_bounce``, as in analytics.py).
+Why event counts and not distinct messages (the tenant metrics' ``uniqExact``): an exact distinct
+count over 10 million events costs a hash-set insert per message id, about 1 s here for a 30-day
+cross-tenant total even from pre-aggregated sets (measured: docs/bi.md), against the "well under
+a second" target. The difference shows only where a message has several events of one kind: a
+message deferred three times is three ``deferred``, every pixel load is an ``opened`` (so the open
+rate is opens per delivered message). A message has one ``sent`` / ``error`` / ``rejected`` event.
+Duplicate rows: the view counts what is inserted, so a batch re-loaded after a crash between its
+insert and its offsets (ingest.py) counts twice here until the next replay (which rebuilds the
+table from the topic and gives the same answers as before the crash).
 
 Campaign: the ``campaign-<id>`` prefix of the message id (provider-API campaigns, whose engagement
 events carry no batch code, see campaigns.py), else the message's batch code, else ``''``.
 
 Filled by the view for every insert into ``events`` and, once, for the events already there when
-the table is created (``backfill``: an ``INSERT ... SELECT`` recorded in ``bi_backfill``). A replay
-drops these tables with the others (store.DROP) and recreates them empty: the backfill then reads
-an empty ``events`` and the view refills them while the topic is re-read, so the answers are the
-same. Running the backfill twice would not change an answer either (the states are sets).
+the table is created (``backfill``: an ``INSERT ... SELECT`` recorded in ``bi_backfill``, run by
+``Store.create`` under the store lock before the ingest starts). A replay drops these tables with
+the others (store.DROP) and recreates them: the backfill then reads an empty ``events`` and the
+view refills ``bi_hourly`` while the topic is re-read, so the answers are the same.
 
-Window: the whole UTC hours that overlap ``[from_ts, to_ts]`` (epoch seconds); day buckets merge
+Window: the whole UTC hours that overlap ``[from_ts, to_ts]`` (epoch seconds); day buckets sum
 the hourly rows of each UTC day."""
 
 from __future__ import annotations
@@ -47,30 +50,30 @@ DIMENSIONS: dict[str, str] = {
     "campaign": "campaign",
     "account": "account_id",
 }
-# output count -> the event types whose message sets it unions
-COUNTS: dict[str, tuple[str, ...]] = {
-    "sent": ("sent",),
-    "bounced": ("bounce",),
-    "complained": ("complaint",),
-    "opened": ("open",),
-    "clicked": ("click",),
-    "deferred": ("deferred",),
-    "errors": ("error", "rejected"),
-    "_sent_or_bounced": ("sent", "bounce"),  # -> delivered = this - bounced
+# stored column -> the condition on an event that counts it
+COLUMNS: dict[str, str] = {
+    "sent": "type = 'sent'",
+    "bounced": "type = 'bounce' AND bounce_type != 'soft'",
+    "soft_bounced": "type = 'bounce' AND bounce_type = 'soft'",
+    "complained": "type = 'complaint'",
+    "opened": "type = 'open'",
+    "clicked": "type = 'click'",
+    "deferred": "type = 'deferred'",
+    "errors": "type IN ('error', 'rejected')",
 }
 FIELDS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
-TYPES = sorted({t for types in COUNTS.values() for t in types})
+SUMMED = tuple(c for c in COLUMNS if c != "soft_bounced")
 
 _CAMPAIGN_SQL = "coalesce(nullIf(extract(message_id, '^(campaign-[0-9]+)-'), ''), batch_code)"
+_COUNTED = " OR ".join(f"({cond})" for cond in COLUMNS.values())
 # the view's SELECT; the backfill runs the same one over the existing events
 _SELECT = f"""
-    SELECT toStartOfHour(ts) AS hour, tenant_id,
-           if(type = 'bounce' AND bounce_type = 'soft', 'soft_bounce', type) AS type,
-           sender_domain, {_provider_sql("recipient_domain")} AS provider,
-           {_CAMPAIGN_SQL} AS campaign, account_id,
-           uniqExactState(cityHash64(tenant_id, message_id)) AS messages
+    SELECT toStartOfHour(ts) AS hour, tenant_id, sender_domain,
+           {_provider_sql("recipient_domain")} AS provider, {_CAMPAIGN_SQL} AS campaign, account_id,
+           {", ".join(f"toUInt64(countIf({cond})) AS {col}" for col, cond in COLUMNS.items())}
     FROM events
-    GROUP BY hour, tenant_id, type, sender_domain, provider, campaign, account_id
+    WHERE {_COUNTED}
+    GROUP BY hour, tenant_id, sender_domain, provider, campaign, account_id
 """
 
 
@@ -81,16 +84,22 @@ def ddl(retention_days: int) -> list[str]:
         CREATE TABLE IF NOT EXISTS bi_hourly (
             hour DateTime('UTC'),
             tenant_id String,
-            type LowCardinality(String),
             sender_domain String,
             provider LowCardinality(String),
             campaign String,
             account_id String,
-            messages AggregateFunction(uniqExact, UInt64)
+            sent UInt64,
+            bounced UInt64,
+            soft_bounced UInt64,
+            complained UInt64,
+            opened UInt64,
+            clicked UInt64,
+            deferred UInt64,
+            errors UInt64
         )
-        ENGINE = AggregatingMergeTree
+        ENGINE = SummingMergeTree
         PARTITION BY toYYYYMM(hour)
-        ORDER BY (hour, tenant_id, type, sender_domain, provider, campaign, account_id)
+        ORDER BY (hour, tenant_id, sender_domain, provider, campaign, account_id)
         TTL hour + INTERVAL {int(retention_days)} DAY
         """,
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS bi_hourly_mv TO bi_hourly AS {_SELECT}",
@@ -155,43 +164,34 @@ def validate(q: Query, now_s: int | None = None) -> None:
         raise ValueError("tenant_id must not be empty")
 
 
-def _count_columns() -> str:
-    cols = []
-    for name, types in COUNTS.items():
-        cond = f"type = '{types[0]}'" if len(types) == 1 else f"type IN ({', '.join(repr(t) for t in types)})"
-        cols.append(f"uniqExactMergeIf(messages, {cond}) AS {name}")
-    return ", ".join(cols)
-
-
 def build(q: Query) -> dict[str, tuple[str, dict[str, Any]]]:
     """The SQL of the three parts of an answer: ``totals``, ``series`` and (with group_by)
     ``groups``, each as (sql, parameters). Values are bound parameters; the only interpolated
     names come from the fixed tables above."""
-    where = ["hour >= toStartOfHour(toDateTime({f:Int64}, 'UTC'))", "hour <= toDateTime({t:Int64}, 'UTC')",
-             f"type IN ({', '.join(repr(t) for t in TYPES)})"]
+    where = ["hour >= toStartOfHour(toDateTime({f:Int64}, 'UTC'))", "hour <= toDateTime({t:Int64}, 'UTC')"]
     params: dict[str, Any] = {"f": int(q.from_ts), "t": int(q.to_ts)}
     if q.tenant_id is not None:
         where.append("tenant_id = {tenant:String}")
         params["tenant"] = q.tenant_id
     cond = " AND ".join(where)
-    counts = _count_columns()
+    sums = ", ".join(f"sum({c}) AS {c}" for c in SUMMED)
     bucket = "hour" if q.bucket == "hour" else "toStartOfDay(hour)"
     out = {
-        "totals": (f"SELECT {counts} FROM bi_hourly WHERE {cond}", dict(params)),
-        "series": (f"SELECT toUnixTimestamp({bucket}) AS b, {counts} FROM bi_hourly WHERE {cond} "
+        "totals": (f"SELECT {sums} FROM bi_hourly WHERE {cond}", dict(params)),
+        "series": (f"SELECT toUnixTimestamp({bucket}) AS b, {sums} FROM bi_hourly WHERE {cond} "
                    "GROUP BY b ORDER BY b", dict(params)),
     }
     if q.group_by is not None:
         key = DIMENSIONS[q.group_by]
-        out["groups"] = (f"SELECT {key} AS g, {counts} FROM bi_hourly WHERE {cond} "
+        out["groups"] = (f"SELECT {key} AS g, {sums} FROM bi_hourly WHERE {cond} "
                          "GROUP BY g ORDER BY sent DESC, g LIMIT {top:UInt32}", {**params, "top": int(q.top)})
     return out
 
 
 def _counts(row: tuple[Any, ...] | list[Any]) -> dict[str, int]:
-    raw = dict(zip(COUNTS, (int(v) for v in row), strict=True))
+    raw = dict(zip(SUMMED, (int(v or 0) for v in row), strict=True))
     out = {f: raw.get(f, 0) for f in FIELDS}
-    out["delivered"] = max(0, raw["_sent_or_bounced"] - raw["bounced"])
+    out["delivered"] = max(0, raw["sent"] - raw["bounced"])
     return out
 
 

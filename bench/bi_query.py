@@ -1,0 +1,136 @@
+"""BI aggregates (issue 13): load N synthetic delivery events into the metrics store (embedded
+ClickHouse, the service's own schema; ``INSERT INTO events SELECT ... FROM numbers(N)``, so the
+``bi_hourly`` materialized view is fed exactly as by the ingest) and time 30-day queries through
+the metrics service's internal route ``GET /internal/bi/metrics`` (the FastAPI app of
+services/metrics/app.py, in process, with the internal credential; no TCP).
+
+    python bench/bi_query.py [--events 10000000] [--path /tmp/postbus-bench-bi] [--repeat 5]
+
+Shape (deterministic): ~half of the events are ``sent``, the rest deferrals, errors, rejections,
+opens, clicks, hard/soft bounces and complaints, two events per message; 200 tenants (one holding
+~30 % of the messages), one sending domain per tenant (three for the big one), 1-2 accounts, 10
+recipient domains (8 providers), campaigns (``campaign-<id>-<n>`` ids, ~25 % of the messages) and
+daily batch codes; 35 days of history ending now. 5 % of the events are loaded a second time
+(a re-loaded batch must not change any count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from services.metrics.app import MetricsSettings, create_app  # noqa: E402
+from services.metrics.store import Store  # noqa: E402
+
+TOKEN = "bench-internal-token-0123456789abcdef"
+DAY_S = 86400
+TYPES = "['sent','sent','sent','sent','sent','sent','sent','sent','sent','sent'," \
+        "'deferred','deferred','error','rejected','open','open','open','click','bounce','complaint']"
+RCPT = "['gmail.com','googlemail.com','outlook.com','hotmail.com','yahoo.com','icloud.com','libero.it'," \
+       "'corp.example','uni.example','aol.com']"
+
+
+def load_sql(n: int, now_ms: int, start: int = 0) -> str:
+    """Events start..start+n (two per message: m = intDiv(number, 2))."""
+    m = "intDiv(number, 2)"
+    tenant = f"if(cityHash64({m}) % 10 < 3, 't-big', concat('t-', toString(cityHash64({m}, 7) % 199)))"
+    ts_ms = f"toInt64({now_ms} - (cityHash64({m}, 3) % {35 * DAY_S * 1000}))"
+    day = f"intDiv({ts_ms}, {DAY_S * 1000})"
+    typ = f"arrayElement({TYPES}, (cityHash64(number, 5) % 20) + 1)"
+    campaign = f"cityHash64({m}, 11) % 4 = 0"
+    return f"""
+    INSERT INTO events (event_id, type, tenant_id, account_id, message_id, pk, ts, attempt, error,
+                        deferred_reason, batch_code, sender_domain, recipients, kafka_partition, kafka_offset,
+                        bounce_type, recipient_domain)
+    SELECT concat('ev-', toString(number)) AS event_id, {typ} AS type, {tenant} AS tenant_id,
+           if(tenant_id = 't-big', concat('acct-', toString({m} % 2)), 'main') AS account_id,
+           if({campaign}, concat('campaign-', toString({day} % 9 + 1 + (cityHash64(tenant_id) % 50) * 10), '-',
+                                 toString({m})),
+              concat('m-', toString({m}))) AS message_id,
+           concat('pk-', toString({m})) AS pk,
+           fromUnixTimestamp64Milli({ts_ms}, 'UTC') AS ts, 1 AS attempt, '' AS error, '' AS deferred_reason,
+           if({campaign}, '', concat('batch-', toString({day}))) AS batch_code,
+           if(tenant_id = 't-big', concat('brand', toString({m} % 3), '.example'),
+              concat(tenant_id, '.example')) AS sender_domain,
+           1 AS recipients, toUInt32(number % 8) AS kafka_partition, number AS kafka_offset,
+           if(type = 'bounce', if(number % 3 = 0, 'soft', 'hard'), '') AS bounce_type,
+           arrayElement({RCPT}, (cityHash64({m}, 9) % 10) + 1) AS recipient_domain
+    FROM numbers({start}, {n})
+    """
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=10_000_000)
+    ap.add_argument("--path", default="/tmp/postbus-bench-bi")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=1_000_000, help="events per INSERT ... SELECT")
+    ap.add_argument("--reuse", action="store_true", help="keep an already loaded store at --path")
+    args = ap.parse_args()
+
+    path = Path(args.path)
+    if not args.reuse:
+        shutil.rmtree(path, ignore_errors=True)
+    store = Store(f"chdb://{path}")
+    store.create()
+    now_ms = int(time.time() * 1000)
+    if not args.reuse:
+        t0 = time.perf_counter()
+        for start in range(0, args.events, args.chunk):
+            store._client.command(load_sql(min(args.chunk, args.events - start), now_ms, start))
+        # 5 % loaded twice (a re-delivered batch)
+        store._client.command(load_sql(args.events // 20, now_ms, 0))
+        load_s = time.perf_counter() - t0
+        print(f"loaded {args.events + args.events // 20:,} event rows in {load_s:.1f} s "
+              f"({(args.events + args.events // 20) / load_s:,.0f} rows/s, through the materialized view)")
+    events = store._client.query("SELECT count() FROM events").result_rows[0][0]
+    parts = store._client.query("SELECT count() FROM bi_hourly").result_rows[0][0]
+    print(f"events rows: {events:,}  bi_hourly rows (before merges settle): {parts:,}")
+
+    os.environ["POSTBUS_INTERNAL_TOKEN"] = TOKEN
+    settings = MetricsSettings(metrics_ingest=False, internal_token=TOKEN)
+    app = create_app(settings, store=store)
+    to_ts = now_ms // 1000
+    from_ts = to_ts - 30 * DAY_S
+    cases: list[tuple[str, dict[str, object]]] = [
+        ("no group, hour buckets", {"bucket": "hour"}),
+        ("no group, day buckets", {"bucket": "day"}),
+        *[(f"group_by={g}, top 10, day buckets", {"bucket": "day", "group_by": g, "top": 10})
+          for g in ("tenant", "domain", "provider", "campaign", "account")],
+        ("group_by=provider, top 10, hour buckets", {"bucket": "hour", "group_by": "provider"}),
+        ("tenant t-big only, group_by=domain, day", {"bucket": "day", "group_by": "domain", "tenant_id": "t-big"}),
+        ("tenant t-007 only, group_by=provider, day", {"bucket": "day", "group_by": "provider",
+                                                      "tenant_id": "t-7"}),
+    ]
+    print(f"\n30-day window, median of {args.repeat} warm runs through GET /internal/bi/metrics:\n")
+    print("| query | median | min | max | totals.sent |")
+    print("|---|---|---|---|---|")
+    with TestClient(app) as client:
+        for name, params in cases:
+            q = {"from_ts": from_ts, "to_ts": to_ts, **params}
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            r = client.get("/internal/bi/metrics", params=q, headers=headers)
+            assert r.status_code == 200, r.text
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                r = client.get("/internal/bi/metrics", params=q, headers=headers)
+                times.append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200, r.text
+            sent = r.json()["totals"]["sent"]
+            print(f"| {name} | {statistics.median(times):.0f} ms | {min(times):.0f} ms | {max(times):.0f} ms "
+                  f"| {sent:,} |")
+    store.close()
+
+
+if __name__ == "__main__":
+    main()
