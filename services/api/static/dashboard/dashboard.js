@@ -52,6 +52,11 @@
 
   function token() { return sessionStorage.getItem(STORE_KEY) || ""; }
 
+  function keyLabel(key) {  // an empty group key: mail without that attribute (e.g. not from a campaign)
+    var k = key === undefined || key === null ? "" : String(key);
+    return k === "" ? "(none)" : k;
+  }
+
   function fmtInt(n) { return String(n === undefined || n === null ? 0 : n); }
 
   function fmtRate(r) {
@@ -129,7 +134,7 @@
     chart(id, {
       type: "bar",
       data: {
-        labels: groups.map(function (g) { return String(g.key); }),
+        labels: groups.map(function (g) { return keyLabel(g.key); }),
         datasets: ["sent", "delivered", "bounced"].map(function (k) {
           return { label: k, data: groups.map(function (g) { return g[k] || 0; }), backgroundColor: COLORS[k] };
         })
@@ -160,7 +165,7 @@
     groups.forEach(function (g) {
       var tr = document.createElement("tr");
       tr.setAttribute("data-key", String(g.key));
-      cell(tr, String(g.key), "key");
+      cell(tr, keyLabel(g.key), "key");
       cell(tr, fmtInt(g.sent), "num");
       cell(tr, fmtRate(g.delivery_rate), "num");
       cell(tr, fmtRate(g.bounce_rate), "num");
@@ -178,7 +183,7 @@
     groups.forEach(function (g) {
       var tr = document.createElement("tr");
       tr.setAttribute("data-key", String(g.key));
-      cell(tr, String(g.key), "key");
+      cell(tr, keyLabel(g.key), "key");
       ["sent", "delivered", "bounced", "opened", "clicked"].forEach(function (k) { cell(tr, fmtInt(g[k]), "num"); });
       var td = cell(tr, "", "progress");
       var bar = document.createElement("progress");
