@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from services.metrics.app import MetricsSettings, create_app  # noqa: E402
-from services.metrics.store import Store  # noqa: E402
+from services.metrics.app import MetricsSettings, create_app
+from services.metrics.store import Store
 
 TOKEN = "bench-internal-token-0123456789abcdef"
 DAY_S = 86400
