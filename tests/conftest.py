@@ -29,11 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-" + uuid.uuid4().hex
 SUPPORT_TOKEN = "support-" + uuid.uuid4().hex  # scopes smtp:read + tenant:read
 SUPPORT_NARROW_TOKEN = "support-narrow-" + uuid.uuid4().hex  # scope smtp:read only
+BI_TOKEN = "bi-" + uuid.uuid4().hex  # scope bi:read (BI aggregates API, docs/bi.md)
 SUPPORT_PRINCIPALS = json.dumps([
     {"name": "alice", "token_sha256": hashlib.sha256(SUPPORT_TOKEN.encode()).hexdigest(),
      "scopes": ["smtp:read", "tenant:read"]},
     {"name": "bob", "token_sha256": hashlib.sha256(SUPPORT_NARROW_TOKEN.encode()).hexdigest(),
      "scopes": ["smtp:read"]},
+    {"name": "carol-bi", "token_sha256": hashlib.sha256(BI_TOKEN.encode()).hexdigest(), "scopes": ["bi:read"]},
 ])
 
 
