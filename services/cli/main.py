@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -53,6 +54,16 @@ from services.common.topics import (
 
 T = TypeVar("T")
 err = Console(stderr=True, highlight=False)
+
+
+def local_token(name: str) -> str | None:
+    """A token ``make up`` left in the local state folder (``$POSTBUS_STATE_DIR``, default
+    ``.state``): ``admin.token``, ``internal.token``; None when there is none."""
+    path = Path(os.environ.get("POSTBUS_STATE_DIR") or ".state") / name
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 @dataclass
@@ -137,13 +148,14 @@ def progress_bar(what: str) -> Progress:
 @click.option("--api", envvar="POSTBUS_API_URL", default="http://127.0.0.1:8000", show_default=True,
               help="Base URL of the Postbus API (env POSTBUS_API_URL).")
 @click.option("--admin-token", envvar="POSTBUS_ADMIN_TOKEN", default=None, show_default=False,
-              help="Admin API token (env POSTBUS_ADMIN_TOKEN); never printed.")
+              help="Admin API token (env POSTBUS_ADMIN_TOKEN; else the local .state/admin.token); never printed.")
 @click.option("--bootstrap", envvar="POSTBUS_KAFKA_BOOTSTRAP", default="127.0.0.1:9092", show_default=True,
               help="Kafka bootstrap servers, for the commands that read the topics (env POSTBUS_KAFKA_BOOTSTRAP).")
 @click.option("--metrics-url", envvar="POSTBUS_METRICS_URL", default=None,
               help="Metrics service URL, only for the progress of `replay analytics` (env POSTBUS_METRICS_URL).")
 @click.option("--internal-token", envvar="POSTBUS_INTERNAL_TOKEN", default=None,
-              help="Internal service credential for --metrics-url (env POSTBUS_INTERNAL_TOKEN); never printed.")
+              help="Internal service credential for --metrics-url (env POSTBUS_INTERNAL_TOKEN; else the local "
+                   ".state/internal.token, with --metrics-url defaulting to http://127.0.0.1:8010); never printed.")
 @click.pass_context
 def cli(ctx: click.Context, api: str, admin_token: str | None, bootstrap: str, metrics_url: str | None,
         internal_token: str | None) -> None:
@@ -151,6 +163,10 @@ def cli(ctx: click.Context, api: str, admin_token: str | None, bootstrap: str, m
     dead letters, analytics replay and a tenant's state at any past time."""
     # aiokafka logs connection failures through the root logger's last resort: the CLI says it once
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # a local system (`make up`): its tokens are in the state folder
+    admin_token = admin_token or local_token("admin.token")
+    if not internal_token and (internal_token := local_token("internal.token")):
+        metrics_url = metrics_url or "http://127.0.0.1:8010"
     ctx.obj = Ctx(api, admin_token, bootstrap, metrics_url, internal_token)
 
 

@@ -49,7 +49,9 @@ def cli(system: LocalSystem, *args: str, token: str | None = ADMIN_TOKEN, timeou
     """``postbus ARGS`` with the system's API, admin token and broker in its environment, as an
     operator's shell would have."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBUS_")}
-    full_env.update(POSTBUS_API_URL=system.url("api"), POSTBUS_KAFKA_BOOTSTRAP=system.kafka_bootstrap)
+    full_env.update(POSTBUS_API_URL=system.url("api"), POSTBUS_KAFKA_BOOTSTRAP=system.kafka_bootstrap,
+                    # no fallback to the tokens of a developer's `make up` in .state
+                    POSTBUS_STATE_DIR=str(system.state_dir / "no-cli-state"))
     if token is not None:
         full_env["POSTBUS_ADMIN_TOKEN"] = token
     full_env.update(env or {})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -33,9 +34,40 @@ def test_usage_errors_exit_2() -> None:
         assert needle in r.output, (args, r.output)
 
 
-def test_missing_admin_token_is_a_usage_error() -> None:
-    r = CliRunner().invoke(cli_main.cli, ["export", "command-log"], env={"POSTBUS_ADMIN_TOKEN": ""})
+def test_missing_admin_token_is_a_usage_error(tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli_main.cli, ["export", "command-log"],
+                           env={"POSTBUS_ADMIN_TOKEN": "", "POSTBUS_STATE_DIR": str(tmp_path)})
     assert r.exit_code == 2 and "admin token" in r.output
+
+
+def test_local_state_tokens_are_the_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Next to `make up`, the tokens in its state folder are used (and never printed)."""
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    (tmp_path / "internal.token").write_text("internal-xyz\n")
+    seen: dict[str, object] = {}
+
+    @cli_main.cli.command("probe-ctx")
+    @click.pass_obj
+    def probe(ctx: cli_main.Ctx) -> None:
+        seen.update(vars(ctx))
+
+    try:
+        r = CliRunner().invoke(cli_main.cli, ["probe-ctx"], env={"POSTBUS_ADMIN_TOKEN": "",
+                                                                 "POSTBUS_INTERNAL_TOKEN": "",
+                                                                 "POSTBUS_METRICS_URL": "",
+                                                                 "POSTBUS_STATE_DIR": str(tmp_path)})
+        assert r.exit_code == 0, r.output
+        assert seen["admin_token"] == TOKEN and seen["internal_token"] == "internal-xyz"
+        assert seen["metrics_url"] == "http://127.0.0.1:8010"
+        # an explicit token wins over the file
+        r = CliRunner().invoke(cli_main.cli, ["--admin-token", "explicit", "probe-ctx"],
+                               env={"POSTBUS_STATE_DIR": str(tmp_path)})
+        assert r.exit_code == 0 and seen["admin_token"] == "explicit"
+        r = invoke("--api", "http://127.0.0.1:1", "export", "command-log",
+                   env={"POSTBUS_ADMIN_TOKEN": "", "POSTBUS_STATE_DIR": str(tmp_path)})
+        assert r.exit_code == 1 and "did not answer" in r.output and TOKEN not in r.output
+    finally:
+        cli_main.cli.commands.pop("probe-ctx", None)
 
 
 def test_unreachable_api_and_broker_fail_with_exit_1_and_no_token() -> None:
