@@ -113,7 +113,15 @@ def api_call(ctx: Ctx) -> Iterator[None]:
     try:
         yield
     except httpx.HTTPError as exc:
-        raise click.ClickException(f"the API at {ctx.api} did not answer ({type(exc).__name__})") from None
+        raise click.ClickException(f"the API at {safe_url(ctx.api)} did not answer ({type(exc).__name__})") from None
+
+
+def safe_url(url: str) -> str:
+    """A URL without credentials, for messages."""
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "(the given URL)"
 
 
 def parse_time(value: str, param: str) -> int:

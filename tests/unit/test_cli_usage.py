@@ -75,6 +75,8 @@ def test_unreachable_api_and_broker_fail_with_exit_1_and_no_token() -> None:
     assert r.exit_code == 1 and "did not answer" in r.output and TOKEN not in r.output
     r = invoke("--api", "http://127.0.0.1:1", "replay", "analytics", "--yes")
     assert r.exit_code == 1 and "did not answer" in r.output and TOKEN not in r.output
+    r = invoke("--api", "http://ops:pa55word@127.0.0.1:1", "export", "command-log")
+    assert r.exit_code == 1 and "http://127.0.0.1:1" in r.output and "pa55word" not in r.output
     r = invoke("--bootstrap", "127.0.0.1:1", "lag")
     assert r.exit_code == 1 and "did not answer" in r.output
 
