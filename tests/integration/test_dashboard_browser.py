@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from infra.supervisor import LocalSystem
-from tests.conftest import ADMIN_TOKEN, Tenant, wait_until
+from tests.conftest import ADMIN_TOKEN, BI_TOKEN, SUPPORT_TOKEN, Tenant, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +187,25 @@ def test_dashboard_renders_the_api_numbers_for_admin_tenant_and_wrong_token(
     finally:
         page.close()
 
+    # --- a support principal with bi:read: every tenant; one without it: "Not allowed" -------------
+    page = Page(browser, system)
+    try:
+        page.open(f"token={BI_TOKEN}&window=86400&bucket=hour")
+        got = assert_page_matches_api(page, system, BI_TOKEN)
+        assert {a.id, b.id} <= {str(g["key"]) for g in got["groups"]["tenant"]}
+        page.page.fill("#token", SUPPORT_TOKEN)  # scopes smtp:read + tenant:read, no bi:read
+        page.page.click("#load")
+        page.page.wait_for_selector('body[data-state="error"]', timeout=60_000)
+        assert "Not allowed" in page.text("#error")
+        assert page.js("window.postbusDashboard.responses.totals") is None
+        # nothing of the previous token's answer stays on screen
+        assert page.text("#total-sent") == "\u2013"
+        assert page.js("Object.keys(window.postbusDashboard.charts).length") == 0
+        assert page.js("document.querySelectorAll('tbody tr').length") == 0
+        bi(system, SUPPORT_TOKEN, got["query"], status=403)
+    finally:
+        page.close()
+
     # --- a tenant key: its own tenant only --------------------------------------------------------
     page = Page(browser, system)
     try:
@@ -203,6 +222,8 @@ def test_dashboard_renders_the_api_numbers_for_admin_tenant_and_wrong_token(
         assert "Not allowed" in page.text("#error")
         assert page.js("window.postbusDashboard.responses.totals") is None
         assert page.js("window.postbusDashboard.error").startswith("Not allowed")
+        assert page.text("#total-sent") == "\u2013"
+        assert a.id not in page.text("main")
         bi(system, a.api_key, {**got["query"], "tenant_id": b.id}, status=403)
     finally:
         page.close()

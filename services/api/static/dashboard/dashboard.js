@@ -206,8 +206,17 @@
     }
   }
 
+  function clearAll() {  // nothing of a previous answer stays on screen (it may be another token's)
+    COUNTS.forEach(function (k) { $("total-" + k).textContent = "\u2013"; });
+    RATES.forEach(function (k) { $("rate-" + k).textContent = "\u2013"; });
+    Object.keys(state.charts).forEach(function (id) { state.charts[id].destroy(); delete state.charts[id]; });
+    ["tenant", "domain", "campaign"].forEach(function (k) { $("table-" + k).querySelector("tbody").replaceChildren(); });
+    state.responses = {};
+  }
+
   function load() {
     clearError();
+    clearAll();
     if (!token()) {
       setState("idle");
       $("status").textContent = "Enter a token to see the metrics.";
@@ -219,7 +228,6 @@
       from_ts: now - parseInt($("window").value, 10), to_ts: now, bucket: $("bucket").value,
       tenant_id: $("tenant").value.trim() || null
     };
-    state.responses = {};
     setState("loading");
     $("status").textContent = "Loading…";
     var base = fetchJson(query(null));
