@@ -1,11 +1,17 @@
-"""BI aggregates (issue 13, "Analysts"): cross-tenant counts over any window, from an hourly
-summing materialized view over ``events``.
+"""BI aggregates (issue 13, "Analysts"): cross-tenant counts over any window, from hourly
+summing materialized views over ``events``.
 
-``bi_hourly`` (SummingMergeTree) holds, per UTC hour, tenant, sending domain, mailbox provider,
-campaign and account, the number of events of each kind: ``sent``, ``bounced`` (hard bounces; soft
-ones are ``soft_bounced``, as in analytics.py), ``complained``, ``opened``, ``clicked``,
-``deferred`` and ``errors`` (``error`` + ``rejected``). A 30-day query sums a few hundred thousand
-rows of integers instead of reading the events; ``delivered`` = ``sent - bounced`` (never below 0).
+Two SummingMergeTree tables hold the number of events of each kind per UTC hour: ``sent``,
+``bounced`` (hard bounces; soft ones are ``soft_bounced``, as in analytics.py), ``complained``,
+``opened``, ``clicked``, ``deferred`` and ``errors`` (``error`` + ``rejected``):
+
+- ``bi_tenant_hourly``, per (hour, tenant): totals, series and ``group_by=tenant``;
+- ``bi_dim_hourly``, per (dimension, hour, tenant, key), each event once under each of ``domain``
+  (sending domain), ``provider`` (mailbox provider), ``campaign`` and ``account``: the other groups.
+
+A 30-day query sums at most (hours x tenants) rows, or the rows of one dimension, instead of
+reading the events (one wide table keyed by all five dimensions at once had nearly a row per three
+events, see docs/bi.md). ``delivered`` = ``sent - bounced`` (never below 0).
 
 Why event counts and not distinct messages (the tenant metrics' ``uniqExact``): an exact distinct
 count over 10 million events costs a hash-set insert per message id, about 1 s here for a 30-day
@@ -21,10 +27,10 @@ Campaign: the ``campaign-<id>`` prefix of the message id (provider-API campaigns
 events carry no batch code, see campaigns.py), else the message's batch code, else ``''``.
 
 Filled by the view for every insert into ``events`` and, once, for the events already there when
-the table is created (``backfill``: an ``INSERT ... SELECT`` recorded in ``bi_backfill``, run by
+the tables are created (``backfill``: an ``INSERT ... SELECT`` recorded in ``bi_backfill``, run by
 ``Store.create`` under the store lock before the ingest starts). A replay drops these tables with
 the others (store.DROP) and recreates them: the backfill then reads an empty ``events`` and the
-view refills ``bi_hourly`` while the topic is re-read, so the answers are the same.
+views refill the tables while the topic is re-read, so the answers are the same.
 
 Window: the whole UTC hours that overlap ``[from_ts, to_ts]`` (epoch seconds); day buckets sum
 the hourly rows of each UTC day."""
@@ -37,19 +43,13 @@ from typing import Any
 
 from services.metrics.analytics import _provider_sql
 
-BACKFILL_VERSION = 1
+BACKFILL_VERSION = 2  # 1: the first, single-table version
 MAX_WINDOW_S = 400 * 86400  # the analytics retention default; older hours are gone anyway
 MAX_TOP = 100
 DEFAULT_TOP = 10
 BUCKETS = {"hour": 3600, "day": 86400}
-# group_by -> column of bi_hourly
-DIMENSIONS: dict[str, str] = {
-    "tenant": "tenant_id",
-    "domain": "sender_domain",
-    "provider": "provider",
-    "campaign": "campaign",
-    "account": "account_id",
-}
+# group_by values: "tenant" reads bi_tenant_hourly, the others bi_dim_hourly (column ``dim``)
+DIMENSIONS = ("tenant", "domain", "provider", "campaign", "account")
 # stored column -> the condition on an event that counts it
 COLUMNS: dict[str, str] = {
     "sent": "type = 'sent'",
@@ -66,43 +66,63 @@ SUMMED = tuple(c for c in COLUMNS if c != "soft_bounced")
 
 _CAMPAIGN_SQL = "coalesce(nullIf(extract(message_id, '^(campaign-[0-9]+)-'), ''), batch_code)"
 _COUNTED = " OR ".join(f"({cond})" for cond in COLUMNS.values())
-# the view's SELECT; the backfill runs the same one over the existing events
-_SELECT = f"""
-    SELECT toStartOfHour(ts) AS hour, tenant_id, sender_domain,
-           {_provider_sql("recipient_domain")} AS provider, {_CAMPAIGN_SQL} AS campaign, account_id,
-           {", ".join(f"toUInt64(countIf({cond})) AS {col}" for col, cond in COLUMNS.items())}
+_SUMS = ", ".join(f"toUInt64(countIf({cond})) AS {col}" for col, cond in COLUMNS.items())
+_COLUMNS_DDL = "".join(f"            {col} UInt64,\n" for col in COLUMNS).rstrip(",\n")
+# the views' SELECTs; the backfill runs the same ones over the existing events
+_SELECT_TENANT = f"""
+    SELECT toStartOfHour(ts) AS hour, tenant_id, {_SUMS}
     FROM events
     WHERE {_COUNTED}
-    GROUP BY hour, tenant_id, sender_domain, provider, campaign, account_id
+    GROUP BY hour, tenant_id
+"""
+# one row per (dimension, hour, tenant, key): each event counted once under each dimension
+_SELECT_DIMS = f"""
+    SELECT d.1 AS dim, hour, tenant_id, d.2 AS key, {_SUMS}
+    FROM (
+        SELECT toStartOfHour(ts) AS hour, tenant_id, type, bounce_type,
+               arrayZip(['domain', 'provider', 'campaign', 'account'],
+                        [sender_domain, {_provider_sql("recipient_domain")}, {_CAMPAIGN_SQL}, account_id]) AS dims
+        FROM events
+        WHERE {_COUNTED}
+    )
+    ARRAY JOIN dims AS d
+    GROUP BY dim, hour, tenant_id, key
 """
 
 
 def ddl(retention_days: int) -> list[str]:
     """Created after analytics.ddl (which adds ``events.recipient_domain``)."""
+    ttl = f"TTL hour + INTERVAL {int(retention_days)} DAY"
     return [
+        # the first version of this module (one wide table): replaced by the two below
+        "DROP VIEW IF EXISTS bi_hourly_mv",
+        "DROP TABLE IF EXISTS bi_hourly",
         f"""
-        CREATE TABLE IF NOT EXISTS bi_hourly (
+        CREATE TABLE IF NOT EXISTS bi_tenant_hourly (
             hour DateTime('UTC'),
             tenant_id String,
-            sender_domain String,
-            provider LowCardinality(String),
-            campaign String,
-            account_id String,
-            sent UInt64,
-            bounced UInt64,
-            soft_bounced UInt64,
-            complained UInt64,
-            opened UInt64,
-            clicked UInt64,
-            deferred UInt64,
-            errors UInt64
+{_COLUMNS_DDL}
         )
         ENGINE = SummingMergeTree
         PARTITION BY toYYYYMM(hour)
-        ORDER BY (hour, tenant_id, sender_domain, provider, campaign, account_id)
-        TTL hour + INTERVAL {int(retention_days)} DAY
+        ORDER BY (hour, tenant_id)
+        {ttl}
         """,
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS bi_hourly_mv TO bi_hourly AS {_SELECT}",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS bi_tenant_hourly_mv TO bi_tenant_hourly AS {_SELECT_TENANT}",
+        f"""
+        CREATE TABLE IF NOT EXISTS bi_dim_hourly (
+            dim LowCardinality(String),
+            hour DateTime('UTC'),
+            tenant_id String,
+            key String,
+{_COLUMNS_DDL}
+        )
+        ENGINE = SummingMergeTree
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (dim, hour, tenant_id, key)
+        {ttl}
+        """,
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS bi_dim_hourly_mv TO bi_dim_hourly AS {_SELECT_DIMS}",
         """
         CREATE TABLE IF NOT EXISTS bi_backfill (
             version UInt32,
@@ -115,20 +135,23 @@ def ddl(retention_days: int) -> list[str]:
     ]
 
 
-DROP = ["DROP VIEW IF EXISTS bi_hourly_mv", "DROP TABLE IF EXISTS bi_hourly", "DROP TABLE IF EXISTS bi_backfill"]
+DROP = ["DROP VIEW IF EXISTS bi_tenant_hourly_mv", "DROP VIEW IF EXISTS bi_dim_hourly_mv",
+        "DROP TABLE IF EXISTS bi_tenant_hourly", "DROP TABLE IF EXISTS bi_dim_hourly",
+        "DROP TABLE IF EXISTS bi_backfill"]
 
 
 def backfill(client: Any) -> bool:
-    """Fill ``bi_hourly`` from the events loaded before it existed, once (recorded in
+    """Fill the BI tables from the events loaded before they existed, once (recorded in
     ``bi_backfill``). Returns whether it ran. ``client``: a clickhouse-connect client (the
-    caller holds the store's lock)."""
+    caller holds the store's lock, and the ingest has not started)."""
     done = client.query("SELECT count() FROM bi_backfill WHERE version = {v:UInt32}",
                         parameters={"v": BACKFILL_VERSION}).result_rows[0][0]
     if int(done):
         return False
     rows = int(client.query("SELECT count() FROM events").result_rows[0][0])
     if rows:
-        client.command(f"INSERT INTO bi_hourly {_SELECT}")
+        client.command(f"INSERT INTO bi_tenant_hourly {_SELECT_TENANT}")
+        client.command(f"INSERT INTO bi_dim_hourly {_SELECT_DIMS}")
     client.insert("bi_backfill", [[BACKFILL_VERSION, rows]], column_names=["version", "rows"])
     return True
 
@@ -167,7 +190,8 @@ def validate(q: Query, now_s: int | None = None) -> None:
 def build(q: Query) -> dict[str, tuple[str, dict[str, Any]]]:
     """The SQL of the three parts of an answer: ``totals``, ``series`` and (with group_by)
     ``groups``, each as (sql, parameters). Values are bound parameters; the only interpolated
-    names come from the fixed tables above."""
+    names come from the fixed tables above. Totals, series and per-tenant groups read
+    ``bi_tenant_hourly`` (one row per tenant and hour); the other groups ``bi_dim_hourly``."""
     where = ["hour >= toStartOfHour(toDateTime({f:Int64}, 'UTC'))", "hour <= toDateTime({t:Int64}, 'UTC')"]
     params: dict[str, Any] = {"f": int(q.from_ts), "t": int(q.to_ts)}
     if q.tenant_id is not None:
@@ -177,14 +201,17 @@ def build(q: Query) -> dict[str, tuple[str, dict[str, Any]]]:
     sums = ", ".join(f"sum({c}) AS {c}" for c in SUMMED)
     bucket = "hour" if q.bucket == "hour" else "toStartOfDay(hour)"
     out = {
-        "totals": (f"SELECT {sums} FROM bi_hourly WHERE {cond}", dict(params)),
-        "series": (f"SELECT toUnixTimestamp({bucket}) AS b, {sums} FROM bi_hourly WHERE {cond} "
+        "totals": (f"SELECT {sums} FROM bi_tenant_hourly WHERE {cond}", dict(params)),
+        "series": (f"SELECT toUnixTimestamp({bucket}) AS b, {sums} FROM bi_tenant_hourly WHERE {cond} "
                    "GROUP BY b ORDER BY b", dict(params)),
     }
-    if q.group_by is not None:
-        key = DIMENSIONS[q.group_by]
-        out["groups"] = (f"SELECT {key} AS g, {sums} FROM bi_hourly WHERE {cond} "
-                         "GROUP BY g ORDER BY sent DESC, g LIMIT {top:UInt32}", {**params, "top": int(q.top)})
+    limit = "GROUP BY g ORDER BY sent DESC, g LIMIT {top:UInt32}"
+    if q.group_by == "tenant":
+        out["groups"] = (f"SELECT tenant_id AS g, {sums} FROM bi_tenant_hourly WHERE {cond} {limit}",
+                         {**params, "top": int(q.top)})
+    elif q.group_by is not None:
+        out["groups"] = (f"SELECT key AS g, {sums} FROM bi_dim_hourly WHERE dim = {{dim:String}} AND {cond} "
+                         f"{limit}", {**params, "top": int(q.top), "dim": q.group_by})
     return out
 
 

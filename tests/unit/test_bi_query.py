@@ -32,15 +32,18 @@ def test_sql_binds_values_and_names_only_fixed_columns() -> None:
         assert "tenant_id = {tenant:String}" in text
     assert "GROUP BY g ORDER BY sent DESC, g LIMIT {top:UInt32}" in sql["groups"][0]
     assert sql["groups"][1]["top"] == 7
-    assert "provider AS g" in sql["groups"][0]
+    assert "key AS g" in sql["groups"][0] and "FROM bi_dim_hourly WHERE dim = {dim:String}" in sql["groups"][0]
+    assert sql["groups"][1]["dim"] == "provider"
     assert "toStartOfDay(hour)" in sql["series"][0]
     # no group_by: no groups query; hour buckets; no tenant filter
     sql = bi.build(bi.Query(1000, 2000))
     assert set(sql) == {"totals", "series"}
     assert "toStartOfDay" not in sql["series"][0] and "tenant" not in sql["totals"][1]
     assert "tenant_id =" not in sql["totals"][0]
-    for dim, column in bi.DIMENSIONS.items():
-        assert f"{column} AS g" in bi.build(bi.Query(1000, 2000, group_by=dim))["groups"][0]
+    tenant = bi.build(bi.Query(1000, 2000, group_by="tenant"))["groups"]
+    assert "tenant_id AS g" in tenant[0] and "FROM bi_tenant_hourly" in tenant[0] and "dim" not in tenant[1]
+    for dim in ("domain", "provider", "campaign", "account"):
+        assert bi.build(bi.Query(1000, 2000, group_by=dim))["groups"][1]["dim"] == dim
 
 
 @pytest.mark.parametrize(("q", "message"), [
