@@ -4,13 +4,13 @@
 Real messages are sent for two tenants; the page, opened with a token in the URL fragment, must show
 exactly what GET /api/v1/bi/metrics answers for the same query (the page exposes the query it made
 and its Chart.js objects as ``window.postbusDashboard``): the totals and rates in its text, the
-volume chart's points, the provider and domain charts, the reputation tables. A tenant key sees its
-own tenant only; a wrong token shows an error and no numbers. The admin run's screenshot is saved as
+volume chart's points, the provider and domain charts, the reputation and campaign tables. The admin
+and a bi:read principal see every tenant, a principal without bi:read gets "Not allowed", a tenant key
+sees its own tenant only; a wrong token shows an error and no numbers. The admin run's screenshot is saved as
 tests/artifacts/dashboard.png."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +21,11 @@ import pytest
 
 from infra.supervisor import LocalSystem
 from tests.conftest import ADMIN_TOKEN, BI_TOKEN, SUPPORT_TOKEN, Tenant, wait_until
+from tests.support.browser import DashboardPage as Page
+from tests.support.browser import chromium
 
 pytestmark = pytest.mark.integration
 
-playwright_api = pytest.importorskip("playwright.sync_api")  # the [test] extra installs it
-
-CHROMIUM = os.environ.get("POSTBUS_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 COUNTS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
 RATES = ("delivery_rate", "bounce_rate", "complaint_rate", "open_rate", "click_rate")
@@ -34,40 +33,8 @@ RATES = ("delivery_rate", "bounce_rate", "complaint_rate", "open_rate", "click_r
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: run infra/install.sh (apt-get install chromium)"
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-class Page:
-    """One browser tab on the dashboard, recording every request it makes and its console errors."""
-
-    def __init__(self, browser: Any, system: LocalSystem) -> None:
-        self.base = system.url("api")
-        self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        self.page = self.context.new_page()
-        self.requests: list[str] = []
-        self.console_errors: list[str] = []
-        self.page.on("request", lambda r: self.requests.append(r.url))
-        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-
-    def open(self, fragment: str, state: str = "ready") -> None:
-        self.page.goto(f"{self.base}/dashboard#{fragment}")
-        self.page.wait_for_selector(f'body[data-state="{state}"]', timeout=60_000)
-
-    def text(self, selector: str) -> str:
-        return str(self.page.inner_text(selector)).strip()
-
-    def js(self, expr: str) -> Any:
-        return self.page.evaluate(expr)
-
-    def close(self) -> None:
-        self.context.close()
+    with chromium() as b:
+        yield b
 
 
 def bi(system: LocalSystem, token: str, query: dict[str, Any], group_by: str | None = None,
