@@ -24,13 +24,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from services.common.avro import DecodeError, codec
+from services.common.redaction import redact  # the one redaction rule (also the CLI's)
 from services.common.topics import COMMANDS, TopicMissing, topic_partitions
 
 log = logging.getLogger("postbus.api.command_log")
 
-REDACTED = "***"
-# a field whose name contains one of these is a secret (or derived from one): never shown
-SECRET_MARKERS = ("password", "secret", "token", "key_hash", "_enc", "authorization", "api_key")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 SEEK_SLACK_MS = 60_000  # producer clocks vs envelope ts: seek a little early, filter exactly
@@ -43,24 +41,6 @@ class InvalidCursor(ValueError):
 
 class CommandLogUnavailable(RuntimeError):
     pass
-
-
-def is_secret(name: str) -> bool:
-    low = name.lower()
-    return any(m in low for m in SECRET_MARKERS)
-
-
-def redact(value: Any) -> Any:
-    """A JSON-able copy of ``value`` with every secret-named field replaced by ``"***"``
-    (null stays null: it reveals only that no secret is set). Bytes become base64 text."""
-    if isinstance(value, dict):
-        return {k: (REDACTED if value[k] is not None else None) if is_secret(str(k)) else redact(value[k])
-                for k in value}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, bytes | bytearray):
-        return base64.b64encode(bytes(value)).decode()
-    return value
 
 
 def encode_cursor(offsets: dict[int, int]) -> str:

@@ -1,11 +1,8 @@
-"""Secret redaction for anything shown to an operator (the CLI's tail, trace, dead letters, state-at).
-
-The same rule as the command-log export of the API (``services/api/command_log.py``): a field whose
-name contains one of ``SECRET_MARKERS`` (also spelled with hyphens, as header names are) is a
-secret, or derived from one, and is shown as ``"***"``
-(null stays null: it reveals only that no secret is set); bytes become base64 text. Kept here so
-code outside the API (which may import only ``services/common``) applies exactly that rule;
-``tests/unit/test_cli_redaction.py`` holds both to the same markers, this one never redacting less."""
+"""Secret redaction for anything shown to an operator: the API's command-log export
+(``services/api/command_log.py``) and the CLI's tail, trace, dead letters and state-at. One rule: a
+field whose name contains one of ``SECRET_MARKERS`` (also spelled with hyphens, as header names are)
+is a secret, or derived from one, and is shown as ``"***"`` (null stays null: it reveals only that no
+secret is set); bytes become base64 text."""
 
 from __future__ import annotations
 
@@ -17,8 +14,8 @@ SECRET_MARKERS = ("password", "secret", "token", "key_hash", "_enc", "authorizat
 
 
 def is_secret(name: str) -> bool:
-    """The API's rule, and also with hyphens (a header map's ``X-API-Key``) or run together
-    (``apikey``): what the API's export redacts is redacted here too, never less."""
+    """A marker in the name, also with hyphens (a header map's ``X-API-Key``) or run together
+    (``apikey``)."""
     low = name.lower()
     spelled = low.replace("-", "_")
     return any(m in low or m in spelled for m in SECRET_MARKERS) or "apikey" in low

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 
 from services.api.command_log import (
-    REDACTED,
     Filters,
     InvalidCursor,
     decode_cursor,
@@ -18,6 +17,7 @@ from services.api.command_log import (
     to_ms,
 )
 from services.api.commands import Actor, CommandWriter
+from services.common.redaction import REDACTED
 
 
 def test_redact_replaces_secret_named_fields_recursively() -> None:
