@@ -107,8 +107,8 @@ def render_timeline(tenant_id: str, message_id: str, items: list[dict[str, Any]]
                 parts.append(f"route={it['route']!r}")
         if it["source"] == "event":
             if it["what"] == "sent" and "smtp_code" not in d:
-                # the sender records no reply code for a send: "sent" means the server accepted the
-                # message (a 2xx reply to the end of DATA)
+                # events written before the sender recorded the reply code: "sent" means the server
+                # accepted the message (a 2xx reply to the end of DATA)
                 parts.append("accepted=2xx")
             for k in ("attempt", "smtp_code", "error", "deferred_reason"):
                 if k in d:

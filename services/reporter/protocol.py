@@ -40,7 +40,7 @@ def report_item(event: dict[str, Any]) -> dict[str, Any] | None:
     else:  # error, rejected: both are final failures for the client
         item["error_ts"] = ts
         item["error"] = _error_text(event, kind)
-    if event.get("smtp_code") is not None:
+    if event.get("smtp_code") is not None and kind != "sent":  # a sent report stays the seed's {id, sent_ts}
         item["smtp_code"] = event["smtp_code"]
     return item
 

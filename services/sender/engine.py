@@ -430,7 +430,8 @@ class Sender:
         finally:
             m.SMTP_SECONDS.observe(time.perf_counter() - started)
         m.STAGE_SECONDS.labels("smtp").observe(time.perf_counter() - t_built)
-        await self.finish(key, value, "sent", ctx.attempt, slots)
+        # the end-of-data reply: both send paths raise on anything but 250
+        await self.finish(key, value, "sent", ctx.attempt, slots, smtp_code=250)
         await self.d.pipeline.sent(ctx)
 
     async def decided(self, key: str, value: dict[str, Any], ctx: pl.SendContext, decision: pl.Decision,

@@ -189,14 +189,15 @@ def test_trace_timeline(system: LocalSystem, new_tenant, smtp) -> None:
     assert add["topic"] == "postbus.commands" and add["offset"] >= 0 and add["route"] == "POST /commands/add-messages"
     assert add["actor"] and add["detail"]["to"] == ["bob@example.test"]
     sent = next(i for i in doc["timeline"] if i["what"] == "sent")
-    # the sender's sent event carries no reply code (a send is a 2xx to the end of DATA)
+    # the sender's sent event carries the end-of-data reply
     assert sent["detail"]["attempt"] == 1 and sent["detail"]["account_id"] == "main"
+    assert sent["detail"]["smtp_code"] == 250
     ack = next(i for i in doc["timeline"] if i["what"] == "report.acknowledged")
     assert sent["detail"]["event_id"] in ack["detail"]["event_ids"]
 
     # the readable form; the refused message shows its SMTP error
     r = cli(system, "trace", t.id, "tr-1")
-    assert r.returncode == 0 and "messages.add" in r.stdout and "accepted=2xx" in r.stdout
+    assert r.returncode == 0 and "messages.add" in r.stdout and "smtp_code=250" in r.stdout
     assert "report.acknowledged" in r.stdout and "route='POST /commands/add-messages'" in r.stdout
     bad = wait_until(lambda: (o := cli(system, "trace", t.id, "tr-bad")).returncode == 0
                      and "smtp_code=550" in o.stdout and o, timeout=60, interval=1, what="the 550 error")

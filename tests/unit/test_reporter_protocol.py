@@ -21,9 +21,9 @@ def _event(kind: str, **extra: object) -> dict[str, object]:
 
 
 def test_sent_item() -> None:
-    assert report_item(_event("sent")) == {
-        "id": "MSG-1", "tenant_id": "acme", "pk": "pk-1", "sent_ts": 1728458400.123
-    }
+    expected = {"id": "MSG-1", "tenant_id": "acme", "pk": "pk-1", "sent_ts": 1728458400.123}
+    assert report_item(_event("sent")) == expected
+    assert report_item(_event("sent", smtp_code=250)) == expected  # the seed's sent item: no code
 
 
 def test_error_item_carries_error_and_code() -> None:

@@ -139,6 +139,7 @@ async def test_accept_sends_then_writes_event_before_table() -> None:
     assert h.store.get(key)["s"] == "pending"
     await h.until(lambda: h.table.get(key, {}).get("s") == "sent")
     assert h.types("m1") == ["sent"]
+    assert [e["smtp_code"] for e in h.events if e["message_id"] == "m1"] == [250]  # the end-of-data reply
     assert [entry[0] for entry in h.log] == ["event", "table"]  # the event is durable first
     assert h.conns[0].sent[0][1] == ["m1@example.org"]
     assert h.checked == [key]
