@@ -13,6 +13,7 @@ import httpx
 
 from infra.supervisor import LocalSystem
 from tests.conftest import BI_TOKEN, SUPPORT_TOKEN, Tenant, wait_until
+from tests.integration.test_durability import _all_topic_bytes
 
 HTML = '<html><body><p>Hi</p><a href="https://example.org/x">go</a></body></html>'
 COUNTS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
@@ -118,6 +119,9 @@ def test_bi_refusals(system: LocalSystem, new_tenant, smtp) -> None:
     # positive controls: b reads its own send; the bi:read principal reads b's numbers
     assert _ok(_bi(system, b.api_key, **window))["totals"]["sent"] == 1
     assert _ok(_bi(system, BI_TOKEN, tenant_id=b.id, **window))["totals"]["sent"] == 1
+    # the principal's access is in the audit log (the command topic), its token is not
+    data = _all_topic_bytes(system.kafka_bootstrap)
+    assert b"support.access" in data and b"support:carol-bi" in data and BI_TOKEN.encode() not in data
     # a tenant key naming another tenant: 403, nothing read
     _refused(_bi(system, a.api_key, tenant_id=b.id, **window), 403, "INSUFFICIENT_PERMISSIONS")
     _refused(_bi(system, a.api_key, bearer=True, tenant_id=b.id, group_by="tenant", **window), 403,
