@@ -43,6 +43,9 @@ from services.sender.system_mail import SystemMailer
 log = logging.getLogger("postbus.sender")
 
 
+SETTLE_TIMEOUT_S = 30.0  # TableStore.settled: the longest wait for a key's buffered record
+
+
 class TableStore:
     """The ``messages`` table behind the engine's :class:`services.sender.engine.Store`.
 
@@ -88,10 +91,15 @@ class TableStore:
 
     async def settled(self, keys: Iterable[str]) -> None:
         """Until the buffered changelog records of ``keys`` are on the broker (the buffer is FIFO:
-        everything put before them is too)."""
+        everything put before them is too), at most ``SETTLE_TIMEOUT_S``: Faust never resolves the
+        future of a buffered record whose send failed (broker outage), and that record is lost
+        anyway, so the direct write goes on after the wait rather than stall the group commit."""
         waits = [f for key in keys if (f := self.buffered.pop(key, None)) is not None and not f.done()]
         if waits:
-            await asyncio.gather(*waits)
+            _, late = await asyncio.wait(waits, timeout=SETTLE_TIMEOUT_S)
+            if late:
+                log.warning("buffered changelog records not acknowledged in time; writing the outcomes",
+                            extra={"records": len(late), "waited_s": SETTLE_TIMEOUT_S})
 
     async def put(self, partition: int, key: str, value: dict[str, Any]) -> None:
         await self.settled((key,))
