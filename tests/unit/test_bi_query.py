@@ -144,3 +144,37 @@ def test_backfill_once_and_replay_reset(tmp_path) -> None:
         assert bi.run(s, q) == first
     finally:
         s.close()
+
+
+def test_internal_route_answers_422_and_503(store: Store) -> None:
+    """GET /internal/bi/metrics: the internal credential, 422 for a bad request, 503
+    STORE_UNAVAILABLE while ClickHouse fails (then 200 again)."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+    from fastapi.testclient import TestClient
+
+    from services.metrics.app import MetricsSettings, create_app
+
+    token = "unit-internal-token-bi-0123456789"
+    _load(store)
+    settings = MetricsSettings(metrics_ingest=False, kafka_bootstrap="127.0.0.1:1", internal_token=token)
+    window = {"from_ts": NOW_S - 86400, "to_ts": NOW_S, "group_by": "tenant"}
+
+    class Down:
+        def query(self, *_: Any, **__: Any) -> Any:
+            raise OperationalError("Error HTTPConnectionPool: Max retries exceeded (Connection refused)")
+
+    with TestClient(create_app(settings, store=store), raise_server_exceptions=False) as client:
+        assert client.get("/internal/bi/metrics", params=window).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        r = client.get("/internal/bi/metrics", params=window, headers=auth)
+        assert r.status_code == 200 and r.json()["totals"]["sent"] == 3  # positive control
+        assert [g["key"] for g in r.json()["groups"]] == ["t1", "t2"]
+        r = client.get("/internal/bi/metrics", params={**window, "bucket": "week"}, headers=auth)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR"
+        real, store._client = store._client, Down()  # type: ignore[assignment]
+        try:
+            r = client.get("/internal/bi/metrics", params=window, headers=auth)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "STORE_UNAVAILABLE"
+        finally:
+            store._client = real
+        assert client.get("/internal/bi/metrics", params=window, headers=auth).status_code == 200
