@@ -21,7 +21,7 @@ from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_guard import guarded
-from services.common.faust_support import produce_many, table_put
+from services.common.faust_support import hand_over_many, produce_many, table_put
 from services.common.http_server import set_readiness, start_metrics_server
 from services.common.suspension import INSTANCE_KEY
 from services.common.topics import (
@@ -123,9 +123,10 @@ async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
                                      for tenant_id, e in events])
 
 
-async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
-    """The group commit's changelog records of ``messages`` (the local store already has them):
-    with their explicit partition, as ``table_put`` writes them, all on the broker on return."""
+async def append_table(records: list[tuple[int, str, dict[str, Any]]]) -> asyncio.Future[Any]:
+    """Changelog records of ``messages`` (the local store already has them), with their explicit
+    partition as ``table_put`` writes them, handed to the producer after the keys' buffered records;
+    returns the future of their acknowledgements."""
     await message_store.settled(key for _, key, _ in records)  # after the keys' buffered records
     topic = messages.changelog_topic
     out = []
@@ -133,7 +134,12 @@ async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
         k, _ = topic.prepare_key(key, messages.key_serializer)
         v, _ = topic.prepare_value(value, messages.value_serializer)
         out.append((partition, k, v))
-    await produce_many(app, topic.get_topic_name(), out)
+    return await hand_over_many(app, topic.get_topic_name(), out)
+
+
+async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
+    """The group commit's changelog records, all on the broker on return."""
+    await (await append_table(records))
 
 
 _targets: dict[str, tuple[int, SmtpTarget]] = {}
@@ -186,6 +192,7 @@ sender = Sender(Deps(
     emit=emit,
     write_events=write_events,
     write_table=write_table,
+    append_table=append_table,
     account=accounts.get,
     tenant=tenants.get,
     instance=lambda: instance_view.get(INSTANCE_KEY),

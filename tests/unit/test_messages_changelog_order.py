@@ -28,15 +28,18 @@ SCRIPT = textwrap.dedent("""
     produced = []   # what reached the producer directly, in order
     buffered = {}   # key -> the future of its record in the send-soon buffer
 
-    async def produce_many(app, topic, records):
+    async def hand_over_many(app, topic, records):
         produced.extend(records)
+        acks = asyncio.get_running_loop().create_future()
+        acks.set_result(None)
+        return acks
 
     def send_changelog(partition, key, value, key_serializer=None, value_serializer=None):
         fut = asyncio.get_running_loop().create_future()
         buffered[key] = fut
         return fut
 
-    svc.produce_many = produce_many
+    svc.hand_over_many = hand_over_many
     table = svc.message_store.table
     table.send_changelog = send_changelog
     table.partition_for_key = lambda key: 3   # the current command's partition

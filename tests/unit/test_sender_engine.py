@@ -69,7 +69,10 @@ class Harness:
         self.checked: list[str] = []
         self.durable = asyncio.Event()  # cleared: the broker does not answer
         self.durable.set()
+        self.table_durable = asyncio.Event()  # cleared: the changelog does not answer
+        self.table_durable.set()
         self.table: dict[str, dict[str, Any]] = {}  # what the changelog has
+        self._landing: set[asyncio.Future[Any]] = set()
 
         async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
             await self.durable.wait()
@@ -78,9 +81,20 @@ class Harness:
                 self.log.append(("event", (e["message_id"], e["type"])))
 
         async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
+            await self.table_durable.wait()
             for _, key, value in records:
                 self.table[key] = value
                 self.log.append(("table", (key, value["s"], value.get("a"))))
+
+        async def append_table(records: list[tuple[int, str, dict[str, Any]]]) -> asyncio.Future[Any]:
+            acks: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+            async def land() -> None:
+                await write_table(records)
+                acks.set_result(None)
+
+            self._landing.add(asyncio.ensure_future(land()))
+            return acks
 
         async def emit(tenant_id: str, events: list[dict[str, Any]]) -> None:
             for e in events:
@@ -103,7 +117,7 @@ class Harness:
             return conn
 
         self.sender = Sender(Deps(
-            store=self.store, emit=emit, write_events=write_events, write_table=write_table,
+            store=self.store, emit=emit, write_events=write_events, write_table=write_table, append_table=append_table,
             unflushed_per_worker=per_worker,
             account=lambda key: {"id": key, "max_connections": 1, "updated_ts": 1},
             tenant=lambda tid: {"id": tid, "active": True},
@@ -134,17 +148,19 @@ class Harness:
 
 async def test_accept_sends_then_writes_event_before_table() -> None:
     h = Harness()
-    h.sender.accept(h.message("m1"), partition=0, seq=1)
+    await h.sender.accept_all([h.message("m1")], 0, 1)
     key = table_key("t1", "m1")
     assert h.store.get(key)["s"] == "pending"
     await h.until(lambda: h.table.get(key, {}).get("s") == "sent")
     assert h.types("m1") == ["sent"]
     assert [e["smtp_code"] for e in h.events if e["message_id"] == "m1"] == [250]  # the end-of-data reply
-    assert [entry[0] for entry in h.log] == ["event", "table"]  # the event is durable first
+    # the pending record is on the changelog before the message is even scheduled; then the event
+    # is durable before the final state
+    assert h.log == [("table", (key, "pending", 0)), ("event", ("m1", "sent")), ("table", (key, "sent", None))]
     assert h.conns[0].sent[0][1] == ["m1@example.org"]
     assert h.checked == [key]
     # the same submission again (re-read after a restart): ignored, nothing sent twice
-    h.sender.accept(h.message("m1"), partition=0, seq=1)
+    await h.sender.accept_all([h.message("m1")], 0, 1)
     await asyncio.sleep(0.05)
     assert len(h.conns[0].sent) == 1 and h.types("m1") == ["sent"]
     await h.sender.stop()
@@ -153,8 +169,8 @@ async def test_accept_sends_then_writes_event_before_table() -> None:
 async def test_suspended_batch_is_held_then_released() -> None:
     h = Harness()
     await h.sender.suspension_changed({}, {"tenant_id": "t1", "all": False, "batches": ["b1"], "updated_ts": 1})
-    h.sender.accept(h.message("m1", batch_code="b1"), partition=0, seq=1)
-    h.sender.accept(h.message("m2", batch_code="b2"), partition=0, seq=2)
+    await h.sender.accept_all([h.message("m1", batch_code="b1")], 0, 1)
+    await h.sender.accept_all([h.message("m2", batch_code="b2")], 0, 2)
     key1 = table_key("t1", "m1")
     await h.until(lambda: h.types("m2") == ["sent"])
     await h.until(lambda: key1 in h.sender.held.get("t1", set()))
@@ -169,7 +185,7 @@ async def test_suspended_batch_is_held_then_released() -> None:
 async def test_temporary_failure_is_retried_then_sent() -> None:
     refused = aiosmtplib.SMTPResponseException(451, "4.7.1 try later")
     h = Harness(script=[refused])
-    h.sender.accept(h.message("m1"), partition=0, seq=1)
+    await h.sender.accept_all([h.message("m1")], 0, 1)
     key = table_key("t1", "m1")
     await h.until(lambda: h.types("m1") == ["deferred"])
     value = h.store.get(key)
@@ -184,7 +200,7 @@ async def test_temporary_failure_is_retried_then_sent() -> None:
 
 async def test_permanent_failure_and_last_attempt_end_in_error() -> None:
     h = Harness(script=[aiosmtplib.SMTPResponseException(550, "5.1.1 no such user")])
-    h.sender.accept(h.message("m1"), partition=0, seq=1)
+    await h.sender.accept_all([h.message("m1")], 0, 1)
     await h.until(lambda: h.types("m1") == ["error"])
     assert h.store.get(table_key("t1", "m1"))["s"] == "error"
     await h.sender.stop()
@@ -193,8 +209,8 @@ async def test_permanent_failure_and_last_attempt_end_in_error() -> None:
 async def test_delete_and_cleanup_and_rebuild() -> None:
     h = Harness()
     await h.sender.suspension_changed({}, {"tenant_id": "t1", "all": True, "batches": [], "updated_ts": 1})
-    h.sender.accept(h.message("m1"), partition=0, seq=1)
-    h.sender.accept(h.message("m2"), partition=0, seq=2)
+    await h.sender.accept_all([h.message("m1")], 0, 1)
+    await h.sender.accept_all([h.message("m2")], 0, 2)
     assert h.sender.rebuild() == 2  # the schedule again from the table's pending entries
     await h.sender.delete({}, {"tenant_id": "t1", "ids": ["m1"]})
     assert h.types("m1") == ["deleted"] and h.store.get(table_key("t1", "m1")) is None
@@ -204,20 +220,35 @@ async def test_delete_and_cleanup_and_rebuild() -> None:
     await h.sender.stop()
 
 
+async def test_a_message_is_sent_only_once_its_pending_record_is_on_the_changelog() -> None:
+    h = Harness()
+    await h.sender.accept_all([h.message("m0")], 0, 1)  # control: accepted, then sent
+    await h.until(lambda: h.types("m0") == ["sent"])
+    h.table_durable.clear()
+    await h.sender.accept_all([h.message("m1")], 0, 2)  # handed over: returns without waiting for acks
+    assert h.store.get(table_key("t1", "m1"))["s"] == "pending"
+    await asyncio.sleep(0.05)
+    assert h.types("m1") == [] and len(h.conns[0].sent) == 1  # not sent before the record is acknowledged
+    h.table_durable.set()
+    await h.until(lambda: h.types("m1") == ["sent"])
+    assert h.log.index(("table", (table_key("t1", "m1"), "pending", 0))) < h.log.index(("event", ("m1", "sent")))
+    await h.sender.stop()
+
+
 async def test_group_commit_window_bounds_what_is_not_durable() -> None:
     """The broker stops answering: a worker hands over at most ``per_worker`` outcomes and sends no
     more; nothing reaches the changelog before its event; all of it is written once it answers."""
     h = Harness(per_worker=2)
     h.durable.clear()
     for i in range(6):
-        h.sender.accept(h.message(f"m{i}"), partition=0, seq=i)
+        await h.sender.accept_all([h.message(f"m{i}")], 0, i)
     await h.until(lambda: h.sender.commit.unsettled == 2)
     await asyncio.sleep(0.05)
     # two outcomes waiting for the broker, the third message sent and waiting for a slot: no more
     assert len(h.conns[0].sent) == 3 and h.sender.commit.unsettled == 2
-    assert h.events == [] and h.table == {}
+    assert h.events == [] and {v["s"] for v in h.table.values()} == {"pending"}  # accepted, no final state
     h.durable.set()
-    await h.until(lambda: len(h.table) == 6)
+    await h.until(lambda: [v["s"] for v in h.table.values()] == ["sent"] * 6)
     assert sorted(e["message_id"] for e in h.events) == [f"m{i}" for i in range(6)]
     for i in range(6):  # per message: its event before its table record
         key = table_key("t1", f"m{i}")
@@ -232,7 +263,7 @@ async def test_a_replacement_waits_for_the_outcome_it_follows() -> None:
     the replacement is written after that outcome, so a recovery never restores the older value."""
     h = Harness(script=[aiosmtplib.SMTPResponseException(451, "4.7.1 later")])
     h.durable.clear()
-    h.sender.accept(h.message("m1"), partition=0, seq=1)
+    await h.sender.accept_all([h.message("m1")], 0, 1)
     key = table_key("t1", "m1")
     await h.until(lambda: key in h.sender.commit.keys)
     replaced = asyncio.ensure_future(h.sender.accept_all([h.message("m1", pk="pk-new")], 0, 2))
