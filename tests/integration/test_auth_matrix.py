@@ -105,6 +105,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/metrics"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/status"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/config"): Route("smtp"),
+    # BI aggregates (docs/bi.md): a tenant key for its own tenant; another tenant's is 403
+    ("GET", "/api/v1/bi/metrics"): Route("smtp", query=T),
     ("GET", "/domains/{name}/outbound"): Route("domain"),
     # registering another tenant's unverified (live) claim: 409 domain_claim_pending; proving DNS
     # control instead: its own challenge token (ses-verify) and the DNS check of it (ses-status)

@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,15 +31,15 @@ def program() -> list[str]:
     """The installed ``postbus`` console script when it runs this tree's code (``make install``
     installs the package editable, so CI's fresh clone has it), else the same entry point through
     ``python -m services.cli``."""
-    script = shutil.which("postbus")
-    if script:
-        with open(script, encoding="utf-8", errors="replace") as fh:
-            interpreter = fh.readline().removeprefix("#!").strip()
+    # the script pip installed for this interpreter (next to it); a PATH lookup may find a wrapper
+    # (a pyenv shim is a bash script) instead
+    script = Path(sys.executable).parent / "postbus"
+    if script.is_file():
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        where = subprocess.run([interpreter, "-c", "import services.cli as m; print(m.__file__)"], cwd="/",
+        where = subprocess.run([sys.executable, "-c", "import services.cli as m; print(m.__file__)"], cwd="/",
                                env=env, capture_output=True, text=True, timeout=60).stdout.strip()
         if where and Path(where).resolve().is_relative_to(REPO):
-            return [script]
+            return [str(script)]
     return [sys.executable, "-m", "services.cli"]
 
 
