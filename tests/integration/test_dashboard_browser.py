@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def bi(system: LocalSystem, token: str, query: dict[str, Any], group_by: str | N
 
 
 def fmt_rate(r: float) -> str:
-    return f"{r * 100:.2f}%"
+    """As the page's ``(r * 100).toFixed(2)``: JavaScript rounds an exact tie up (0.125 -> "0.13"),
+    Python's format rounds it to even ("0.12"); the exact binary value rounded half up is the same."""
+    return f"{Decimal(r * 100).quantize(Decimal('0.01'), rounding=ROUND_HALF_UP)}%"
 
 
 def label(key: Any) -> str:
