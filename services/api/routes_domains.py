@@ -582,14 +582,9 @@ async def ses_status(name: str, request: Request) -> dict[str, Any]:
     # exactly what ses-verify told the client to publish: the TXT token and every DKIM key's TXT record
     resolver = dns_check.make_resolver(st.settings.dns_resolvers, st.settings.dns_timeout_s)
     prefix = st.settings.domain_verification_prefix
-    standby = list(rec.get("dkim_standby") or [])
-    vstatus, signing, *others = await asyncio.gather(
-        dns_check.check_token(resolver, f"{prefix}.{rec['name']}", rec["verification_token"]),
-        dns_check.check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]),
-        *(dns_check.check_dkim(resolver, f"{k['selector']}._domainkey.{rec['name']}", k["public_key"])
-          for k in standby))
-    new = {**rec, "verification_status": vstatus, "dkim_status": dns_check.combined([signing, *others]),
-           "dkim_standby": [{**k, "status": status} for k, status in zip(standby, others, strict=True)]}
+    vstatus, signing, standby = await dns_check.check_domain_records(resolver, prefix, rec)
+    dstatus = dns_check.combined([signing, *(k["status"] for k in standby)])
+    new = {**rec, "verification_status": vstatus, "dkim_status": dstatus, "dkim_standby": standby}
     if rec.get("dkim_next_selector"):
         await _check_rotation(resolver, new)
     verified = rec["verified"] or (vstatus == new["dkim_status"] == dns_check.SUCCESS)

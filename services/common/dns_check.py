@@ -6,6 +6,8 @@ Statuses follow the seed's vocabulary: ``Success`` (the expected value is publis
 
 from __future__ import annotations
 
+import asyncio
+
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
@@ -96,3 +98,16 @@ def combined(statuses: list[str]) -> str:
         if status in statuses:
             return status
     return SUCCESS
+
+
+async def check_domain_records(resolver: dns.asyncresolver.Resolver, prefix: str,
+                               rec: dict) -> tuple[str, str, list[dict]]:
+    """A domain record's published DNS checked: ``(verification status, signing key's DKIM status,
+    standby keys each with its own status)`` for the TXT token under ``prefix`` and every DKIM key
+    (``combined`` makes one DKIM status of them)."""
+    standby = list(rec.get("dkim_standby") or [])
+    vstatus, signing, *others = await asyncio.gather(
+        check_token(resolver, f"{prefix}.{rec['name']}", rec["verification_token"]),
+        check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]),
+        *(check_dkim(resolver, f"{k['selector']}._domainkey.{rec['name']}", k["public_key"]) for k in standby))
+    return vstatus, signing, [{**k, "status": s} for k, s in zip(standby, others, strict=True)]

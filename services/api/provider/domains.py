@@ -152,16 +152,11 @@ async def domain_verify(request: Request, user_id: int | None = Query(None), dom
         raise ProviderError(422, "The domain has no DNS records yet: add it with smtp-domain-add first.")
     resolver = dns_check.make_resolver(st.settings.dns_resolvers, st.settings.dns_timeout_s)
     prefix = st.settings.domain_verification_prefix
-    standby = list(rec.get("dkim_standby") or [])
-    vstatus, signing, *others = await asyncio.gather(
-        dns_check.check_token(resolver, f"{prefix}.{rec['name']}", rec["verification_token"]),
-        dns_check.check_dkim(resolver, f"{rec['dkim_selector']}._domainkey.{rec['name']}", rec["dkim_public_key"]),
-        *(dns_check.check_dkim(resolver, f"{k['selector']}._domainkey.{rec['name']}", k["public_key"])
-          for k in standby))
-    dstatus = dns_check.combined([signing, *others])
+    vstatus, signing, standby = await dns_check.check_domain_records(resolver, prefix, rec)
+    dstatus = dns_check.combined([signing, *(k["status"] for k in standby)])
     verified = bool(rec["verified"]) or (vstatus == dstatus == dns_check.SUCCESS)
     new = {**rec, "verification_status": vstatus, "dkim_status": dstatus, "verified": verified,
-           "dkim_standby": [{**k, "status": s} for k, s in zip(standby, others, strict=True)]}
+           "dkim_standby": standby}
     if any(new[k] != rec.get(k) for k in new):
         new["updated_ts"] = q.now_ms()
         await _save(st, rt, user.actor, "domain.verification", "GET /api/v1/smtp-domain-verify", new)
@@ -170,8 +165,8 @@ async def domain_verify(request: Request, user_id: int | None = Query(None), dom
     problems = []
     for host, status, what in ((f"{prefix}.{rec['name']}", vstatus, "verification TXT record"),
                                (f"{rec['dkim_selector']}._domainkey.{rec['name']}", signing, "DKIM record"),
-                               *((f"{k['selector']}._domainkey.{rec['name']}", s, "DKIM record")
-                                 for k, s in zip(standby, others, strict=True))):
+                               *((f"{k['selector']}._domainkey.{rec['name']}", k["status"], "DKIM record")
+                                 for k in standby)):
         if status == dns_check.PENDING:
             problems.append(f"The {what} {host} is missing.")
         elif status == dns_check.FAILED:
