@@ -28,6 +28,7 @@ from services.api.provider.auth import ProviderUser, checked_user
 from services.api.provider.common import iso, now_ms, valid_email, write, write_fenced
 from services.api.provider.envelope import ProviderError, errors, ok, provider_router
 from services.api.provider.ids import next_id
+from services.api.provider.owned import CAMPAIGNS, LISTS, SENDERS, TEMPLATES
 from services.api.provider.views import register_view
 from services.api.state import ApiState
 from services.common import suspension
@@ -149,8 +150,7 @@ def _url_domains(st: ApiState, tenant_id: str) -> list[dict[str, Any]]:
 
 
 def _user_senders(st: ApiState, user: ProviderUser) -> list[dict[str, Any]]:
-    return sorted(st.provider.of_user(st.provider.senders, user.tenant_id, user.user_id),
-                  key=lambda r: int(r["sender_id"]))
+    return SENDERS.of_user(st, user)
 
 
 def _domain_verified(request: Request, name: str) -> bool:
@@ -175,8 +175,7 @@ def _bounce_emails(request: Request, st: ApiState, user: ProviderUser) -> list[d
 
 
 def _templates(st: ApiState, user: ProviderUser) -> list[dict[str, Any]]:
-    recs = sorted(st.provider.of_user(st.provider.templates, user.tenant_id, user.user_id),
-                  key=lambda r: int(r["template_id"]))
+    recs = TEMPLATES.of_user(st, user)
     return [{"id": int(r["template_id"]), "name": r["name"], "subject": r.get("subject"), "active": bool(r["active"])}
             for r in recs]
 
@@ -222,23 +221,38 @@ def campaign_out(rec: dict[str, Any], cursor: dict[str, Any] | None,
     }
 
 
-def _own_campaign(st: ApiState, user: ProviderUser, campaign_id: int | None) -> dict[str, Any]:
-    if campaign_id is None:
-        raise ProviderError(422, "The campaign id field is required.")
-    rec = st.provider.owned(st.provider.view("campaigns"), user.tenant_id, int(campaign_id), user.user_id)
-    if rec is None:
-        raise ProviderError(404, NOT_FOUND)
-    return rec
+class _Change:
+    """What a fenced change of one of the user's campaigns (update, pause) starts from: the views, the
+    campaign as this replica reads it now, and its key."""
+
+    def __init__(self, request: Request, user: ProviderUser, campaign_id: int) -> None:
+        self.st = state_of(request)
+        self.user = user
+        self.campaigns, self.cursors = _views(self.st)
+        rec = CAMPAIGNS.owned(self.st, user, campaign_id)
+        self.campaign_id = int(rec["campaign_id"])
+        self.rec = rec
+        self.key = _key(user.tenant_id, self.campaign_id)
+
+    def current(self) -> dict[str, Any]:
+        """The campaign on the caught-up view, inside ``build`` (another replica may have changed it)."""
+        current = self.campaigns.get(self.key)
+        if current is None or int(current["user_id"]) != self.user.user_id:
+            raise ProviderError(404, NOT_FOUND)
+        return current  # type: ignore[no-any-return]
+
+    def catch_up(self, *views: Any) -> Any:
+        async def run() -> None:
+            for view in (self.campaigns, *views):
+                await view.catch_up()
+        return run
 
 
 def _resolve(request: Request, st: ApiState, user: ProviderUser, a: AllRequest, template_id: int,
              list_id: int, name: str, segment: str | None) -> dict[str, Any]:
     """The campaign fields an all_request (+ its template, list) decides, validated; 422/404 otherwise."""
-    tpl = st.provider.owned(st.provider.templates, user.tenant_id, template_id, user.user_id)
-    if tpl is None:
-        raise ProviderError(404, "The template was not found.")
-    if st.provider.owned(st.provider.lists, user.tenant_id, list_id, user.user_id) is None:
-        raise ProviderError(404, "The mailing list was not found.")
+    tpl = TEMPLATES.owned(st, user, template_id)
+    LISTS.owned(st, user, list_id)
     if (segment or "all") != "all":
         raise ProviderError(422, "The selected segment is invalid.")
     msgs: list[str] = []
@@ -322,8 +336,7 @@ async def campaign_index(request: Request, user_id: int | None = Query(None),
 async def campaign_create(request: Request, user_id: int | None = Query(None),
                           user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    lists = sorted(st.provider.of_user(st.provider.lists, user.tenant_id, user.user_id),
-                   key=lambda r: int(r["list_id"]))
+    lists = LISTS.of_user(st, user)
     return ok({"senderDetails": _sender_details(request, st, user), "templates": _templates(st, user),
                "mailing_lists": [{"id": int(r["list_id"]), "name": r["name"]} for r in lists],
                "url_domains": _url_domains(st, user.tenant_id), "vmtas": _vmtas(st, user.tenant_id),
@@ -352,7 +365,7 @@ async def campaign_store(body: CampaignStoreIn, request: Request, user: Provider
 async def campaign_edit(request: Request, user_id: int | None = Query(None), campaign_id: int | None = Query(None),
                         user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    rec = _own_campaign(st, user, campaign_id)
+    rec = CAMPAIGNS.owned(st, user, campaign_id)
     cursor = _views(st)[1].get(_key(user.tenant_id, int(rec["campaign_id"])))
     counts = await _counts(st, user.tenant_id, [int(rec["campaign_id"])])
     return ok({"campaign": campaign_out(rec, cursor, counts), "senderDetails": _sender_details(request, st, user),
@@ -364,10 +377,8 @@ async def campaign_edit(request: Request, user_id: int | None = Query(None), cam
 @router.post("/smtp-campaign-update", summary="Change a campaign that has not finished",
              responses=errors(401, 403, 404, 422, 503))
 async def campaign_update(body: CampaignUpdateIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
-    st = state_of(request)
-    campaigns, cursors = _views(st)
-    rec = _own_campaign(st, user, body.campaign_id)
-    key = _key(user.tenant_id, int(rec["campaign_id"]))
+    ch = _Change(request, user, body.campaign_id)
+    st, cursors, key = ch.st, ch.cursors, ch.key
     begins = parse_begins_at(body.begins_at) if body.begins_at else None
 
     def check(current: dict[str, Any], cursor: dict[str, Any] | None) -> dict[str, Any]:
@@ -383,45 +394,33 @@ async def campaign_update(body: CampaignUpdateIn, request: Request, user: Provid
                         body.template_id if body.template_id is not None else int(current["template_id"]), list_id,
                         body.campaign_name or current["name"], body.segment or current.get("segment"))
 
-    check(rec, cursors.get(key))  # validation errors before any write
-    out: dict[str, Any] = {}
+    check(ch.rec, cursors.get(key))  # validation errors before any write
 
-    def build() -> ConfigWrite:  # on the caught-up views (another replica may have changed it)
-        current = campaigns.get(key)
-        if current is None or int(current["user_id"]) != user.user_id:
-            raise ProviderError(404, NOT_FOUND)
+    def build() -> ConfigWrite:  # on the caught-up views
+        current = ch.current()
         fields = check(current, cursors.get(key))
         new = {**current, **fields, "begins_ts": begins if begins is not None else current["begins_ts"],
                "updated_ts": now_ms()}
-        out["rec"] = new
         return ConfigWrite("provider.campaign.update", user.tenant_id, user.actor, "POST /api/v1/smtp-campaign-update",
                            "ProviderCampaign", new, [ConfigRecord(CONFIG_PROVIDER_CAMPAIGNS, key, "ProviderCampaign",
                                                                   new)])
 
-    async def catch_up() -> None:
-        await campaigns.catch_up()
-        await cursors.catch_up()
-
-    await write_fenced(st, await st.writer.shard_of(user.tenant_id), catch_up, build)
+    await write_fenced(st, await st.writer.shard_of(user.tenant_id), ch.catch_up(cursors), build)
     return ok({"campaigns": UPDATED})
 
 
 @router.post("/smtp-campaign-pause", summary="Pause or resume a campaign (its expansion and its queued mail)",
              responses=errors(401, 403, 404, 422, 503))
 async def campaign_pause(body: CampaignPauseIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
-    st = state_of(request)
-    campaigns, cursors = _views(st)
-    rec = _own_campaign(st, user, body.campaign_id)
-    key = _key(user.tenant_id, int(rec["campaign_id"]))
-    tid, code = user.tenant_id, batch_code(int(rec["campaign_id"]))
+    ch = _Change(request, user, body.campaign_id)
+    st, cursors, key = ch.st, ch.cursors, ch.key
+    tid, code = user.tenant_id, batch_code(ch.campaign_id)
     assert st.suspensions is not None
     susp_view = st.suspensions
     out: dict[str, Any] = {}
 
-    def build() -> ConfigWrite:
-        current = campaigns.get(key)
-        if current is None or int(current["user_id"]) != user.user_id:
-            raise ProviderError(404, NOT_FOUND)
+    def build() -> ConfigWrite:  # on the caught-up views
+        current = ch.current()
         pause = not current.get("paused")
         now = now_ms()
         new = {**current, "paused": pause, "updated_ts": now}
@@ -436,11 +435,7 @@ async def campaign_pause(body: CampaignPauseIn, request: Request, user: Provider
         return ConfigWrite(f"messages.{'suspend' if pause else 'activate'}", tid, user.actor, route, "Suspension",
                            record, [ConfigRecord(CONFIG_SUSPENSIONS, tid, "Suspension", record), *records])
 
-    async def catch_up() -> None:
-        await campaigns.catch_up()
-        await susp_view.catch_up()
-
-    offsets = await st.writer.update_config(await st.writer.shard_of(tid), catch_up, build)
+    offsets = await st.writer.update_config(await st.writer.shard_of(tid), ch.catch_up(susp_view), build)
     await st.provider.wait_visible(offsets, st.settings.write_timeout_s)
     if CONFIG_SUSPENSIONS in offsets:
         await susp_view.wait_for(offsets[CONFIG_SUSPENSIONS], st.settings.write_timeout_s)

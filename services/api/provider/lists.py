@@ -27,6 +27,7 @@ from services.api.provider.auth import ProviderUser, checked_user
 from services.api.provider.common import iso, now_ms, valid_email, write, write_fenced
 from services.api.provider.envelope import ProviderError, errors, ok, provider_router
 from services.api.provider.ids import next_id, next_ids
+from services.api.provider.owned import LISTS
 from services.api.routes_suppression import entry_key, suppression_view
 from services.api.state import ApiState
 from services.common.topics import CONFIG_PROVIDER_LISTS, CONFIG_PROVIDER_MEMBERS
@@ -78,26 +79,11 @@ def member_out(rec: dict[str, Any], suppressed: bool) -> dict[str, Any]:
             "created_at": iso(rec["created_ts"])}
 
 
-def user_list(request: Request, user: ProviderUser, list_id: Any) -> dict[str, Any]:
-    st = state_of(request)
-    if list_id is None or list_id == "":
-        raise ProviderError(422, "The mailing list id field is required.")
-    try:
-        lid = int(str(list_id))
-    except ValueError:
-        raise ProviderError(422, "The mailing list id must be an integer.") from None
-    rec = st.provider.owned(st.provider.lists, user.tenant_id, lid, user.user_id)
-    if rec is None:
-        raise ProviderError(404, "The mailing list was not found.")
-    return rec
-
-
 @router.get("/smtp-mailing-list", summary="List the user's mailing lists", responses=errors(401, 403, 422))
 async def mailing_list(request: Request, user_id: int | None = Query(None),
                        user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    recs = sorted(st.provider.of_user(st.provider.lists, user.tenant_id, user.user_id), key=lambda r: int(r["list_id"]))
-    return ok({"mailing_list": [list_out(st, r) for r in recs]})
+    return ok({"mailing_list": [list_out(st, r) for r in LISTS.of_user(st, user)]})
 
 
 @router.post("/smtp-mailing-add", summary="Add a mailing list", responses=errors(401, 403, 422, 503))
@@ -133,7 +119,7 @@ def _check_member(m: MemberIn) -> tuple[str | None, dict[str, Any] | None]:
              responses=errors(401, 403, 404, 422, 503))
 async def members_add(body: MembersAddIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    lst = user_list(request, user, body.mailing_list_id)
+    lst = LISTS.owned(st, user, body.mailing_list_id)
     list_id = int(lst["list_id"])
     refused: list[dict[str, Any]] = []
     candidates: list[tuple[int, dict[str, Any]]] = []
@@ -210,7 +196,7 @@ async def members(request: Request, user_id: int | None = Query(None), mailing_l
                   status: str | None = Query(None, description="subscribed | unsubscribed"),
                   user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    lst = user_list(request, user, mailing_list_id)
+    lst = LISTS.owned(st, user, mailing_list_id)
     if status is not None and status not in STATUSES:
         raise ProviderError(422, "The selected status is invalid.")
     recs = sorted((m for m in list(st.provider.list_members(user.tenant_id, int(lst["list_id"])).values())
@@ -228,7 +214,7 @@ async def members(request: Request, user_id: int | None = Query(None), mailing_l
              responses=errors(401, 403, 404, 422, 503))
 async def members_remove(body: MembersRemoveIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    lst = user_list(request, user, body.mailing_list_id)
+    lst = LISTS.owned(st, user, body.mailing_list_id)
     list_id = int(lst["list_id"])
     if not body.emails and not body.member_ids:
         raise ProviderError(422, "The emails or member ids field is required.")

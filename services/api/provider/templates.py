@@ -18,6 +18,7 @@ from services.api.provider.common import iso, now_ms, write
 from services.api.provider.default_templates import DEFAULT_TEMPLATES
 from services.api.provider.envelope import ProviderError, errors, ok, provider_router
 from services.api.provider.ids import next_id
+from services.api.provider.owned import TEMPLATES
 from services.common.templating import MAX_SOURCE_CHARS, TemplateError, compile_template
 from services.common.topics import CONFIG_PROVIDER_TEMPLATES
 
@@ -64,27 +65,10 @@ def check_compiles(html_body: str | None, subject: str | None) -> None:
             raise ProviderError(422, f"The {field} is not a valid template: {exc}.") from None
 
 
-def user_template(request: Request, user: ProviderUser, template_id: Any) -> dict[str, Any]:
-    st = state_of(request)
-    if template_id is None or template_id == "":
-        raise ProviderError(422, "The template id field is required.")
-    try:
-        tid = int(str(template_id))
-    except ValueError:
-        raise ProviderError(422, "The template id must be an integer.") from None
-    rec = st.provider.owned(st.provider.templates, user.tenant_id, tid, user.user_id)
-    if rec is None:
-        raise ProviderError(404, "The template was not found.")
-    return rec
-
-
 @router.get("/smtp-template-index", summary="List the user's templates", responses=errors(401, 403, 422))
 async def template_index(request: Request, user_id: int | None = Query(None),
                          user: ProviderUser = Depends(checked_user)) -> Any:
-    st = state_of(request)
-    recs = sorted(st.provider.of_user(st.provider.templates, user.tenant_id, user.user_id),
-                  key=lambda r: int(r["template_id"]))
-    return ok({"templates": [template_out(r) for r in recs]})
+    return ok({"templates": [template_out(r) for r in TEMPLATES.of_user(state_of(request), user)]})
 
 
 @router.get("/smtp-template-default", summary="List the built-in templates", responses=errors(401, 403, 422))
@@ -96,7 +80,7 @@ async def template_default(request: Request, user_id: int | None = Query(None),
 @router.get("/smtp-template-show", summary="Show one of the user's templates", responses=errors(401, 403, 404, 422))
 async def template_show(request: Request, user_id: int | None = Query(None), template_id: str | None = Query(None),
                         user: ProviderUser = Depends(checked_user)) -> Any:
-    return ok({"templates": template_out(user_template(request, user, template_id))})
+    return ok({"templates": template_out(TEMPLATES.owned(state_of(request), user, template_id))})
 
 
 @router.post("/smtp-template-add", summary="Add a template (refused with 422 if it does not compile)",
@@ -119,7 +103,7 @@ async def template_add(body: TemplateAddIn, request: Request, user: ProviderUser
 async def template_update(body: TemplateUpdateIn, request: Request,
                           user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    rec = dict(user_template(request, user, body.template_id))
+    rec = dict(TEMPLATES.owned(st, user, body.template_id))
     check_compiles(body.html_body, body.subject)
     given = body.model_fields_set
     for field in ("name", "html_body", "subject", "active"):
