@@ -1,8 +1,10 @@
 """BI aggregates (issue 13): load N synthetic delivery events into the metrics store (embedded
 ClickHouse, the service's own schema; ``INSERT INTO events SELECT ... FROM numbers(N)``, so the
-``bi_hourly`` materialized view is fed exactly as by the ingest) and time 30-day queries through
-the metrics service's internal route ``GET /internal/bi/metrics`` (the FastAPI app of
-services/metrics/app.py, in process, with the internal credential; no TCP).
+BI materialized views are fed exactly as by the ingest) and time 30-day queries through the
+metrics service's internal route ``GET /internal/bi/metrics`` (the FastAPI app of
+services/metrics/app.py, in process, with the internal credential; no TCP), each with the
+distinct-message figures (``distinct=true``, the default) and without them (``distinct=false``:
+the event counts only).
 
     python bench/bi_query.py [--events 10000000] [--path /tmp/postbus-bench-bi] [--repeat 5]
 
@@ -11,7 +13,8 @@ opens, clicks, hard/soft bounces and complaints, two events per message; 200 ten
 ~30 % of the messages), one sending domain per tenant (three for the big one), 1-2 accounts, 10
 recipient domains (8 providers), campaigns (``campaign-<id>-<n>`` ids, ~25 % of the messages) and
 daily batch codes; 35 days of history ending now. 5 % of the events are loaded a second time
-(a re-loaded batch must not change any count).
+(a re-loaded batch, as after a crash between an insert and its offsets): the event counts include
+the copies, the distinct figures must not (checked against ``uniqExact`` straight from ``events``).
 """
 
 from __future__ import annotations
@@ -96,11 +99,13 @@ def main() -> None:
               f"({(args.events + args.events // 20) / load_s:,.0f} rows/s, through the materialized view)")
     events = store._client.query("SELECT count() FROM events").result_rows[0][0]
     print(f"events rows: {events:,}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    for table in ("bi_tenant_hourly", "bi_dim_hourly"):
+    for table in ("bi_tenant_hourly", "bi_dim_hourly", "bi_tenant_uniq_hourly", "bi_dim_uniq_hourly"):
         rows = store._client.query(f"SELECT count() FROM {table}").result_rows[0][0]
         parts = store._client.query(f"SELECT count() FROM system.parts WHERE table = '{table}' AND active"
                                     ).result_rows[0][0]
-        print(f"{table}: {rows:,} rows in {parts} parts", flush=True)
+        size = store._client.query(f"SELECT sum(bytes_on_disk) FROM system.parts WHERE table = '{table}' AND active"
+                                   ).result_rows[0][0]
+        print(f"{table}: {rows:,} rows in {parts} parts, {int(size or 0) / 1e6:,.0f} MB", flush=True)
 
     os.environ["POSTBUS_INTERNAL_TOKEN"] = TOKEN
     settings = MetricsSettings(metrics_ingest=False, internal_token=TOKEN)
@@ -123,28 +128,46 @@ def main() -> None:
         "WHERE ts >= toStartOfHour(toDateTime({f:Int64}, 'UTC')) AND ts < toStartOfHour(toDateTime({t:Int64}, 'UTC')) "
         "+ INTERVAL 1 HOUR", parameters={"f": from_ts, "t": to_ts}).result_rows[0]
     print(f"straight from events, same window: sent {direct[0]:,}, opened {direct[1]:,}, errors {direct[2]:,}")
-    print(f"\n30-day window, median of {args.repeat} warm runs through GET /internal/bi/metrics:\n")
-    print("| query | median wall | min wall | median CPU | totals.sent |")
-    print("|---|---|---|---|---|")
+    # distinct messages straight from events (the same hours): what the uniq views must answer
+    udirect = store._client.query(
+        "SELECT uniqExactIf(tenant_id, message_id, type = 'sent'), "
+        "uniqExactIf(tenant_id, message_id, type = 'open'), uniqExactIf(tenant_id, message_id, type = 'click'), "
+        "uniqExactIf(tenant_id, message_id, type = 'bounce' AND bounce_type != 'soft'), "
+        "uniqExactIf(tenant_id, message_id, type = 'sent' OR (type = 'bounce' AND bounce_type != 'soft')) "
+        "FROM events WHERE ts >= toStartOfHour(toDateTime({f:Int64}, 'UTC')) "
+        "AND ts < toStartOfHour(toDateTime({t:Int64}, 'UTC')) + INTERVAL 1 HOUR",
+        parameters={"f": from_ts, "t": to_ts}).result_rows[0]
+    expect_distinct = (int(udirect[0]), int(udirect[1]), int(udirect[2]), int(udirect[4]) - int(udirect[3]))
+    print(f"straight from events, distinct: messages_sent {udirect[0]:,}, unique_opens {udirect[1]:,}, "
+          f"unique_clicks {udirect[2]:,}, messages_delivered {expect_distinct[3]:,}")
+    print(f"\n30-day window, median of {args.repeat} warm runs through GET /internal/bi/metrics; "
+          f"load average {os.getloadavg()[0]:.1f}:\n")
+    print("| query | distinct | median wall | min wall | median CPU | totals.sent | totals.messages_sent |")
+    print("|---|---|---|---|---|---|---|")
     with TestClient(app) as client:
         for name, params in cases:
-            q = {"from_ts": from_ts, "to_ts": to_ts, **params}
-            headers = {"Authorization": f"Bearer {TOKEN}"}
-            r = client.get("/internal/bi/metrics", params=q, headers=headers)
-            assert r.status_code == 200, r.text
-            times, cpu = [], []
-            for _ in range(args.repeat):
-                t0, c0 = time.perf_counter(), time.process_time()
+            for distinct in ("false", "true"):
+                q = {"from_ts": from_ts, "to_ts": to_ts, **params, "distinct": distinct}
+                headers = {"Authorization": f"Bearer {TOKEN}"}
                 r = client.get("/internal/bi/metrics", params=q, headers=headers)
-                times.append((time.perf_counter() - t0) * 1000)
-                cpu.append((time.process_time() - c0) * 1000)  # chdb runs in this process: its threads too
                 assert r.status_code == 200, r.text
-            sent = r.json()["totals"]["sent"]
-            if "tenant_id" not in params:
+                times, cpu = [], []
+                for _ in range(args.repeat):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    r = client.get("/internal/bi/metrics", params=q, headers=headers)
+                    times.append((time.perf_counter() - t0) * 1000)
+                    cpu.append((time.process_time() - c0) * 1000)  # chdb runs in this process: its threads too
+                    assert r.status_code == 200, r.text
                 totals = r.json()["totals"]
-                assert (totals["sent"], totals["opened"], totals["errors"]) == tuple(direct), (totals, direct)
-            print(f"| {name} | {statistics.median(times):.0f} ms | {min(times):.0f} ms "
-                  f"| {statistics.median(cpu):.0f} ms | {sent:,} |", flush=True)
+                if "tenant_id" not in params:
+                    assert (totals["sent"], totals["opened"], totals["errors"]) == tuple(direct), (totals, direct)
+                    if distinct == "true":
+                        got = (totals["messages_sent"], totals["unique_opens"], totals["unique_clicks"],
+                               totals["messages_delivered"])
+                        assert got == expect_distinct, (got, expect_distinct)
+                print(f"| {name} | {'yes' if distinct == 'true' else 'no'} | {statistics.median(times):.0f} ms "
+                      f"| {min(times):.0f} ms | {statistics.median(cpu):.0f} ms | {totals['sent']:,} "
+                      f"| {totals.get('messages_sent', '-'):{',' if distinct == 'true' else ''}} |", flush=True)
     store.close()
 
 

@@ -204,9 +204,9 @@ def create_app(settings: MetricsSettings, store: Store | None = None) -> FastAPI
     @app.get("/internal/bi/metrics")
     async def bi_metrics(request: Request, from_ts: int, to_ts: int, bucket: str = "hour",
                          group_by: str | None = None, top: int = bi.DEFAULT_TOP,
-                         tenant_id: str | None = None) -> Any:
-        """Cross-tenant (or one tenant's) aggregates from ``bi_hourly``; the API checks who may ask."""
-        q = bi.Query(from_ts, to_ts, bucket, group_by, top, tenant_id)
+                         tenant_id: str | None = None, distinct: bool = True) -> Any:
+        """Cross-tenant (or one tenant's) aggregates from the BI views; the API checks who may ask."""
+        q = bi.Query(from_ts, to_ts, bucket, group_by, top, tenant_id, distinct)
         try:
             bi.validate(q)
         except ValueError as exc:

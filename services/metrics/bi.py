@@ -43,7 +43,8 @@ from typing import Any
 
 from services.metrics.analytics import _provider_sql
 
-BACKFILL_VERSION = 2  # 1: the first, single-table version
+BACKFILL_VERSION = 2  # 1: the first, single-table version; 2: the two summing tables
+DISTINCT_BACKFILL_VERSION = 3  # the two distinct-message tables (recorded apart: added to stores already at 2)
 MAX_WINDOW_S = 400 * 86400  # the analytics retention default; older hours are gone anyway
 MAX_TOP = 100
 DEFAULT_TOP = 10
@@ -63,6 +64,18 @@ COLUMNS: dict[str, str] = {
 }
 FIELDS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
 SUMMED = tuple(c for c in COLUMNS if c != "soft_bounced")
+# distinct messages: stored state column -> the condition on an event that puts its (tenant, message
+# id) into the column's uniqExact set. ``sent_or_bounced`` only serves ``messages_delivered``.
+DISTINCT_COLUMNS: dict[str, str] = {
+    "messages_sent": COLUMNS["sent"],
+    "messages_bounced": COLUMNS["bounced"],
+    "messages_complained": COLUMNS["complained"],
+    "unique_opens": COLUMNS["opened"],
+    "unique_clicks": COLUMNS["clicked"],
+    "sent_or_bounced": f"({COLUMNS['sent']}) OR ({COLUMNS['bounced']})",
+}
+DISTINCT_FIELDS = ("messages_sent", "messages_delivered", "messages_bounced", "messages_complained",
+                   "unique_opens", "unique_clicks")
 
 _CAMPAIGN_SQL = "coalesce(nullIf(extract(message_id, '^(campaign-[0-9]+)-'), ''), batch_code)"
 _COUNTED = " OR ".join(f"({cond})" for cond in COLUMNS.values())
@@ -84,6 +97,32 @@ _SELECT_DIMS = f"""
                         [sender_domain, {_provider_sql("recipient_domain")}, {_CAMPAIGN_SQL}, account_id]) AS dims
         FROM events
         WHERE {_COUNTED}
+    )
+    ARRAY JOIN dims AS d
+    GROUP BY dim, hour, tenant_id, key
+"""
+
+# the same two shapes with uniqExact states of (tenant_id, message_id): a replayed or re-loaded
+# event adds a pair its set already holds; merged over any rows, the sets count each message once
+_DISTINCT_COUNTED = " OR ".join(f"({cond})" for cond in DISTINCT_COLUMNS.values())
+_STATES = ", ".join(f"uniqExactStateIf(tenant_id, message_id, {cond}) AS {col}"
+                    for col, cond in DISTINCT_COLUMNS.items())
+_STATES_DDL = "".join(f"            {col} AggregateFunction(uniqExact, String, String),\n"
+                      for col in DISTINCT_COLUMNS).rstrip(",\n")
+_SELECT_TENANT_DISTINCT = f"""
+    SELECT toStartOfHour(ts) AS hour, tenant_id, {_STATES}
+    FROM events
+    WHERE {_DISTINCT_COUNTED}
+    GROUP BY hour, tenant_id
+"""
+_SELECT_DIMS_DISTINCT = f"""
+    SELECT d.1 AS dim, hour, tenant_id, d.2 AS key, {_STATES}
+    FROM (
+        SELECT toStartOfHour(ts) AS hour, tenant_id, message_id, type, bounce_type,
+               arrayZip(['domain', 'provider', 'campaign', 'account'],
+                        [sender_domain, {_provider_sql("recipient_domain")}, {_CAMPAIGN_SQL}, account_id]) AS dims
+        FROM events
+        WHERE {_DISTINCT_COUNTED}
     )
     ARRAY JOIN dims AS d
     GROUP BY dim, hour, tenant_id, key
@@ -123,6 +162,35 @@ def ddl(retention_days: int) -> list[str]:
         {ttl}
         """,
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS bi_dim_hourly_mv TO bi_dim_hourly AS {_SELECT_DIMS}",
+        # distinct messages (docs/bi.md, "Distinct messages"): the same keys, uniqExact states
+        f"""
+        CREATE TABLE IF NOT EXISTS bi_tenant_uniq_hourly (
+            hour DateTime('UTC'),
+            tenant_id String,
+{_STATES_DDL}
+        )
+        ENGINE = AggregatingMergeTree
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (hour, tenant_id)
+        {ttl}
+        """,
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS bi_tenant_uniq_hourly_mv TO bi_tenant_uniq_hourly AS "
+        f"{_SELECT_TENANT_DISTINCT}",
+        f"""
+        CREATE TABLE IF NOT EXISTS bi_dim_uniq_hourly (
+            dim LowCardinality(String),
+            hour DateTime('UTC'),
+            tenant_id String,
+            key String,
+{_STATES_DDL}
+        )
+        ENGINE = AggregatingMergeTree
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (dim, hour, tenant_id, key)
+        {ttl}
+        """,
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS bi_dim_uniq_hourly_mv TO bi_dim_uniq_hourly AS "
+        f"{_SELECT_DIMS_DISTINCT}",
         """
         CREATE TABLE IF NOT EXISTS bi_backfill (
             version UInt32,
@@ -136,24 +204,38 @@ def ddl(retention_days: int) -> list[str]:
 
 
 DROP = ["DROP VIEW IF EXISTS bi_tenant_hourly_mv", "DROP VIEW IF EXISTS bi_dim_hourly_mv",
+        "DROP VIEW IF EXISTS bi_tenant_uniq_hourly_mv", "DROP VIEW IF EXISTS bi_dim_uniq_hourly_mv",
         "DROP TABLE IF EXISTS bi_tenant_hourly", "DROP TABLE IF EXISTS bi_dim_hourly",
+        "DROP TABLE IF EXISTS bi_tenant_uniq_hourly", "DROP TABLE IF EXISTS bi_dim_uniq_hourly",
         "DROP TABLE IF EXISTS bi_backfill"]
 
 
+# backfill version -> the tables it fills (each recorded apart: a store that already had the
+# summing tables gets only the distinct ones, and no event is summed twice)
+_BACKFILLS: dict[int, tuple[tuple[str, str], ...]] = {
+    BACKFILL_VERSION: (("bi_tenant_hourly", _SELECT_TENANT), ("bi_dim_hourly", _SELECT_DIMS)),
+    DISTINCT_BACKFILL_VERSION: (("bi_tenant_uniq_hourly", _SELECT_TENANT_DISTINCT),
+                                ("bi_dim_uniq_hourly", _SELECT_DIMS_DISTINCT)),
+}
+
+
 def backfill(client: Any) -> bool:
-    """Fill the BI tables from the events loaded before they existed, once (recorded in
-    ``bi_backfill``). Returns whether it ran. ``client``: a clickhouse-connect client (the
-    caller holds the store's lock, and the ingest has not started)."""
-    done = client.query("SELECT count() FROM bi_backfill WHERE version = {v:UInt32}",
-                        parameters={"v": BACKFILL_VERSION}).result_rows[0][0]
-    if int(done):
-        return False
-    rows = int(client.query("SELECT count() FROM events").result_rows[0][0])
-    if rows:
-        client.command(f"INSERT INTO bi_tenant_hourly {_SELECT_TENANT}")
-        client.command(f"INSERT INTO bi_dim_hourly {_SELECT_DIMS}")
-    client.insert("bi_backfill", [[BACKFILL_VERSION, rows]], column_names=["version", "rows"])
-    return True
+    """Fill the BI tables from the events loaded before they existed, once per table set
+    (recorded in ``bi_backfill``). Returns whether any ran. ``client``: a clickhouse-connect
+    client (the caller holds the store's lock, and the ingest has not started)."""
+    ran = False
+    for version, tables in _BACKFILLS.items():
+        done = client.query("SELECT count() FROM bi_backfill WHERE version = {v:UInt32}",
+                            parameters={"v": version}).result_rows[0][0]
+        if int(done):
+            continue
+        rows = int(client.query("SELECT count() FROM events").result_rows[0][0])
+        if rows:
+            for table, select in tables:
+                client.command(f"INSERT INTO {table} {select}")
+        client.insert("bi_backfill", [[version, rows]], column_names=["version", "rows"])
+        ran = True
+    return ran
 
 
 @dataclass(frozen=True)
@@ -164,6 +246,7 @@ class Query:
     group_by: str | None = None
     top: int = DEFAULT_TOP
     tenant_id: str | None = None
+    distinct: bool = True  # the distinct-message figures too (False: the event counts only, cheaper)
 
 
 def validate(q: Query, now_s: int | None = None) -> None:
@@ -187,17 +270,24 @@ def validate(q: Query, now_s: int | None = None) -> None:
         raise ValueError("tenant_id must not be empty")
 
 
-def build(q: Query) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The SQL of the three parts of an answer: ``totals``, ``series`` and (with group_by)
-    ``groups``, each as (sql, parameters). Values are bound parameters; the only interpolated
-    names come from the fixed tables above. Totals, series and per-tenant groups read
-    ``bi_tenant_hourly`` (one row per tenant and hour); the other groups ``bi_dim_hourly``."""
+def _window(q: Query) -> tuple[str, dict[str, Any]]:
     where = ["hour >= toStartOfHour(toDateTime({f:Int64}, 'UTC'))", "hour <= toDateTime({t:Int64}, 'UTC')"]
     params: dict[str, Any] = {"f": int(q.from_ts), "t": int(q.to_ts)}
     if q.tenant_id is not None:
         where.append("tenant_id = {tenant:String}")
         params["tenant"] = q.tenant_id
-    cond = " AND ".join(where)
+    return " AND ".join(where), params
+
+
+def build(q: Query) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The SQL of the parts of an answer: ``totals``, ``series`` and (with group_by) ``groups``
+    (event counts), and with ``q.distinct`` ``distinct_totals`` and ``distinct_series`` (the
+    distinct groups need the top keys first: :func:`build_distinct_groups`), each as (sql,
+    parameters). Values are bound parameters; the only interpolated names come from the fixed
+    tables above. Totals, series and per-tenant groups read ``bi_tenant_hourly`` (one row per
+    tenant and hour); the other groups ``bi_dim_hourly``; the distinct parts their ``_uniq_``
+    twins."""
+    cond, params = _window(q)
     sums = ", ".join(f"sum({c}) AS {c}" for c in SUMMED)
     bucket = "hour" if q.bucket == "hour" else "toStartOfDay(hour)"
     out = {
@@ -212,7 +302,26 @@ def build(q: Query) -> dict[str, tuple[str, dict[str, Any]]]:
     elif q.group_by is not None:
         out["groups"] = (f"SELECT key AS g, {sums} FROM bi_dim_hourly WHERE dim = {{dim:String}} AND {cond} "
                          f"{limit}", {**params, "top": int(q.top), "dim": q.group_by})
+    if q.distinct:
+        merges = ", ".join(f"uniqExactMerge({c}) AS {c}" for c in DISTINCT_COLUMNS)
+        out["distinct_totals"] = (f"SELECT {merges} FROM bi_tenant_uniq_hourly WHERE {cond}", dict(params))
+        out["distinct_series"] = (f"SELECT toUnixTimestamp({bucket}) AS b, {merges} FROM bi_tenant_uniq_hourly "
+                                  f"WHERE {cond} GROUP BY b ORDER BY b", dict(params))
     return out
+
+
+def build_distinct_groups(q: Query, keys: list[str]) -> tuple[str, dict[str, Any]]:
+    """The distinct figures of the groups already chosen (the top N by ``sent`` events): only
+    their rows are merged."""
+    cond, params = _window(q)
+    merges = ", ".join(f"uniqExactMerge({c}) AS {c}" for c in DISTINCT_COLUMNS)
+    params["keys"] = list(keys)
+    if q.group_by == "tenant":
+        return (f"SELECT tenant_id AS g, {merges} FROM bi_tenant_uniq_hourly WHERE {cond} "
+                "AND tenant_id IN {keys:Array(String)} GROUP BY g", params)
+    params["dim"] = q.group_by
+    return (f"SELECT key AS g, {merges} FROM bi_dim_uniq_hourly WHERE dim = {{dim:String}} AND {cond} "
+            "AND key IN {keys:Array(String)} GROUP BY g", params)
 
 
 def _counts(row: tuple[Any, ...] | list[Any]) -> dict[str, int]:
@@ -220,6 +329,18 @@ def _counts(row: tuple[Any, ...] | list[Any]) -> dict[str, int]:
     out = {f: raw.get(f, 0) for f in FIELDS}
     out["delivered"] = max(0, raw["sent"] - raw["bounced"])
     return out
+
+
+def _distinct(row: tuple[Any, ...] | list[Any]) -> dict[str, int]:
+    raw = dict(zip(DISTINCT_COLUMNS, (int(v or 0) for v in row), strict=True))
+    out = {f: raw.get(f, 0) for f in DISTINCT_FIELDS}
+    # sent in the window and not hard-bounced in it: |sent or bounced| - |bounced|, exact
+    out["messages_delivered"] = max(0, raw["sent_or_bounced"] - raw["messages_bounced"])
+    return out
+
+
+def empty_distinct() -> dict[str, int]:
+    return {f: 0 for f in DISTINCT_FIELDS}
 
 
 def empty_counts() -> dict[str, int]:
@@ -237,15 +358,38 @@ def run(store: Any, q: Query) -> dict[str, Any]:
     """The answer of ``GET /internal/bi/metrics``. ``store``: a :class:`services.metrics.store.Store`."""
     validate(q)
     sql = build(q)
+
+    def rows(part: str) -> list[Any]:
+        return list(store._client.query(sql[part][0], parameters=sql[part][1]).result_rows)
+
+    d_totals: list[Any] = []
+    d_series: list[Any] = []
+    d_groups: list[Any] = []
     with store._lock:
-        totals = store._client.query(sql["totals"][0], parameters=sql["totals"][1]).result_rows
-        series = store._client.query(sql["series"][0], parameters=sql["series"][1]).result_rows
-        groups = (store._client.query(sql["groups"][0], parameters=sql["groups"][1]).result_rows
-                  if "groups" in sql else [])
+        totals, series = rows("totals"), rows("series")
+        groups = rows("groups") if "groups" in sql else []
+        if q.distinct:
+            d_totals, d_series = rows("distinct_totals"), rows("distinct_series")
+            if groups:
+                g_sql, g_params = build_distinct_groups(q, [str(r[0]) for r in groups])
+                d_groups = list(store._client.query(g_sql, parameters=g_params).result_rows)
+
+    def merged(counts: dict[str, int], distinct: dict[str, int] | None) -> dict[str, int]:
+        return counts if distinct is None else {**counts, **distinct}
+
+    none = empty_distinct() if q.distinct else None
     by_bucket = {int(r[0]): _counts(r[1:]) for r in series}
+    d_by_bucket = {int(r[0]): _distinct(r[1:]) for r in d_series}
+    d_by_group = {str(r[0]): _distinct(r[1:]) for r in d_groups}
     return {
         "from_ts": q.from_ts, "to_ts": q.to_ts, "bucket": q.bucket, "group_by": q.group_by,
-        "totals": _counts(totals[0]) if totals else empty_counts(),
-        "series": [{"ts": b, **by_bucket.get(b, empty_counts())} for b in bucket_starts(q)],
-        "groups": [{"key": str(r[0]), **_counts(r[1:])} for r in groups],
+        "distinct": q.distinct,
+        "totals": merged(_counts(totals[0]) if totals else empty_counts(),
+                         (_distinct(d_totals[0]) if d_totals else none) if q.distinct else None),
+        "series": [{"ts": b, **merged(by_bucket.get(b, empty_counts()),
+                                      d_by_bucket.get(b, none) if q.distinct else None)}
+                   for b in bucket_starts(q)],
+        "groups": [{"key": str(r[0]), **merged(_counts(r[1:]),
+                                               d_by_group.get(str(r[0]), none) if q.distinct else None)}
+                   for r in groups],
     }

@@ -1,5 +1,5 @@
 """BI aggregates (services/metrics/bi.py): SQL building, validation, and the answers of a real
-embedded ClickHouse store (materialized view, backfill, replay reset)."""
+embedded ClickHouse store (materialized views, distinct-message states, backfill, replay reset)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,17 @@ def ev(eid: str, type_: str, mid: str, ts_s: int, tenant: str = "t1", **kw: Any)
 def test_sql_binds_values_and_names_only_fixed_columns() -> None:
     q = bi.Query(1000, 2000, "day", "provider", 7, "t'; DROP TABLE events --")
     sql = bi.build(q)
-    assert set(sql) == {"totals", "series", "groups"}
-    for text, params in sql.values():
+    assert set(sql) == {"totals", "series", "groups", "distinct_totals", "distinct_series"}
+    assert "uniqExactMerge(messages_sent)" in sql["distinct_totals"][0]
+    assert "FROM bi_tenant_uniq_hourly" in sql["distinct_series"][0]
+    dg = bi.build_distinct_groups(q, ["google", "x'); DROP TABLE events --"])
+    assert "DROP" not in dg[0] and dg[1]["keys"] == ["google", "x'); DROP TABLE events --"]
+    assert "FROM bi_dim_uniq_hourly WHERE dim = {dim:String}" in dg[0] and "key IN {keys:Array(String)}" in dg[0]
+    assert "tenant_id IN {keys:Array(String)}" in bi.build_distinct_groups(
+        bi.Query(1000, 2000, group_by="tenant"), ["t1"])[0]
+    assert set(bi.build(bi.Query(1000, 2000, distinct=False))) == {"totals", "series"}
+    for text, params in (sql["totals"], sql["series"], sql["groups"], sql["distinct_totals"],
+                         sql["distinct_series"], dg):
         assert "DROP" not in text and "t'" not in text  # the tenant id is a bound parameter
         assert params["tenant"] == "t'; DROP TABLE events --"
         assert params["f"] == 1000 and params["t"] == 2000
@@ -37,7 +46,7 @@ def test_sql_binds_values_and_names_only_fixed_columns() -> None:
     assert "toStartOfDay(hour)" in sql["series"][0]
     # no group_by: no groups query; hour buckets; no tenant filter
     sql = bi.build(bi.Query(1000, 2000))
-    assert set(sql) == {"totals", "series"}
+    assert set(sql) == {"totals", "series", "distinct_totals", "distinct_series"}
     assert "toStartOfDay" not in sql["series"][0] and "tenant" not in sql["totals"][1]
     assert "tenant_id =" not in sql["totals"][0]
     tenant = bi.build(bi.Query(1000, 2000, group_by="tenant"))["groups"]
@@ -91,7 +100,9 @@ def test_answers_per_dimension(store: Store) -> None:
     q = bi.Query(NOW_S - 30 * 86400, NOW_S, "hour")
     out = bi.run(store, q)
     assert out["totals"] == {"sent": 3, "delivered": 2, "bounced": 1, "complained": 1, "opened": 1, "clicked": 1,
-                             "deferred": 1, "errors": 2}
+                             "deferred": 1, "errors": 2,
+                             "messages_sent": 3, "messages_delivered": 2, "messages_bounced": 1,
+                             "messages_complained": 1, "unique_opens": 1, "unique_clicks": 1}
     assert out["groups"] == []
     assert len(out["series"]) == 30 * 24 + 1  # every hour of the window, zeros included
     by_ts = {s["ts"]: s for s in out["series"]}
@@ -122,6 +133,106 @@ def test_answers_per_dimension(store: Store) -> None:
     assert bi.run(store, bi.Query(NOW_S - 60 * 86400, NOW_S, "day"))["totals"]["sent"] == 4
 
 
+def _figures(out: dict[str, Any]) -> dict[str, Any]:
+    """Every number of an answer, by part."""
+    return {"totals": out["totals"], "series": {s["ts"]: s for s in out["series"]},
+            "groups": {g["key"]: g for g in out["groups"]}}
+
+
+def test_distinct_messages_vs_events(store: Store) -> None:
+    """One message opened three times and clicked twice, one sent and later hard-bounced, one
+    complained twice: the event counts count every event, the distinct figures each message once;
+    delivered messages exclude the bounced one; unique rates' inputs per group and per bucket."""
+    rows = [
+        ev("d1", "sent", "m1", NOW_S - 2 * HOUR),
+        ev("d2", "open", "m1", NOW_S - 2 * HOUR),
+        ev("d3", "open", "m1", NOW_S - HOUR),  # the same message, opened again an hour later
+        ev("d4", "open", "m1", NOW_S - HOUR),
+        ev("d5", "click", "m1", NOW_S - HOUR),
+        ev("d6", "click", "m1", NOW_S - HOUR),
+        ev("d7", "sent", "m2", NOW_S - 2 * HOUR, rcpt="z@outlook.com"),
+        ev("d8", "bounce", "m2", NOW_S - HOUR, bounce_type="hard", rcpt="z@outlook.com"),
+        ev("d9", "sent", "m3", NOW_S - 2 * HOUR, tenant="t2"),
+        ev("d10", "complaint", "m3", NOW_S - HOUR, tenant="t2"),
+        ev("d11", "complaint", "m3", NOW_S - HOUR, tenant="t2"),
+        # the same message id in another tenant is another message
+        ev("d12", "open", "m1", NOW_S - HOUR, tenant="t2"),
+    ]
+    store.insert_events(rows)
+    out = bi.run(store, bi.Query(NOW_S - 86400, NOW_S, "hour", "tenant"))
+    t = out["totals"]
+    assert (t["sent"], t["opened"], t["clicked"], t["complained"]) == (3, 4, 2, 2)  # events
+    assert (t["messages_sent"], t["unique_opens"], t["unique_clicks"], t["messages_complained"]) == (3, 2, 1, 1)
+    assert (t["delivered"], t["messages_delivered"], t["messages_bounced"]) == (2, 2, 1)
+    g = _figures(out)["groups"]
+    assert (g["t1"]["opened"], g["t1"]["unique_opens"], g["t1"]["messages_delivered"]) == (3, 1, 1)
+    assert (g["t2"]["complained"], g["t2"]["messages_complained"], g["t2"]["unique_opens"]) == (2, 1, 1)
+    # per bucket: distinct within each hour (m1 is opened in two hours: once in each)
+    series = _figures(out)["series"]
+    last = series[(NOW_S - HOUR) // HOUR * HOUR]
+    assert (last["opened"], last["unique_opens"]) == (3, 2)  # t1's m1 twice + t2's m1
+    # the window's figure is distinct over the whole window, not a sum of the buckets
+    assert sum(s["unique_opens"] for s in out["series"]) == 3 and t["unique_opens"] == 2
+    # every dimension's groups carry the distinct figures of their own rows
+    prov = _figures(bi.run(store, bi.Query(NOW_S - 86400, NOW_S, "day", "provider")))["groups"]
+    assert (prov["google"]["opened"], prov["google"]["unique_opens"], prov["google"]["messages_sent"]) == (4, 2, 2)
+    assert (prov["microsoft"]["messages_sent"], prov["microsoft"]["messages_delivered"]) == (1, 0)
+    # distinct=False: the event counts only (no zeros passed off as figures)
+    lean = bi.run(store, bi.Query(NOW_S - 86400, NOW_S, "hour", "tenant", distinct=False))
+    assert "unique_opens" not in lean["totals"] and "messages_sent" not in lean["groups"][0]
+    assert "unique_opens" not in lean["series"][0] and lean["totals"]["opened"] == 4
+
+
+def test_replayed_events_do_not_double_count_distinct_figures(store: Store) -> None:
+    """The same events loaded twice (a batch re-loaded after a crash between its insert and its
+    offsets, or replayed): every event count doubles (the positive control: the copies are in the
+    tables), every distinct figure (totals, series, groups of every dimension) stays the same."""
+    rows = _load(store)
+    queries = [bi.Query(NOW_S - 30 * 86400, NOW_S, bucket, dim, top=100)
+               for bucket in ("hour", "day") for dim in (None, *bi.DIMENSIONS)]
+    before = [_figures(bi.run(store, q)) for q in queries]
+    store.insert_events(rows)  # the same events again, same ids, same times
+    after = [_figures(bi.run(store, q)) for q in queries]
+    for b, a in zip(before, after, strict=True):
+        for f in bi.FIELDS:
+            assert a["totals"][f] == 2 * b["totals"][f], f  # event counts: duplicated
+        for f in bi.DISTINCT_FIELDS:
+            assert a["totals"][f] == b["totals"][f], f
+        assert a["totals"]["messages_sent"] == 3 and a["totals"]["sent"] == 6
+        assert set(a["groups"]) == set(b["groups"])
+        for key, grp in a["groups"].items():
+            assert {f: grp[f] for f in bi.DISTINCT_FIELDS} == {f: b["groups"][key][f] for f in bi.DISTINCT_FIELDS}
+            assert grp["sent"] == 2 * b["groups"][key]["sent"]
+        for ts, bucket in a["series"].items():
+            assert {f: bucket[f] for f in bi.DISTINCT_FIELDS} == {f: b["series"][ts][f] for f in bi.DISTINCT_FIELDS}
+    # ... and after ClickHouse merged the parts, the same distinct answers again
+    for table in ("bi_tenant_uniq_hourly", "bi_dim_uniq_hourly"):
+        store._client.command(f"OPTIMIZE TABLE {table} FINAL")
+    assert [_figures(bi.run(store, q))["totals"] for q in queries] == [a["totals"] for a in after]
+
+
+def test_backfill_distinct_tables_on_a_store_that_had_the_summing_ones(tmp_path) -> None:
+    """A store from before the distinct tables (summing tables backfilled, version 2 recorded):
+    start-up fills only the distinct tables from the events; the event counts are not summed twice."""
+    s = Store(f"chdb://{tmp_path / 'ch'}")
+    s.create()
+    try:
+        _load(s)
+        q = bi.Query(NOW_S - 30 * 86400, NOW_S, "day", "provider")
+        full = bi.run(s, q)
+        for stmt in ("DROP VIEW bi_tenant_uniq_hourly_mv", "DROP VIEW bi_dim_uniq_hourly_mv",
+                     "DROP TABLE bi_tenant_uniq_hourly", "DROP TABLE bi_dim_uniq_hourly"):
+            s._client.command(stmt)
+        s._client.command("ALTER TABLE bi_backfill DELETE WHERE version = 3 SETTINGS mutations_sync = 1")
+        s.create()  # start-up of the new code
+        assert bi.run(s, q) == full
+        assert full["totals"]["sent"] == 3 and full["totals"]["messages_sent"] == 3
+        versions = s._client.query("SELECT version FROM bi_backfill ORDER BY version").result_rows
+        assert [v[0] for v in versions] == [bi.BACKFILL_VERSION, bi.DISTINCT_BACKFILL_VERSION]
+    finally:
+        s.close()
+
+
 def test_backfill_once_and_replay_reset(tmp_path) -> None:
     """Events loaded before bi_hourly existed are counted once (backfill recorded); a reset (replay)
     rebuilds from what is re-ingested and gives the same answers."""
@@ -137,7 +248,7 @@ def test_backfill_once_and_replay_reset(tmp_path) -> None:
         assert first["totals"]["sent"] == 3
         s.create()  # the next start-up: recorded, not run again
         assert bi.run(s, q) == first
-        assert s._client.query("SELECT count() FROM bi_backfill").result_rows[0][0] == 1
+        assert s._client.query("SELECT count() FROM bi_backfill").result_rows[0][0] == 2  # one per table set
         s.reset()  # replay: dropped and recreated empty, then the topic is re-read
         assert bi.run(s, q)["totals"]["sent"] == 0
         s.insert_events(rows)
