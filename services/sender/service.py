@@ -37,6 +37,7 @@ from services.sender import metrics as m
 from services.sender.app import app, box, commands_topic, deadletter_topic, events_topic, messages, rate_table, settings
 from services.sender.campaign_runtime import CampaignRuntime, install_read_committed
 from services.sender.engine import Deps, Sender
+from services.sender.held_metric import register as register_held_metric
 from services.sender.smtp_pool import Connection, SmtpTarget, make_target
 from services.sender.system_mail import SystemMailer
 
@@ -208,6 +209,7 @@ sender = Sender(Deps(
     unflushed_per_worker=settings.sender_unflushed_per_worker,
 ))
 m.PENDING.set_function(sender.pending)
+register_held_metric(sender)  # postbus_sender_held_messages, postbus_sender_inflight_messages
 engagement.register(app, commands_topic, events_topic)
 dkim_sign.register(app)
 # provider sender verification and welcome mail through the operator's system SMTP account
