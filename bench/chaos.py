@@ -42,7 +42,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -62,10 +61,9 @@ sys.path.insert(0, str(REPO))
 
 from bench import procstat  # noqa: E402
 from bench.e2e import PYTHON_SERVICES, Key, Tracker, make_body, message, uptime  # noqa: E402
-from bench.sinks import make_sink  # noqa: E402
+from bench.system import BenchSystem, start_bench_system  # noqa: E402
 from infra.supervisor import KAFKA_SH, LocalSystem, free_port  # noqa: E402
 from tests.integration.test_domains import _Zone  # noqa: E402
-from tests.support.client_app import ClientApp  # noqa: E402
 
 STEPS = (*PYTHON_SERVICES, "broker", "all")
 CONNECTIONS_PER_ACCOUNT = 8  # POSTBUS_SENDER_CONNECTIONS_PER_ACCOUNT default (the accounts set none)
@@ -292,42 +290,30 @@ def wait_equal(what: str, read, expected, timeout: float):  # type: ignore[no-un
         time.sleep(1.0)
 
 
-def setup_tenants(system: LocalSystem, zone, n: int, sink_port: int) -> tuple[list, list]:  # type: ignore[no-untyped-def]
-    api = system.url("api")
-    clients: list[tuple[str, ClientApp]] = []
+def setup_tenants(bench: BenchSystem, zone: _Zone, n: int) -> list[tuple[str, str, str]]:
+    """``n`` tenants (bench/system.py), each with its own sending domain verified in ``zone``."""
     tenants: list[tuple[str, str, str]] = []
-    with httpx.Client(base_url=api, headers={"X-API-Token": "chaos-admin"}, timeout=30) as admin:
-        for i in range(n):
-            client = ClientApp(token=f"tok{i}").start()
-            tid = f"chaos{i}"
-            clients.append((tid, client))
-            r = admin.post("/tenant", json={"id": tid, "client_base_url": client.url,
-                                            "client_auth": {"method": "bearer", "token": f"tok{i}"}})
+    for i in range(n):
+        tid = f"chaos{i}"
+        key = bench.add_tenant(tid, f"tok{i}")
+        dom = f"{tid}-{os.getpid()}.example.test"
+        with httpx.Client(base_url=bench.api, headers={"X-API-Token": key}, timeout=30) as t:
+            deadline = time.monotonic() + 60
+            while t.put(f"/domains/{dom}/outbound", json={}).status_code != 200:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"cannot register {dom}")
+                time.sleep(0.5)
+            r = t.post(f"/domains/{dom}/ses-verify")
             if r.status_code != 200:
-                raise SystemExit(f"POST /tenant: {r.status_code} {r.text[:500]}")
-            key = r.json()["api_key"]
-            r = admin.post("/account", json={"id": "sink", "tenant_id": tid, "host": "127.0.0.1",
-                                             "port": sink_port, "use_tls": False})
-            if r.status_code != 200:
-                raise SystemExit(f"POST /account: {r.status_code} {r.text[:500]}")
-            dom = f"{tid}-{os.getpid()}.example.test"
-            with httpx.Client(base_url=api, headers={"X-API-Token": key}, timeout=30) as t:
-                deadline = time.monotonic() + 60
-                while t.put(f"/domains/{dom}/outbound", json={}).status_code != 200:
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"cannot register {dom}")
-                    time.sleep(0.5)
-                r = t.post(f"/domains/{dom}/ses-verify")
-                if r.status_code != 200:
-                    raise SystemExit(f"ses-verify {dom}: {r.status_code} {r.text[:300]}")
-                with zone.lock:
-                    for rec in r.json()["dns_records"]:
-                        zone.txt[rec["name"]] = [*zone.txt.get(rec["name"], []), rec["value"]]
-                r = t.get(f"/domains/{dom}/ses-status")
-                if r.status_code != 200 or r.json().get("ses_verified") is not True:
-                    raise SystemExit(f"ses-status {dom}: {r.status_code} {r.text[:300]}")
-            tenants.append((tid, key, dom))
-    return tenants, clients
+                raise SystemExit(f"ses-verify {dom}: {r.status_code} {r.text[:300]}")
+            with zone.lock:
+                for rec in r.json()["dns_records"]:
+                    zone.txt[rec["name"]] = [*zone.txt.get(rec["name"], []), rec["value"]]
+            r = t.get(f"/domains/{dom}/ses-status")
+            if r.status_code != 200 or r.json().get("ses_verified") is not True:
+                raise SystemExit(f"ses-status {dom}: {r.status_code} {r.text[:300]}")
+        tenants.append((tid, key, dom))
+    return tenants
 
 
 def main() -> None:
@@ -357,13 +343,8 @@ def main() -> None:
         raise SystemExit(f"unknown steps {unknown} (known: {', '.join(STEPS)})")
     rnd = random.Random(args.seed)
 
-    state = REPO / ".state" / f"chaos-{os.getpid()}"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
     log(f"uptime: {uptime()}")
-    sink = make_sink("fast", free_port(), state).start()
     stop = threading.Event()
-    clients: list[tuple[str, ClientApp]] = []
     feeder: Feeder | None = None
     with dns_server() as (dns_port, zone):
         env = {"POSTBUS_ALLOW_PRIVATE_NETWORKS": "1", "POSTBUS_DNS_RESOLVERS": f"127.0.0.1:{dns_port}",
@@ -375,15 +356,17 @@ def main() -> None:
                 restarts.append(msg.split(" (log ")[0])
             log(f"[system] {msg}")
 
-        system = LocalSystem.with_free_ports(state, admin_token="chaos-admin", kafka_heap=args.kafka_heap, env=env,
-                                             log=system_log)
+        stop_system = contextlib.ExitStack()  # closed last in the finally below: clients, system, sink, state
+        bench = stop_system.enter_context(start_bench_system("chaos", admin_token="chaos-admin", env=env,
+                                                             kafka_heap=args.kafka_heap, keep=args.keep,
+                                                             log=system_log))
+        system = bench.system
         try:
-            system.start()
             system.supervise(stop)
-            api = system.url("api")
-            internal = {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}
-            tenants, clients = setup_tenants(system, zone, args.tenants, sink.port)
-            tracker = Tracker(sink, clients)
+            api = bench.api
+            internal = bench.internal
+            tenants = setup_tenants(bench, zone, args.tenants)
+            tracker = Tracker(bench.sink, bench.clients)
             feeder = Feeder(api, tenants, args.messages, args.rate, args.batch, make_body(args.body_bytes)).start()
             segment = args.messages // (len(steps) + 1)
             t_start = time.time()
@@ -505,12 +488,7 @@ def main() -> None:
             stop.set()
             if feeder is not None:
                 feeder.stop.set()
-            for _, c in clients:
-                c.stop()
-            system.stop()
-            sink.stop()
-            if not args.keep:
-                shutil.rmtree(state, ignore_errors=True)
+            stop_system.close()
     sys.exit(code)
 
 

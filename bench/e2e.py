@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,8 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import procstat  # noqa: E402
 from bench.pyspy import Profiler, format_summary  # noqa: E402
-from bench.sinks import make_sink  # noqa: E402
-from infra.supervisor import LocalSystem, free_port  # noqa: E402
+from bench.system import start_bench_system  # noqa: E402
 from tests.support.client_app import ClientApp  # noqa: E402
 
 Key = tuple[str, str]  # (tenant id, message id)
@@ -359,40 +358,24 @@ def main() -> None:
     args = ap.parse_args()
     open_loop = args.rate is not None
 
-    state = REPO / ".state" / f"bench-{os.getpid()}"  # own folder: two runs never share state
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
     uptime_before = uptime()
     print(f"uptime before: {uptime_before}", flush=True)
-    sink = make_sink(args.sink, free_port(), state, args.temp_fail_rate).start()
     # the sink and the client apps are on loopback: the network policy must let the services reach them
     env = {"POSTBUS_ALLOW_PRIVATE_NETWORKS": "1", **dict(kv.split("=", 1) for kv in args.env)}
     if args.retry_base_s is not None:
         env["POSTBUS_SENDER_RETRY_BASE_S"] = str(args.retry_base_s)
-    system = LocalSystem.with_free_ports(state, admin_token="bench-admin", kafka_heap=args.kafka_heap, env=env)
-    clients: list[tuple[str, ClientApp]] = []
     profiler: Profiler | None = None
     body = make_body(args.body_bytes)
+    stop_system = contextlib.ExitStack()  # closed last in the finally below: clients, system, sink, state folder
+    bench = stop_system.enter_context(start_bench_system(
+        "bench", admin_token="bench-admin", sink=args.sink, temp_fail_rate=args.temp_fail_rate, env=env,
+        kafka_heap=args.kafka_heap, keep=args.keep))
+    system, sink, state = bench.system, bench.sink, bench.state
     try:
-        system.start()
-        api = system.url("api")
-        internal = {"Authorization": f"Bearer {system.service_env()['POSTBUS_INTERNAL_TOKEN']}"}
-        tenants: list[tuple[str, str]] = []
-        with httpx.Client(base_url=api, headers={"X-API-Token": "bench-admin"}, timeout=30) as admin:
-            for i in range(args.tenants):
-                client = ClientApp(token=f"tok{i}").start()
-                tid = f"bench{i}"
-                clients.append((tid, client))
-                r = admin.post("/tenant", json={"id": tid, "client_base_url": client.url,
-                                                "client_auth": {"method": "bearer", "token": f"tok{i}"}})
-                if r.status_code != 200:
-                    raise SystemExit(f"POST /tenant: {r.status_code} {r.text[:500]}")
-                tenants.append((tid, r.json()["api_key"]))
-                r = admin.post("/account", json={"id": "sink", "tenant_id": tid, "host": "127.0.0.1",
-                                                 "port": sink.port, "use_tls": False})
-                if r.status_code != 200:
-                    raise SystemExit(f"POST /account: {r.status_code} {r.text[:500]}")
-        tracker = Tracker(sink, clients)
+        api = bench.api
+        internal = bench.internal
+        tenants = [(f"bench{i}", bench.add_tenant(f"bench{i}", f"tok{i}")) for i in range(args.tenants)]
+        tracker = Tracker(sink, bench.clients)
 
         # -- the processes measured
         pids = {name: system.pid(name) for name in system.services}
@@ -559,12 +542,7 @@ def main() -> None:
             for p in profiler.procs.values():
                 if p.poll() is None:
                     p.kill()
-        for _, c in clients:
-            c.stop()
-        system.stop()
-        sink.stop()
-        if not args.keep:
-            shutil.rmtree(state, ignore_errors=True)
+        stop_system.close()
 
 
 if __name__ == "__main__":
