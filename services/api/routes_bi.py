@@ -9,7 +9,9 @@ the same ``X-API-Token`` / ``Authorization: Bearer`` headers):
 - a tenant API key reads its own tenant only: ``tenant_id`` defaults to it, another one -> 403.
 
 The numbers come from the metrics service (``GET /internal/bi/metrics``, services/metrics/bi.py,
-materialized hourly aggregates). Read-your-writes: before asking, the route waits until the
+materialized hourly aggregates): the event counts (``sent``, ``opened``, ...) and, unless
+``distinct=false``, the distinct-message counts next to them (``messages_sent``, ``unique_opens``,
+...) with their rates. Read-your-writes: before asking, the route waits until the
 metrics ingest holds every delivery event on the topic at request time (the tenant's partition
 for a tenant-scoped query, every partition otherwise), like the message listing
 (projection.py). Rates and reputation bands are computed here (services/api/reputation.py)."""
@@ -46,6 +48,10 @@ GROUP_BY = ("tenant", "domain", "provider", "campaign", "account")
 MAX_TOP = 100
 MAX_WINDOW_S = 400 * 86400
 COUNT_FIELDS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
+# distinct messages (docs/bi.md, "Distinct messages"): added next to the event counts, whose
+# meaning is unchanged; left out with ``distinct=false``
+DISTINCT_FIELDS = ("messages_sent", "messages_delivered", "messages_bounced", "messages_complained",
+                   "unique_opens", "unique_clicks")
 
 
 def rates(c: dict[str, Any]) -> dict[str, float]:
@@ -62,6 +68,36 @@ def rates(c: dict[str, Any]) -> dict[str, float]:
         "open_rate": ratio(c.get("opened", 0), delivered),
         "click_rate": ratio(c.get("clicked", 0), delivered),
     }
+
+
+def distinct_rates(c: dict[str, Any]) -> dict[str, float]:
+    """The same rates over distinct messages: delivered / bounced / complained messages over
+    messages sent, messages opened / clicked over messages delivered."""
+    sent, delivered = int(c.get("messages_sent", 0)), int(c.get("messages_delivered", 0))
+
+    def ratio(n: Any, d: int) -> float:
+        return round(int(n) / d, 6) if d else 0.0
+
+    return {
+        "message_delivery_rate": ratio(delivered, sent),
+        "message_bounce_rate": ratio(c.get("messages_bounced", 0), sent),
+        "message_complaint_rate": ratio(c.get("messages_complained", 0), sent),
+        "unique_open_rate": ratio(c.get("unique_opens", 0), delivered),
+        "unique_click_rate": ratio(c.get("unique_clicks", 0), delivered),
+    }
+
+
+def figures(c: dict[str, Any], distinct: bool, with_rates: bool = True) -> dict[str, Any]:
+    """One totals / group / series entry: the event counts (and rates), then with ``distinct``
+    the distinct-message counts (and their rates)."""
+    out: dict[str, Any] = {f: int(c.get(f, 0)) for f in COUNT_FIELDS}
+    if with_rates:
+        out.update(rates(c))
+    if distinct:
+        out.update({f: int(c.get(f, 0)) for f in DISTINCT_FIELDS})
+        if with_rates:
+            out.update(distinct_rates(c))
+    return out
 
 
 def band(c: dict[str, Any], t: Thresholds) -> str:
@@ -130,12 +166,15 @@ async def bi_metrics(
     group_by: str | None = Query(None, description="tenant | domain | provider | campaign | account"),
     top: int = Query(10, description="groups returned, by sent, 1..100"),
     tenant_id: str | None = Query(None, description="only this tenant (a tenant key: its own, the default)"),
+    distinct: bool = Query(True, description="also the distinct-message counts and rates (messages_sent, "
+                                             "unique_opens, ...); false: the event counts only, cheaper"),
 ) -> dict[str, Any]:
     st = state_of(request)
     _, scope = await _principal(request, st, tenant_id)
     end = int(time.time()) if to_ts is None else to_ts
     start = end - DEFAULT_WINDOW_S if from_ts is None else from_ts
-    params: dict[str, Any] = {"from_ts": start, "to_ts": end, "bucket": bucket, "top": top}
+    params: dict[str, Any] = {"from_ts": start, "to_ts": end, "bucket": bucket, "top": top,
+                              "distinct": "true" if distinct else "false"}
     if group_by is not None:
         params["group_by"] = group_by
     if scope is not None:
@@ -155,12 +194,11 @@ async def bi_metrics(
         raise ApiError(503, "metrics_unavailable", "metrics are temporarily unavailable")
     data = r.json()
     t = thresholds_from(st.settings)
-    totals = {**{f: int(data["totals"].get(f, 0)) for f in COUNT_FIELDS}, **rates(data["totals"])}
-    groups = [{"key": g["key"], **{f: int(g.get(f, 0)) for f in COUNT_FIELDS}, **rates(g),
-               "reputation_band": band(g, t)} for g in data["groups"]]
-    series = [{"ts": s["ts"], **{f: int(s.get(f, 0)) for f in COUNT_FIELDS}} for s in data["series"]]
+    totals = figures(data["totals"], distinct)
+    groups = [{"key": g["key"], **figures(g, distinct), "reputation_band": band(g, t)} for g in data["groups"]]
+    series = [{"ts": s["ts"], **figures(s, distinct, with_rates=False)} for s in data["series"]]
     return {"success": True, "data": {"from_ts": start, "to_ts": end, "bucket": bucket, "group_by": group_by,
-                                      "totals": totals, "series": series, "groups": groups}}
+                                      "distinct": distinct, "totals": totals, "series": series, "groups": groups}}
 
 
 def validate(start: int, end: int, bucket: str, group_by: str | None, top: int) -> None:

@@ -1,5 +1,6 @@
 """BI aggregates API (GET /api/v1/bi/metrics, docs/bi.md) against the real system: real sends for
-two tenants (one delivered + one 550-rejected, one delivered + opened through the tracking pixel),
+two tenants (one delivered + one 550-rejected, one delivered + opened twice through the tracking
+pixel: two open events, one unique open),
 read at once after the delivery reports (the route waits for the metrics ingest to hold every
 event on the topic), as the admin, a bi:read principal and each tenant."""
 
@@ -18,6 +19,10 @@ from tests.integration.test_durability import _all_topic_bytes
 HTML = '<html><body><p>Hi</p><a href="https://example.org/x">go</a></body></html>'
 COUNTS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
 RATES = ("delivery_rate", "bounce_rate", "complaint_rate", "open_rate", "click_rate")
+DISTINCT = ("messages_sent", "messages_delivered", "messages_bounced", "messages_complained", "unique_opens",
+            "unique_clicks")
+DISTINCT_RATES = ("message_delivery_rate", "message_bounce_rate", "message_complaint_rate", "unique_open_rate",
+                  "unique_click_rate")
 
 
 def _bi(system: LocalSystem, token: str | None, bearer: bool = False, **params: Any) -> httpx.Response:
@@ -71,6 +76,11 @@ def test_bi_aggregates_across_tenants_and_per_tenant(system: LocalSystem, new_te
     assert {k: own_b["totals"][k] for k in COUNTS} == {"sent": 1, "delivered": 1, "bounced": 0, "complained": 0,
                                                        "opened": 0, "clicked": 0, "deferred": 0, "errors": 1}
     assert own_b["totals"]["delivery_rate"] == 1.0 and set(RATES) <= set(own_b["totals"])
+    assert {k: own_b["totals"][k] for k in DISTINCT} == {"messages_sent": 1, "messages_delivered": 1,
+                                                         "messages_bounced": 0, "messages_complained": 0,
+                                                         "unique_opens": 0, "unique_clicks": 0}
+    assert own_b["totals"]["message_delivery_rate"] == 1.0 and set(DISTINCT_RATES) <= set(own_b["totals"])
+    assert _groups(own_b)[b.id]["messages_sent"] == 1 and sum(s["messages_sent"] for s in own_b["series"]) == 1
     assert list(_groups(own_b)) == [b.id]  # its own tenant only, even grouped by tenant
     assert _groups(own_b)[b.id]["reputation_band"] == "healthy"
     assert sum(s["sent"] for s in own_b["series"]) == 1 and sum(s["errors"] for s in own_b["series"]) == 1
@@ -83,13 +93,29 @@ def test_bi_aggregates_across_tenants_and_per_tenant(system: LocalSystem, new_te
         assert anon.get(pixel).status_code == 200
     wait_until(lambda: _ok(_bi(system, a.api_key, **window))["totals"]["opened"] == 1, timeout=60,
                what="the open counted")
+    once = _ok(_bi(system, a.api_key, **window))["totals"]
+    assert (once["opened"], once["unique_opens"], once["open_rate"], once["unique_open_rate"]) == (1, 1, 1.0, 1.0)
+    # the reader opens it again: two open events (the event count shows it), still one message opened
+    with httpx.Client(timeout=30) as anon:
+        assert anon.get(pixel).status_code == 200
+    wait_until(lambda: _ok(_bi(system, a.api_key, **window))["totals"]["opened"] == 2, timeout=60,
+               what="the second open counted")
+    twice = _ok(_bi(system, a.api_key, group_by="tenant", **window))
+    assert (twice["totals"]["opened"], twice["totals"]["unique_opens"]) == (2, 1)
+    assert (twice["totals"]["open_rate"], twice["totals"]["unique_open_rate"]) == (2.0, 1.0)
+    assert (_groups(twice)[a.id]["opened"], _groups(twice)[a.id]["unique_opens"]) == (2, 1)
+    assert twice["totals"]["messages_sent"] == 1 and twice["totals"]["messages_delivered"] == 1
+    # distinct=false: the event counts only
+    lean = _ok(_bi(system, a.api_key, distinct="false", **window))
+    assert lean["totals"]["opened"] == 2 and "unique_opens" not in lean["totals"] and lean["distinct"] is False
 
     # admin and the bi:read principal: across tenants, the same numbers
     for token in (system.admin_token, BI_TOKEN):
         data = _ok(_bi(system, token, group_by="tenant", top=100, **window))
         groups = _groups(data)
-        assert (groups[a.id]["sent"], groups[a.id]["opened"], groups[a.id]["errors"]) == (1, 1, 0)
-        assert groups[a.id]["open_rate"] == 1.0
+        assert (groups[a.id]["sent"], groups[a.id]["opened"], groups[a.id]["errors"]) == (1, 2, 0)
+        ga = groups[a.id]
+        assert (ga["unique_opens"], ga["unique_open_rate"], ga["open_rate"]) == (1, 1.0, 2.0)
         assert (groups[b.id]["sent"], groups[b.id]["delivered"], groups[b.id]["errors"]) == (1, 1, 1)
         assert data["totals"]["sent"] >= 2 and data["totals"]["errors"] >= 1 and data["totals"]["opened"] >= 1
         assert data["totals"]["sent"] >= sum(g["sent"] for g in data["groups"])
@@ -102,7 +128,8 @@ def test_bi_aggregates_across_tenants_and_per_tenant(system: LocalSystem, new_te
         assert [g["key"] for g in day["groups"]] == ["example.test"]
         dom = _ok(_bi(system, token, tenant_id=a.id, group_by="domain", **window))
         # the open event carries no sending domain (engagement events, docs/bi.md): key ''
-        assert {g["key"]: (g["sent"], g["opened"]) for g in dom["groups"]} == {f"{a.id}.test": (1, 0), "": (0, 1)}
+        assert {g["key"]: (g["sent"], g["opened"], g["unique_opens"]) for g in dom["groups"]} == {
+            f"{a.id}.test": (1, 0, 0), "": (0, 2, 1)}
         acct = _ok(_bi(system, token, tenant_id=b.id, group_by="account", **window))
         assert _groups(acct)["main"]["sent"] == 1
 

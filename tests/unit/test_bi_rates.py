@@ -6,7 +6,7 @@ import pytest
 
 from services.api.errors import ApiError
 from services.api.reputation import Thresholds
-from services.api.routes_bi import band, rates, validate
+from services.api.routes_bi import band, distinct_rates, figures, rates, validate
 
 
 def test_rates_over_sent_and_delivered() -> None:
@@ -15,6 +15,22 @@ def test_rates_over_sent_and_delivered() -> None:
                  "click_rate": 0.1}
     assert rates({}) == {"delivery_rate": 0.0, "bounce_rate": 0.0, "complaint_rate": 0.0, "open_rate": 0.0,
                          "click_rate": 0.0}
+
+
+def test_distinct_rates_over_distinct_messages() -> None:
+    c = {"sent": 210, "delivered": 200, "opened": 300, "clicked": 40,
+         "messages_sent": 200, "messages_delivered": 190, "messages_bounced": 10, "messages_complained": 1,
+         "unique_opens": 95, "unique_clicks": 19}
+    assert distinct_rates(c) == {"message_delivery_rate": 0.95, "message_bounce_rate": 0.05,
+                                 "message_complaint_rate": 0.005, "unique_open_rate": 0.5, "unique_click_rate": 0.1}
+    assert set(distinct_rates({}).values()) == {0.0}
+    full = figures(c, distinct=True)
+    # the event fields keep their meaning (opens per delivered message: 1.5), the distinct ones are added
+    assert full["open_rate"] == 1.5 and full["unique_open_rate"] == 0.5 and full["unique_opens"] == 95
+    lean = figures(c, distinct=False)
+    assert "unique_opens" not in lean and "unique_open_rate" not in lean and lean["opened"] == 300
+    bucket = figures(c, distinct=True, with_rates=False)
+    assert bucket["messages_sent"] == 200 and "open_rate" not in bucket and "unique_open_rate" not in bucket
 
 
 @pytest.mark.parametrize(("counts", "expected"), [
