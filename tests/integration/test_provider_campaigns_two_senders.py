@@ -9,14 +9,9 @@ sender process."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,59 +19,30 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.supervisor import LocalSystem, free_port
-from tests.conftest import REPO, internal_headers, tenant_factory, wait_until
+from infra.supervisor import LocalSystem
+from tests.conftest import internal_headers, tenant_factory, wait_until
 from tests.integration.provider_support import SYSTEM_FROM, ProviderApi
 from tests.integration.test_domains import dns_server
 from tests.integration.test_provider_campaigns import RESEND_BOUND, Setup, committed_campaign_ids
 from tests.support.smtp_server import RecordingSmtpServer
+from tests.support.two_senders import SecondSender, idle, system_with_two_senders
 
 ADMIN = "campaign-two-senders-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[tuple[LocalSystem, ProviderApi, RecordingSmtpServer, subprocess.Popen[bytes]]]:
-    state = REPO / ".test-state" / f"campaign-two-senders-{os.getpid()}"
-    shutil.rmtree(state, ignore_errors=True)
-    with RecordingSmtpServer() as smtp, RecordingSmtpServer() as mailbox, dns_server() as (dns_port, zone):
-        sys_ = LocalSystem.with_free_ports(state, admin_token=ADMIN, kafka_heap="256m", env={
-            "POSTBUS_ALLOW_PRIVATE_NETWORKS": "1", "POSTBUS_SENDER_MX_LOOKUP": "0",
-            "POSTBUS_DNS_RESOLVERS": f"127.0.0.1:{dns_port}", "POSTBUS_DNS_TIMEOUT_S": "2",
-            "POSTBUS_SYSTEM_SMTP_HOST": mailbox.host, "POSTBUS_SYSTEM_SMTP_PORT": str(mailbox.port),
-            "POSTBUS_SYSTEM_SMTP_TLS": "none", "POSTBUS_SYSTEM_SMTP_FROM": SYSTEM_FROM})
-        sys_.start()
-        port = free_port()
-        env = sys_.service_env()
-        env.update(POSTBUS_SENDER_METRICS_PORT=str(port), POSTBUS_STATE_DIR=str(state / "sender2"),
-                   POSTBUS_SECRET_KEY=(state / "secret.key").read_text().strip())
-        (state / "sender2").mkdir()
-        with (state / "logs" / "sender2.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "services.sender"], cwd=REPO, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+def world() -> Iterator[tuple[LocalSystem, ProviderApi, RecordingSmtpServer, SecondSender]]:
+    with RecordingSmtpServer() as smtp, RecordingSmtpServer() as mailbox, dns_server() as (dns_port, zone), \
+            system_with_two_senders("campaign-two-senders", ADMIN, {
+                "POSTBUS_SENDER_MX_LOOKUP": "0",
+                "POSTBUS_DNS_RESOLVERS": f"127.0.0.1:{dns_port}", "POSTBUS_DNS_TIMEOUT_S": "2",
+                "POSTBUS_SYSTEM_SMTP_HOST": mailbox.host, "POSTBUS_SYSTEM_SMTP_PORT": str(mailbox.port),
+                "POSTBUS_SYSTEM_SMTP_TLS": "none", "POSTBUS_SYSTEM_SMTP_FROM": SYSTEM_FROM}) as (sys_, second):
         api = ProviderApi(sys_.url("api"), zone, mailbox)
         try:
-            second = f"http://127.0.0.1:{port}"
-            wait_until(lambda: _ready(second, internal_headers(sys_)) or proc.poll() is not None, 120,
-                       what="second sender")
-            assert proc.poll() is None, "the second sender exited"
-            wait_until(lambda: _ready(sys_.url("sender"), internal_headers(sys_)), 120, what="first sender ready")
-            yield sys_, api, smtp, proc
+            yield sys_, api, smtp, second
         finally:
             api.admin.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            sys_.stop()
-            if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
-                shutil.rmtree(state, ignore_errors=True)
-
-
-def _ready(url: str, headers: dict[str, str]) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", headers=headers, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
@@ -92,15 +58,21 @@ def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
             campaigns.append(r.json()["data"]["campaign"]["id"])
         wait_until(lambda: sum(len(s.delivered(smtp)) for s in setups) >= 20, timeout=90, interval=0.05,
                    what="deliveries before the kill")
-        os.killpg(second.pid, signal.SIGKILL)  # the second sender dies; the first takes its partitions
-        second.wait()
+        os.killpg(second.proc.pid, signal.SIGKILL)  # the second sender dies; the first takes its partitions
+        second.proc.wait()
         at_kill = sum(len(s.delivered(smtp)) for s in setups)
         assert at_kill < 6 * n, "the kill must land mid-campaign"
-        taken = _acquired(system.logs_dir / "sender2.log")
+        taken = _acquired(system.logs_dir / second.log)
         assert taken, "the second sender expanded no campaign: nothing to take over"
         wait_until(lambda: all(len(s.delivered(smtp)) == n for s in setups), timeout=240,
                    what="every member of every campaign delivered")
-        time.sleep(1.5)
+        # evidence that no resend is still coming: every campaign finished expanding, and the surviving
+        # sender (the only one left) has nothing pending and nothing in flight
+        for s, cid in zip(setups, campaigns, strict=True):
+            wait_until(lambda s=s, cid=cid: s.campaign(cid)["status"] == "finished", timeout=60,
+                       what="campaign finished")
+        wait_until(lambda: idle(system.url("sender"), internal_headers(system)), timeout=60,
+                   what="the surviving sender idle")
         for s, cid in zip(setups, campaigns, strict=True):
             got = s.delivered(smtp)
             assert set(got) == set(s.emails)

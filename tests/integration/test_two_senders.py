@@ -7,12 +7,6 @@ process with its own metrics port and state folder."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,10 +15,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from infra.supervisor import LocalSystem, free_port
-from tests.conftest import REPO, internal_headers, wait_until
+from infra.supervisor import LocalSystem
+from tests.conftest import internal_headers, wait_until
 from tests.support.client_app import ClientApp
 from tests.support.smtp_server import RecordingSmtpServer
+from tests.support.two_senders import SecondSender, idle, prom, system_with_two_senders
 
 ADMIN = "two-senders-" + uuid.uuid4().hex
 MINUTE_S = 20
@@ -37,56 +32,11 @@ def smtp() -> Iterator[RecordingSmtpServer]:
 
 
 @pytest.fixture(scope="module")
-def two_senders() -> Iterator[tuple[LocalSystem, str]]:
-    state = REPO / ".test-state" / f"two-senders-{os.getpid()}"
-    shutil.rmtree(state, ignore_errors=True)
-    sys_ = LocalSystem.with_free_ports(state, admin_token=ADMIN, kafka_heap="256m", env={
-        "POSTBUS_SENDER_RATE_MINUTE_S": str(MINUTE_S), "POSTBUS_SENDER_MX_LOOKUP": "0",
-        "POSTBUS_REPORTER_FLUSH_MS": "200",
-        "POSTBUS_ALLOW_PRIVATE_NETWORKS": "1"})  # loopback client apps and SMTP server
-    sys_.start()
-    port = free_port()
-    env = sys_.service_env()
-    env.update(POSTBUS_SENDER_METRICS_PORT=str(port), POSTBUS_STATE_DIR=str(state / "sender2"),
-               POSTBUS_SECRET_KEY=(state / "secret.key").read_text().strip())
-    (state / "sender2").mkdir()
-    with (state / "logs" / "sender2.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.sender"], cwd=REPO, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    second = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _up(second, internal_headers(sys_)) or proc.poll() is not None, 120,
-                   what="second sender")
-        assert proc.poll() is None, "the second sender exited"
-        # the first one went through the rebalance the second one caused: ready again
-        wait_until(lambda: _up(sys_.url("sender"), internal_headers(sys_)), 120, what="first sender ready")
-        yield sys_, second
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        sys_.stop()
-        if os.environ.get("POSTBUS_KEEP_TEST_STATE") != "1":
-            shutil.rmtree(state, ignore_errors=True)
-
-
-def _up(url: str, headers: dict[str, str]) -> bool:
-    """Recovered and consuming (``/ready``), with its Prometheus endpoint answering."""
-    try:
-        return (httpx.get(f"{url}/ready", timeout=2).status_code == 200
-                and httpx.get(f"{url}/metrics", headers=headers, timeout=2).status_code == 200)
-    except httpx.HTTPError:
-        return False
-
-
-def _sent_total(url: str, headers: dict[str, str]) -> float:
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gmp_sent_total{"))
+def two_senders() -> Iterator[tuple[LocalSystem, SecondSender]]:
+    with system_with_two_senders("two-senders", ADMIN, {
+            "POSTBUS_SENDER_RATE_MINUTE_S": str(MINUTE_S), "POSTBUS_SENDER_MX_LOOKUP": "0",
+            "POSTBUS_REPORTER_FLUSH_MS": "200"}) as both:  # loopback client apps and SMTP server: allowed
+        yield both
 
 
 def test_two_senders_never_double_send_and_share_one_rate_limit(two_senders, smtp: RecordingSmtpServer) -> None:
@@ -123,9 +73,19 @@ def test_two_senders_never_double_send_and_share_one_rate_limit(two_senders, smt
             return Counter((m.message["X-Postbus-Tenant"], m.message["X-Postbus-Message-Id"]) for m in smtp.messages)
 
         wait_until(lambda: len(delivered()) >= 600, timeout=120, interval=1, what="600 distinct messages")
-        time.sleep(3)  # a double send would show up now
+        # evidence that nothing more is coming: neither instance has anything pending or in flight, and
+        # every send they counted has arrived (a double send counts twice: sum 601, an arrival 601)
+        headers = internal_headers(system)
+        urls = (system.url("sender"), second.url)
+
+        def sent() -> float:
+            return sum(prom(u, headers, "gmp_sent_total") for u in urls)
+
+        wait_until(lambda: all(idle(u, headers) for u in urls) and sent() >= 600, timeout=60,
+                   what="both senders idle with every send counted")
         got = delivered()
         assert len(got) == 600 and max(got.values()) == 1, [k for k, n in got.items() if n > 1][:10]
+        assert sent() == len(smtp.messages) == 600, (sent(), len(smtp.messages))
 
         limited = tenants[10][0]
         windows = Counter(int(m.received_at // MINUTE_S) for m in smtp.messages
@@ -134,8 +94,7 @@ def test_two_senders_never_double_send_and_share_one_rate_limit(two_senders, smt
         assert max(windows.values()) == 50 and all(n <= 50 for n in windows.values()), windows
 
         # both instances did part of the work
-        headers = internal_headers(system)
-        first, other = _sent_total(system.url("sender"), headers), _sent_total(second, headers)
+        first, other = prom(urls[0], headers, "gmp_sent_total"), prom(urls[1], headers, "gmp_sent_total")
         assert first + other >= 600 and first > 0 and other > 0, (first, other)
     finally:
         for c in clients:

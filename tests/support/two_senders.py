@@ -1,0 +1,94 @@
+"""A test system with a second sender process (tests/integration/test_two_senders.py,
+test_provider_campaigns_two_senders.py): the whole system of its own (tests.conftest.running_system)
+plus ``python -m services.sender`` with its own Prometheus port and state folder, in the same
+consumer group, so Faust splits the partitions between the two. Both are ready (recovered and
+consuming, Prometheus answering) when the context yields; the second one is stopped on the way out
+(SIGTERM, SIGKILL after 15 s; a test may have killed it already).
+
+Also the Prometheus readings the tests take of either instance as evidence: what each has sent, has
+pending, holds and is sending right now."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from infra.supervisor import LocalSystem, free_port
+from tests.conftest import REPO, fresh_state, internal_headers, running_system, wait_until
+
+
+@dataclass
+class SecondSender:
+    proc: subprocess.Popen[bytes]
+    url: str  # its Prometheus port (/ready, /metrics)
+    log: str  # its log file name in the system's logs folder
+
+
+@contextlib.contextmanager
+def system_with_two_senders(name: str, admin_token: str,
+                            env: dict[str, str]) -> Iterator[tuple[LocalSystem, SecondSender]]:
+    state = fresh_state(name)
+    with running_system(state, admin_token, env) as sys_:
+        port = free_port()
+        senv = sys_.service_env()
+        senv.update(POSTBUS_SENDER_METRICS_PORT=str(port), POSTBUS_STATE_DIR=str(state / "sender2"),
+                    POSTBUS_SECRET_KEY=(state / "secret.key").read_text().strip())
+        (state / "sender2").mkdir()
+        with (state / "logs" / "sender2.log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "services.sender"], cwd=REPO, env=senv,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        second = SecondSender(proc, f"http://127.0.0.1:{port}", "sender2.log")
+        try:
+            headers = internal_headers(sys_)
+            wait_until(lambda: sender_up(second.url, headers) or proc.poll() is not None, 120, what="second sender")
+            assert proc.poll() is None, "the second sender exited"
+            # the first one went through the rebalance the second one caused: ready again
+            wait_until(lambda: sender_up(sys_.url("sender"), headers), 120, what="first sender ready")
+            yield sys_, second
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def sender_up(url: str, headers: dict[str, str]) -> bool:
+    """Recovered and consuming (``/ready``), with its Prometheus endpoint answering."""
+    try:
+        return (httpx.get(f"{url}/ready", headers=headers, timeout=2).status_code == 200
+                and httpx.get(f"{url}/metrics", headers=headers, timeout=2).status_code == 200)
+    except httpx.HTTPError:
+        return False
+
+
+def prom(url: str, headers: dict[str, str], name: str, **labels: str) -> float:
+    """The sum of the samples of metric ``name`` (those with all of ``labels``) at a sender's
+    Prometheus endpoint; 0 when there is none."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series != name and not series.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def idle(url: str, headers: dict[str, str]) -> bool:
+    """Nothing pending (in a lane or held) and nothing being sent: this instance sends nothing more
+    until a command or a retry gives it something."""
+    return (prom(url, headers, "gmp_pending_messages") == 0
+            and prom(url, headers, "postbus_sender_inflight_messages") == 0)
