@@ -1,4 +1,5 @@
-"""Instance config, bounce reload, status, command log and its export, analytics replay."""
+"""Instance config, bounce reload, status, command log and its export, analytics replay (and its
+progress), digests of the config views (for ``postbus replay views``)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from services.api.models import (
 )
 from services.api.routes_tenants import iso
 from services.api.state import ApiState
+from services.common import view_digest
+from services.common.config_view import ConfigView
 from services.common.topics import CONFIG_INSTANCE
 
 router = APIRouter()
@@ -224,3 +227,65 @@ async def replay_metrics(request: Request, body: MetricsReplayIn | None = None) 
         raise ApiError(503, "metrics_unavailable", f"the metrics service answered {r.status_code}")
     log.info("metrics replay requested by the admin")
     return Ok()
+
+
+@router.get("/admin/replay/metrics", tags=["instance"],
+            summary="Progress of the analytics (ClickHouse) ingest: offsets loaded per topic, replaying (admin)",
+            responses=errors(401, 403))
+async def replay_metrics_status(request: Request) -> dict[str, Any]:
+    """The metrics service's ingest status for the admin (its port is internal): ``topics`` (next
+    offset loaded per topic and partition), ``caught_up``, ``replaying``, ``rows``. ``postbus replay
+    analytics`` follows a rebuild with it."""
+    st = state_of(request)
+    require_admin(authenticate(request, st))
+    try:
+        r = await st.metrics.get("/internal/ingest-status", timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise ApiError(503, "metrics_unavailable", "the metrics service did not answer") from exc
+    if r.status_code != 200:
+        raise ApiError(503, "metrics_unavailable", f"the metrics service answered {r.status_code}")
+    body = r.json()
+    return {"ok": True, **{k: body.get(k) for k in ("topics", "partitions", "caught_up", "replaying", "rows")}}
+
+
+def _config_views(request: Request, st: ApiState) -> list[ConfigView]:
+    """Every config view this API process holds (one per compacted topic)."""
+    views: list[Any] = [st.tenants, st.accounts, st.apikeys, st.instance, st.suspensions, st.sync_status]
+    if st.provider is not None:
+        views += st.provider.all()
+    domains = getattr(request.app.state, "postbus_domains", None)
+    if domains is not None:
+        views += [domains.domains, domains.status]
+    views.append(getattr(request.app.state, "postbus_suppressions", None))
+    out: dict[str, ConfigView] = {}
+    for v in views:
+        if isinstance(v, ConfigView):
+            out.setdefault(v.topic, v)
+    return [out[t] for t in sorted(out)]
+
+
+@router.get("/admin/views/digest", tags=["instance"],
+            summary="Salted digests of every record of the API's config views, with the offsets they hold (admin)",
+            responses=errors(401, 403, 422))
+async def views_digest(request: Request, salt: str = Query(..., description="32 to 128 hex digits, random per call")
+                       ) -> dict[str, Any]:
+    """For ``postbus replay views``: each view caught up with its topic, then, per view, the offsets it
+    holds and ``key -> digest`` of its records (services/common/view_digest.py). No record is returned,
+    only salted digests."""
+    st = state_of(request)
+    require_admin(authenticate(request, st))
+    try:
+        salt_bytes = view_digest.parse_salt(salt)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_salt", str(exc)) from None
+    out = []
+    for v in _config_views(request, st):
+        try:
+            await v.catch_up(timeout=10.0)
+        except (TimeoutError, KafkaError) as exc:
+            raise ApiError(503, "views_unavailable", f"the view of {v.topic} did not catch up") from exc
+        # no await from here to the digests: the offsets and the records are the same moment's
+        applied, items = v.applied(), dict(v.items)
+        out.append({"topic": v.topic, "schema": v.schema, "applied": {str(p): o for p, o in sorted(applied.items())},
+                    "count": len(items), "digests": view_digest.view_digests(salt_bytes, items)})
+    return {"ok": True, "views": out}

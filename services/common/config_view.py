@@ -127,3 +127,7 @@ class ConfigView:
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.items.get(key)
+
+    def applied(self) -> dict[int, int]:
+        """partition -> next offset to apply: the prefix of the topic the view holds now."""
+        return dict(self._applied)
