@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
@@ -34,6 +34,16 @@ def partition_for(tenant_id: str, partitions: int) -> int:
     return (murmur2(tenant_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+async def _start(client: Any, bootstrap: str) -> None:
+    """Start a Kafka client within CONNECT_TIMEOUT_S, or stop it and raise KafkaUnavailable."""
+    try:
+        await asyncio.wait_for(client.start(), CONNECT_TIMEOUT_S)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        with contextlib.suppress(Exception):
+            await (client.close() if hasattr(client, "close") and not hasattr(client, "stop") else client.stop())
+        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer ({type(exc).__name__})") from None
+
+
 @contextlib.asynccontextmanager
 async def consumer(bootstrap: str, *, committed_only: bool = True) -> AsyncIterator[AIOKafkaConsumer]:
     c = AIOKafkaConsumer(
@@ -41,16 +51,32 @@ async def consumer(bootstrap: str, *, committed_only: bool = True) -> AsyncItera
         isolation_level="read_committed" if committed_only else "read_uncommitted",
         fetch_max_wait_ms=100, request_timeout_ms=15000, client_id="postbus-cli",
     )
-    try:
-        await asyncio.wait_for(c.start(), CONNECT_TIMEOUT_S)
-    except (KafkaError, OSError, TimeoutError) as exc:
-        with contextlib.suppress(Exception):
-            await c.stop()
-        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer ({type(exc).__name__})") from None
+    await _start(c, bootstrap)
     try:
         yield c
     finally:
         await c.stop()
+
+
+@contextlib.asynccontextmanager
+async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    """An idempotent producer (``acks=all``) for the commands that append (``dead-letters --replay``)."""
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                         client_id="postbus-cli", request_timeout_ms=15000)
+    await _start(p, bootstrap)
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def admin_client(bootstrap: str) -> Any:
+    """A started Kafka admin client (``lag``, ``topics``); the caller closes it."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000, client_id="postbus-cli")
+    await _start(admin, bootstrap)
+    return admin
 
 
 async def partitions_of(c: AIOKafkaConsumer, topic: str) -> list[int]:
@@ -67,14 +93,18 @@ async def tenant_partition(c: AIOKafkaConsumer, topic: str, tenant_id: str) -> T
 
 async def read_snapshot(c: AIOKafkaConsumer, tps: list[TopicPartition], *,
                         start: dict[TopicPartition, int] | None = None,
+                        end: dict[TopicPartition, int] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> AsyncIterator[Any]:
-    """Every record of ``tps`` from ``start`` (default: the beginning) up to the end offsets taken now,
-    partition by partition in offset order. ``progress(done, total)`` is called as records arrive."""
+    """Every record of ``tps`` from ``start`` (default: the beginning) up to the end offsets taken now
+    (or up to ``end``, when given and not past them), partition by partition in offset order.
+    ``progress(done, total)`` is called as records arrive."""
     if not tps:
         return
     c.assign(tps)
     begins = await c.beginning_offsets(tps)
     ends = await c.end_offsets(tps)
+    if end is not None:
+        ends = {tp: min(o, end.get(tp, o)) for tp, o in ends.items()}
     starts = {tp: max(begins[tp], (start or {}).get(tp, begins[tp])) for tp in tps}
     total = sum(max(0, ends[tp] - starts[tp]) for tp in tps)
     done = 0

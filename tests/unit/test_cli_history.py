@@ -10,7 +10,7 @@ import pytest
 
 from services.cli import history
 from services.cli.kafka import command_entry, partition_for, record_json
-from services.cli.main import parse_time
+from services.cli.context import parse_time
 from services.common.avro import codec
 
 T = "acme"

@@ -12,6 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from services.cli import main as cli_main
+from services.cli import topics_cmd
+from services.cli.context import Ctx
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "admin-token-never-printed-0123456789"
@@ -28,6 +30,8 @@ def test_usage_errors_exit_2() -> None:
                          (("export", "command-log", "--since", "soon"), "is not a time"),
                          (("dead-letters", "--replay"), "--yes"),
                          (("replay", "analytics"), "--yes"),
+                         (("replay", "analytics", "--yes", "--from", "last week"), "is not a time"),
+                         (("replay", "views", "--from", "2026-11-01"), "has no meaning for views"),
                          (("no-such-command",), "No such command")):
         r = invoke(*args, env={"POSTBUS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "POSTBUS_API_URL": "http://127.0.0.1:1"})
         assert r.exit_code == 2, (args, r.output)
@@ -48,7 +52,7 @@ def test_local_state_tokens_are_the_fallback(tmp_path: Path, monkeypatch: pytest
 
     @cli_main.cli.command("probe-ctx")
     @click.pass_obj
-    def probe(ctx: cli_main.Ctx) -> None:
+    def probe(ctx: Ctx) -> None:
         seen.update(vars(ctx))
 
     try:
@@ -85,7 +89,7 @@ def test_unexpected_error_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch, ca
     async def boom(*_a, **_k):
         raise ValueError("something odd")
 
-    monkeypatch.setattr(cli_main, "collect_topics", boom)
+    monkeypatch.setattr(topics_cmd, "collect_topics", boom)
     with pytest.raises(SystemExit) as exc:
         cli_main.main(["topics"])
     assert exc.value.code == 1
@@ -95,7 +99,7 @@ def test_unexpected_error_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch, ca
 
 def test_help_of_every_command() -> None:
     for args in ((), ("export", "command-log"), ("tail",), ("trace",), ("lag",), ("topics",), ("dead-letters",),
-                 ("replay", "analytics"), ("state-at",)):
+                 ("replay",), ("replay", "analytics"), ("replay", "views"), ("state-at",)):
         r = invoke(*args, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output, args
 
