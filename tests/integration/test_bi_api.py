@@ -6,13 +6,17 @@ event on the topic), as the admin, a bi:read principal and each tenant."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.supervisor import LocalSystem
+from services.common.avro import DecodeError, codec
+from services.common.topics import EVENTS, topic_partitions
 from tests.conftest import BI_TOKEN, SUPPORT_TOKEN, Tenant, wait_until
 from tests.integration.test_durability import _all_topic_bytes
 
@@ -169,3 +173,93 @@ def test_bi_refusals(system: LocalSystem, new_tenant, smtp) -> None:
     _refused(_bi(system, system.admin_token, top=1000, **window), 422, "VALIDATION_ERROR")
     _refused(_bi(system, system.admin_token, from_ts=now, to_ts=now - 10), 422, "VALIDATION_ERROR")
     _refused(_bi(system, b.api_key, bucket="week", **window), 422, "VALIDATION_ERROR")
+
+
+def _redeliver_events_of(bootstrap: str, tenant_id: str) -> int:
+    """Write every record of the events topic that belongs to ``tenant_id`` a second time, byte
+    for byte, to its own partition (what a producer retry or a re-played batch leaves on the log):
+    the metrics ingest loads each event again. Returns how many were re-written."""
+    async def run() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await consumer.start()
+        await producer.start()
+        try:
+            tps = [TopicPartition(EVENTS, p) for p in await topic_partitions(consumer, EVENTS)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            mine = []
+            deadline = asyncio.get_running_loop().time() + 30
+            while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+                assert asyncio.get_running_loop().time() < deadline, "could not read the events topic"
+                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                    for rec in records:
+                        if rec.offset >= ends[tp]:
+                            continue
+                        try:
+                            _, ev = codec().decode(rec.value, expect="DeliveryEvent")
+                        except DecodeError:
+                            continue
+                        if ev["tenant_id"] == tenant_id:
+                            mine.append((tp.partition, rec.key, rec.value, list(rec.headers or ())))
+            for partition, key, value, headers in mine:
+                await producer.send_and_wait(EVENTS, value, key=key, partition=partition, headers=headers)
+            return len(mine)
+        finally:
+            await producer.stop()
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+def test_bi_redelivered_events_do_not_double_count_distinct_figures(system: LocalSystem, new_tenant,
+                                                                     smtp) -> None:
+    """Every event of a tenant reaches the metrics store twice (re-written to the events topic):
+    the event counts double (the positive control: the copies were loaded and counted), the
+    distinct-message figures (totals, per-group, per-bucket; the tenant's key and the admin's
+    cross-tenant view) stay the same."""
+    a: Tenant = new_tenant(tracking={"opens": True, "clicks": False})
+    r = a.http.post("/commands/add-messages", json={"messages": [
+        a.message("bi-dup-1", body=HTML, content_type="html", to=["reader@example.test"]),
+        a.message("bi-dup-2", to=["other@example.test"])]})
+    assert r.status_code == 200 and r.json()["queued"] == 2, r.text
+    a.client.wait_for_reports(lambda rs: {x["id"] for x in rs if "sent_ts" in x} >= {"bi-dup-1", "bi-dup-2"},
+                              timeout=60)
+    mail = next(m for m in smtp.messages if m.message["X-Postbus-Tenant"] == a.id
+                and m.message["X-Postbus-Message-Id"] == "bi-dup-1")
+    pixel = re.search(r'src="([^"]+/t/o/[^"]+)"', mail.message.get_body(("html",)).get_content()).group(1)
+    with httpx.Client(timeout=30) as anon:
+        for _ in range(2):
+            assert anon.get(pixel).status_code == 200
+    now = int(time.time())
+    window = {"from_ts": now - 3600, "to_ts": now + 60}
+    wait_until(lambda: _ok(_bi(system, a.api_key, **window))["totals"]["opened"] == 2, timeout=60,
+               what="both opens counted")
+
+    def answers() -> dict[str, dict[str, Any]]:
+        own = _ok(_bi(system, a.api_key, group_by="provider", **window))
+        cross = _ok(_bi(system, system.admin_token, group_by="tenant", top=100, **window))
+        return {"totals": own["totals"], "provider": _groups(own)["example.test"], "tenant": _groups(cross)[a.id],
+                "series": {s["ts"]: s for s in own["series"] if s["sent"] or s["opened"]}}
+
+    before = answers()
+    assert (before["totals"]["sent"], before["totals"]["opened"]) == (2, 2)
+    assert {k: before["totals"][k] for k in ("messages_sent", "messages_delivered", "unique_opens")} == {
+        "messages_sent": 2, "messages_delivered": 2, "unique_opens": 1}
+
+    assert _redeliver_events_of(system.kafka_bootstrap, a.id) == 4  # 2 sent + 2 open
+    # the copies are loaded: every event count doubles (read-your-writes: the route waits for them)
+    wait_until(lambda: _ok(_bi(system, a.api_key, **window))["totals"]["sent"] == 4, timeout=60,
+               what="the re-delivered events loaded")
+    after = answers()
+    assert (after["totals"]["sent"], after["totals"]["opened"], after["totals"]["delivered"]) == (4, 4, 4)
+    assert (after["tenant"]["sent"], after["provider"]["opened"]) == (4, 4)
+    # ... and no distinct figure moved
+    for part in ("totals", "provider", "tenant"):
+        assert {k: after[part][k] for k in DISTINCT + DISTINCT_RATES} == \
+            {k: before[part][k] for k in DISTINCT + DISTINCT_RATES}, part
+    assert set(after["series"]) == set(before["series"])
+    for ts, bucket in after["series"].items():
+        assert {k: bucket[k] for k in DISTINCT} == {k: before["series"][ts][k] for k in DISTINCT}
+    assert after["totals"]["unique_open_rate"] == 0.5 and after["totals"]["message_delivery_rate"] == 1.0
