@@ -209,7 +209,7 @@ sender = Sender(Deps(
     unflushed_per_worker=settings.sender_unflushed_per_worker,
 ))
 m.PENDING.set_function(sender.pending)
-register_held_metric(sender)  # postbus_sender_held_messages, postbus_sender_inflight_messages
+register_held_metric(sender)  # postbus_sender_{queued,held,inflight}_messages{tenant_id}
 engagement.register(app, commands_topic, events_topic)
 dkim_sign.register(app)
 # provider sender verification and welcome mail through the operator's system SMTP account
