@@ -24,8 +24,9 @@ from tests.conftest import internal_headers, tenant_factory, wait_until
 from tests.integration.provider_support import SYSTEM_FROM, ProviderApi
 from tests.integration.test_domains import dns_server
 from tests.integration.test_provider_campaigns import RESEND_BOUND, Setup, committed_campaign_ids
+from tests.support.prometheus import sender_idle
 from tests.support.smtp_server import RecordingSmtpServer
-from tests.support.two_senders import SecondSender, idle, system_with_two_senders
+from tests.support.two_senders import SecondSender, system_with_two_senders
 
 ADMIN = "campaign-two-senders-" + uuid.uuid4().hex
 
@@ -71,7 +72,7 @@ def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
         for s, cid in zip(setups, campaigns, strict=True):
             wait_until(lambda s=s, cid=cid: s.campaign(cid)["status"] == "finished", timeout=60,
                        what="campaign finished")
-        wait_until(lambda: idle(system.url("sender"), internal_headers(system)), timeout=60,
+        wait_until(lambda: sender_idle(system.url("sender"), internal_headers(system)), timeout=60,
                    what="the surviving sender idle")
         for s, cid in zip(setups, campaigns, strict=True):
             got = s.delivered(smtp)

@@ -18,8 +18,9 @@ import pytest
 from infra.supervisor import LocalSystem
 from tests.conftest import internal_headers, wait_until
 from tests.support.client_app import ClientApp
+from tests.support.prometheus import prom, sender_idle
 from tests.support.smtp_server import RecordingSmtpServer
-from tests.support.two_senders import SecondSender, idle, prom, system_with_two_senders
+from tests.support.two_senders import SecondSender, system_with_two_senders
 
 ADMIN = "two-senders-" + uuid.uuid4().hex
 MINUTE_S = 20
@@ -81,7 +82,7 @@ def test_two_senders_never_double_send_and_share_one_rate_limit(two_senders, smt
         def sent() -> float:
             return sum(prom(u, headers, "gmp_sent_total") for u in urls)
 
-        wait_until(lambda: all(idle(u, headers) for u in urls) and sent() >= 600, timeout=60,
+        wait_until(lambda: all(sender_idle(u, headers) for u in urls) and sent() >= 600, timeout=60,
                    what="both senders idle with every send counted")
         got = delivered()
         assert len(got) == 600 and max(got.values()) == 1, [k for k, n in got.items() if n > 1][:10]

@@ -3,10 +3,8 @@ test_provider_campaigns_two_senders.py): the whole system of its own (tests.conf
 plus ``python -m services.sender`` with its own Prometheus port and state folder, in the same
 consumer group, so Faust splits the partitions between the two. Both are ready (recovered and
 consuming, Prometheus answering) when the context yields; the second one is stopped on the way out
-(SIGTERM, SIGKILL after 15 s; a test may have killed it already).
-
-Also the Prometheus readings the tests take of either instance as evidence: what each has sent, has
-pending, holds and is sending right now."""
+(SIGTERM, SIGKILL after 15 s; a test may have killed it already). Readings of either instance's
+Prometheus endpoint: tests/support/prometheus.py."""
 
 from __future__ import annotations
 
@@ -71,24 +69,3 @@ def sender_up(url: str, headers: dict[str, str]) -> bool:
                 and httpx.get(f"{url}/metrics", headers=headers, timeout=2).status_code == 200)
     except httpx.HTTPError:
         return False
-
-
-def prom(url: str, headers: dict[str, str], name: str, **labels: str) -> float:
-    """The sum of the samples of metric ``name`` (those with all of ``labels``) at a sender's
-    Prometheus endpoint; 0 when there is none."""
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series != name and not series.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
-def idle(url: str, headers: dict[str, str]) -> bool:
-    """Nothing pending (in a lane or held) and nothing being sent: this instance sends nothing more
-    until a command or a retry gives it something."""
-    return (prom(url, headers, "gmp_pending_messages") == 0
-            and prom(url, headers, "postbus_sender_inflight_messages") == 0)
