@@ -74,7 +74,7 @@ def test_help_and_usage_errors(system: LocalSystem) -> None:
     for cmd in ("export", "tail", "trace", "lag", "topics", "dead-letters", "replay", "state-at"):
         assert cmd in r.stdout
     for args in (("export", "command-log"), ("tail",), ("trace",), ("lag",), ("topics",), ("dead-letters",),
-                 ("replay", "analytics"), ("state-at",)):
+                 ("replay",), ("replay", "analytics"), ("replay", "views"), ("state-at",)):
         h = cli(system, *args, "--help")
         assert h.returncode == 0 and "Usage: postbus" in h.stdout, (args, h.stderr)
     # usage errors: exit code 2 with a clear message
@@ -404,5 +404,6 @@ def test_replay_analytics(system: LocalSystem, new_tenant, smtp) -> None:
     assert "replay requested" in r.stderr and token not in r.stdout + r.stderr
     done = json.loads(r.stdout.strip().splitlines()[-1])
     assert done["ok"] is True and done["events"] > 0 and done["rows"] > 0 and done["rows_before"] > 0
+    assert done["differences"] == 0 and f"verified: {done['verified']} answers identical" in r.stderr
     # rebuilt from the topics: the tenant's send is counted again, once
     assert sent_count() == 1
