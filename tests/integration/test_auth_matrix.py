@@ -102,6 +102,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     # without {"confirm": true} the admin gets 400 confirmation_required (no replay of the shared
     # system here; test_durability.py replays through this route and checks the rebuild)
     ("POST", "/admin/replay/metrics"): Route("admin", body={}, overrides={"admin": 400}),
+    ("GET", "/admin/replay/metrics"): Route("admin"),
+    ("GET", "/admin/views/digest"): Route("admin", query={"salt": "00" * 16}),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/metrics"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/status"): Route("smtp"),
     ("GET", "/api/v1/tenants/{tenant_id}/smtp/config"): Route("smtp"),
