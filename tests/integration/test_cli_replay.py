@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from infra.supervisor import LocalSystem
 from tests.conftest import ADMIN_TOKEN, Tenant, wait_until
 from tests.integration.test_cli import cli, json_lines
@@ -122,7 +124,8 @@ def test_replay_analytics_verified_and_a_difference_fails(system: LocalSystem, n
     assert answers[f"metrics {t.id} window=1h"]["sent"] >= 1 and f"bi {t.id}" in answers
 
 
-def test_replay_views_verified_against_the_api(system: LocalSystem, new_tenant, smtp, tmp_path: Path) -> None:
+def test_replay_views_verified_against_the_api(system: LocalSystem, admin: httpx.Client, new_tenant, smtp,
+                                               tmp_path: Path) -> None:
     t: Tenant = new_tenant()
     password = "pw-" + uuid.uuid4().hex
     r = t.http.post("/account", json={"id": "second", "host": smtp.host, "port": smtp.port, "user": "u",
@@ -148,6 +151,18 @@ def test_replay_views_verified_against_the_api(system: LocalSystem, new_tenant, 
     assert t.id in answers["GET /tenants"] and answers[f"GET /accounts?tenant_id={t.id}"] == ["main", "second"]
     text = saved.read_text() + r.stdout + r.stderr
     assert password not in text and t.api_key not in text and "s3cret" not in text and ADMIN_TOKEN not in text
+
+    # the API's side: digests only (no record, secret or ciphertext), for the admin only
+    r = admin.get("/admin/views/digest", params={"salt": "ab" * 16})
+    assert r.status_code == 200, r.text
+    views = r.json()["views"]
+    assert all(set(v) == {"topic", "schema", "applied", "count", "digests"} for v in views)
+    assert all(len(d) == 32 and int(d, 16) >= 0 for v in views for d in v["digests"].values())
+    assert password not in r.text and "password" not in r.text and t.api_key not in r.text
+    r = t.http.get("/admin/views/digest", params={"salt": "ab" * 16})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required" and "digests" not in r.text
+    r = admin.get("/admin/views/digest", params={"salt": "ab"})
+    assert r.status_code == 422 and r.json()["ok"] is False and r.json()["error"]["code"] == "invalid_salt"
 
     # a change after the answers were recorded: the verification against them names it
     r = t.http.put(f"/tenant/{t.id}", json={"name": "Renamed " + t.id})
