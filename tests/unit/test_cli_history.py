@@ -9,8 +9,8 @@ import click
 import pytest
 
 from services.cli import history
-from services.cli.kafka import command_entry, partition_for, record_json
 from services.cli.context import parse_time
+from services.cli.kafka import command_entry, partition_for, record_json
 from services.common.avro import codec
 
 T = "acme"
