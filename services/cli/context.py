@@ -134,12 +134,16 @@ def progress_bar(what: str, unit: str = "records") -> Progress:
 RETRY_S = 0.5  # an answer refused while a projection rebuilds (503) is asked again
 
 
-def get_json(http: httpx.Client, path: str, params: dict[str, Any], deadline: float) -> Any:
-    """An answer of the API; a 503 (a projection rebuilding or behind) is asked again until the deadline."""
+def get_json(http: httpx.Client, path: str, params: dict[str, Any], deadline: float, *,
+             missing: Any = ...) -> Any:
+    """An answer of the API; a 503 (a projection rebuilding or behind) is asked again until the
+    deadline. A 404 is ``missing`` when given (e.g. a tenant deleted meanwhile), else a failure."""
     while True:
         r = http.get(path, params=params)
         if r.status_code == 200:
             return r.json()
+        if r.status_code == 404 and missing is not ...:
+            return missing
         if r.status_code != 503 or time.monotonic() > deadline:
             raise api_failure(r)
         time.sleep(RETRY_S)

@@ -40,7 +40,7 @@ async def _start(client: Any, bootstrap: str) -> None:
         await asyncio.wait_for(client.start(), CONNECT_TIMEOUT_S)
     except (KafkaError, OSError, TimeoutError) as exc:
         with contextlib.suppress(Exception):
-            await (client.close() if hasattr(client, "close") and not hasattr(client, "stop") else client.stop())
+            await (getattr(client, "stop", None) or client.close)()  # the admin client has close() only
         raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer ({type(exc).__name__})") from None
 
 

@@ -40,12 +40,12 @@ def replay() -> None:
 
 def report(projection: str, same: int, diffs: list[dict[str, object]], extra: dict[str, object]) -> None:
     """The verdict: differences and a summary on stderr, one JSON line on stdout; exit 1 on a difference."""
-    for d in diffs:
-        err.print(verify.render_difference(d), markup=False)
+    for d in diffs:  # plain lines (no wrapping), to be read or grepped
+        click.echo(verify.render_difference(d), err=True)
     emit({"ok": not diffs, "projection": projection, "verified": same, "differences": len(diffs), **extra})
     if diffs:
         raise click.ClickException(f"{len(diffs)} answer(s) differ ({same} identical)")
-    err.print(f"verified: {same} answers identical")
+    click.echo(f"verified: {same} answers identical", err=True)
 
 
 @replay.command("analytics")

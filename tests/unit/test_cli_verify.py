@@ -58,3 +58,18 @@ def test_view_digests_depend_on_the_salt_and_on_every_field() -> None:
     for bad in ("", "00" * 8, "zz" * 16, "0" * 130):
         with pytest.raises(ValueError):
             view_digest.parse_salt(bad)
+
+
+def test_replay_analytics_windows_and_progress() -> None:
+    from services.cli.replay_analytics import Params, loaded
+
+    now = 1_795_000_000_000
+    whole = Params(["a"], now, None)
+    assert whole.window == "8760h" and whole.bi_to == now // 1000 and whole.bi_to - whole.bi_from == 400 * 86400
+    recent = Params(["a"], now, now - 90 * 60_000)  # 90 minutes back: the whole hours covering them
+    assert recent.window == "2h" and recent.bi_from == (now - 90 * 60_000) // 1000
+    assert Params.of(recent.to_json()).to_json() == recent.to_json()
+    assert Params(["a"], now, now - 10**12).window == "8760h"  # never past the longest window
+    ends = {"postbus.events": {"0": 5, "1": 3}, "postbus.commands": {"0": 4}}
+    status = {"topics": {"postbus.events": {"0": 7, "1": 1}, "postbus.commands": {}}}
+    assert loaded(status, ends) == 5 + 1 + 0  # past an end counts as the end; a missing partition as 0
