@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.supervisor import LocalSystem
 from tests.conftest import ADMIN_TOKEN, Tenant, internal_headers, wait_until
+from tests.support.prometheus import tenant_idle_at_sender
 from tests.support.smtp_server import RecordingSmtpServer
 
 CONNECTIONS_PER_ACCOUNT = 8  # services.common.settings default: SMTP workers per account
@@ -41,7 +41,9 @@ def test_sigkill_sender_while_sending_1000_loses_nothing(system: LocalSystem, ne
             return collections.Counter(m.message["X-Postbus-Message-Id"] for m in sink.messages)
 
         wait_until(lambda: len(delivered_ids()) == total, timeout=120, what="every message delivered")
-        time.sleep(1.0)  # let any straggling resend arrive before counting duplicates
+        # evidence that no straggling resend is still coming: the restarted sender has nothing of the
+        # tenant's queued, held or in flight
+        wait_until(lambda: tenant_idle_at_sender(system, t.id), timeout=60, what="the tenant idle at the sender")
         counts = delivered_ids()
         duplicates = sum(n - 1 for n in counts.values())
         print(f"\nkilled at {at_kill}/{total} delivered; duplicates after restart: {duplicates}")
