@@ -21,6 +21,7 @@ from services.common.avro import codec
 from services.common.topics import COMMANDS
 from tests.conftest import wait_until
 from tests.integration.provider_support import ProviderApi, User, domain_name, login, papi  # noqa: F401
+from tests.support.prometheus import sender_metric, tenant_idle_at_sender
 from tests.support.smtp_server import RecordingSmtpServer
 
 # tests/integration/test_durability.py: what a sender crash may resend per account (SMTP in flight)
@@ -71,14 +72,23 @@ class Setup:
         self.add_members([{"email": e, "name": f"Member {i}", "fields": {"city": f"City{i}"}}
                           for i, e in enumerate(self.emails)])
 
-    def add_members(self, members: list[dict[str, Any]]) -> None:
+    def add_list(self, name: str, emails: list[str]) -> int:
+        """Another list of the same user (its members: ``emails``); returns its id."""
+        r = self.u.post("smtp-mailing-add", name=name)
+        assert r.status_code == 200, r.text
+        list_id: int = r.json()["data"]["mailing"]["id"]
+        self.add_members([{"email": e, "name": e, "fields": {"city": "Elsewhere"}} for e in emails], list_id)
+        return list_id
+
+    def add_members(self, members: list[dict[str, Any]], list_id: int | None = None) -> None:
         for start in range(0, len(members), 10_000):
-            r = self.u.post("smtp-mailing-members-add", mailing_list_id=self.list_id,
+            r = self.u.post("smtp-mailing-members-add", mailing_list_id=list_id or self.list_id,
                             members=members[start:start + 10_000])
             assert r.status_code == 200 and not r.json()["data"]["refused"], r.text
 
-    def store(self, *, begins: float | None = None, speed: int = 36_000, **extra: Any) -> httpx.Response:
-        body = {"template_id": self.template_id, "mailing_list_id": self.list_id,
+    def store(self, *, begins: float | None = None, speed: int = 36_000, list_id: int | None = None,
+              **extra: Any) -> httpx.Response:
+        body = {"template_id": self.template_id, "mailing_list_id": list_id or self.list_id,
                 "campaign_name": f"May {self.tag}", "begins_at": utc(begins if begins is not None else time.time()),
                 "segment": "all",
                 "all_request": {"from_email": self.from_email, "from_name": "Demo Team", "speed": speed,
@@ -91,9 +101,13 @@ class Setup:
         assert r.status_code == 200, r.text
         return r.json()["data"]["campaign"]  # type: ignore[no-any-return]
 
-    def delivered(self, smtp: RecordingSmtpServer) -> collections.Counter[str]:
-        mine = set(self.emails)
+    def delivered(self, smtp: RecordingSmtpServer, emails: list[str] | None = None) -> collections.Counter[str]:
+        mine = set(self.emails if emails is None else emails)
         return collections.Counter(r for m in smtp.messages for r in m.rcpt_tos if r in mine)
+
+    def sent_by_sender(self, system: LocalSystem) -> float:
+        """What the sender counted as sent for the tenant (``gmp_sent_total``)."""
+        return sender_metric(system, "gmp_sent_total", tenant_id=self.t.id)
 
 
 def committed_campaign_ids(bootstrap: str, tenant_id: str, campaign_id: int) -> collections.Counter[str]:
@@ -147,7 +161,11 @@ def test_20_member_campaign_delivered_exactly_once_per_member(papi: ProviderApi,
     assert camp["status"] in ("scheduled", "sending") and camp["batch_code"] == f"campaign-{cid}"
 
     wait_until(lambda: len(s.delivered(smtp)) == 20, timeout=90, what="20 members delivered")
-    time.sleep(1.0)  # a straggler would show up as a second delivery
+    # evidence that no second delivery is still coming: the campaign has expanded its whole list, the
+    # sender has nothing of the tenant's queued, held or in flight, and it counted 20 sends
+    wait_until(lambda: s.campaign(cid)["status"] == "finished" and tenant_idle_at_sender(system, t.id),
+               timeout=60, what="expansion finished and the tenant idle at the sender")
+    assert s.sent_by_sender(system) == 20
     got = s.delivered(smtp)
     assert set(got) == set(s.emails) and set(got.values()) == {1}
     assert not any(r in (blocked, f"gone-{s.tag}@rcpt.example.test") for m in smtp.messages for r in m.rcpt_tos)
@@ -193,20 +211,38 @@ def test_speed_is_respected(papi: ProviderApi, new_tenant: Any, smtp: RecordingS
 
 
 def test_pause_holds_then_resume_completes(papi: ProviderApi, new_tenant: Any,  # noqa: F811
-                                           smtp: RecordingSmtpServer) -> None:
+                                           smtp: RecordingSmtpServer, system: LocalSystem) -> None:
     t = new_tenant()
     s = Setup(papi, t, 20)
+    # a second campaign of the same tenant, never paused: the evidence that the sender went on past the
+    # pause. Its steps are taken by the same expansion loop as the paused one's, and its messages are
+    # commands on the same partition, after the pause's suspend command
+    others = [f"b{i:03d}-{s.tag}@rcpt.example.test" for i in range(30)]
+    other_list = s.add_list("Others", others)
     r = s.store(speed=3_600)  # 1 per second
     cid = r.json()["data"]["campaign"]["id"]
+    r = s.store(speed=3_600, list_id=other_list)
+    assert r.status_code == 200, r.text
+    other_cid = r.json()["data"]["campaign"]["id"]
     # positive control: it is sending
     wait_until(lambda: len(s.delivered(smtp)) >= 3, timeout=60, what="the first deliveries")
     r = s.u.post("smtp-campaign-pause", campaign_id=cid)
     assert r.status_code == 200 and r.json()["data"]["paused"] is True, r.text
     assert s.campaign(cid)["status"] == "paused"
-    time.sleep(1.5)  # what was already handed to SMTP at the pause may still land
-    held_at = len(s.delivered(smtp))
-    time.sleep(6.0)  # at 1/s, six more would have arrived without the pause
+    # two more of the other campaign: at 1/s with at most one queued ahead, the second was expanded after
+    # the pause answered, so the sender has processed the suspend command (and sent or held what it had
+    # of the paused campaign) before it accepted that message
+    mark = len(s.delivered(smtp, others))
+    wait_until(lambda: len(s.delivered(smtp, others)) >= mark + 3, timeout=30, what="the other campaign going on")
+    held_at, queued_at = len(s.delivered(smtp)), s.campaign(cid)["stats"]["queued"]
+    # six more steps of the other campaign's expansion loop: at 1/s the paused one would have had six too
+    wait_until(lambda: len(s.delivered(smtp, others)) >= mark + 9, timeout=30, what="six more of the other campaign")
     assert len(s.delivered(smtp)) == held_at < 20
+    assert s.campaign(cid)["status"] == "paused" and s.campaign(cid)["stats"]["queued"] == queued_at
+    r = s.u.post("smtp-campaign-update", {"campaign_id": other_cid,  # the other one: done quickly
+                                          "all_request": {"from_email": s.from_email, "speed": 360_000,
+                                                          "vmta_id": t.account_id}})
+    assert r.status_code == 200, r.text
     r = s.u.post("smtp-campaign-pause", campaign_id=cid)
     assert r.status_code == 200 and r.json()["data"]["paused"] is False, r.text
     # speed up the rest (update while not finished)
@@ -214,11 +250,16 @@ def test_pause_holds_then_resume_completes(papi: ProviderApi, new_tenant: Any,  
                                           "all_request": {"from_email": s.from_email, "speed": 36_000,
                                                           "vmta_id": t.account_id, "subject": "New {{ name }}"}})
     assert r.status_code == 200 and r.json()["data"] == {"campaigns": "update sucessfully"}, r.text
-    wait_until(lambda: len(s.delivered(smtp)) == 20, timeout=60, what="all 20 after resume")
-    time.sleep(1.0)
-    got = s.delivered(smtp)
-    assert set(got.values()) == {1}
+    wait_until(lambda: len(s.delivered(smtp)) == 20 and len(s.delivered(smtp, others)) == 30, timeout=60,
+               what="all 20 after resume, and the other campaign's 30")
+    # evidence that no second delivery is still coming: both campaigns expanded their whole list, the
+    # sender has nothing of the tenant's queued, held or in flight, and it counted one send a member
     c = wait_until(lambda: (c := s.campaign(cid))["status"] == "finished" and c, timeout=30, what="finished")
+    wait_until(lambda: s.campaign(other_cid)["status"] == "finished" and tenant_idle_at_sender(system, t.id),
+               timeout=60, what="the other campaign finished and the tenant idle at the sender")
+    assert s.sent_by_sender(system) == 50
+    got = s.delivered(smtp)
+    assert set(got.values()) == {1} and set(s.delivered(smtp, others).values()) == {1}
     assert c["campaign_name"] == "Renamed" and c["speed"] == 36_000
     subjects = {m.subject for m in smtp.messages if any(r in s.emails for r in m.rcpt_tos)}
     assert any(x.startswith("New ") for x in subjects)  # the update reached members expanded after it
@@ -278,7 +319,10 @@ def test_sender_sigkilled_mid_campaign_no_member_missing_or_doubled(papi: Provid
     assert at_kill < n, "the kill must land mid-campaign"
     system.start_service("sender")
     wait_until(lambda: len(s.delivered(smtp)) == n, timeout=180, what="every member delivered after the restart")
-    time.sleep(1.5)
+    # evidence that no resend is still coming: the campaign has expanded its whole list and the restarted
+    # sender has nothing of the tenant's queued, held or in flight
+    wait_until(lambda: s.campaign(cid)["status"] == "finished" and tenant_idle_at_sender(system, t.id),
+               timeout=60, what="expansion finished and the tenant idle at the sender")
     got = s.delivered(smtp)
     duplicates = sum(v - 1 for v in got.values())
     print(f"\nkilled at {at_kill}/{n} delivered; SMTP duplicates after restart: {duplicates}")
