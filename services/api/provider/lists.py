@@ -119,8 +119,7 @@ def _check_member(m: MemberIn) -> tuple[str | None, dict[str, Any] | None]:
              responses=errors(401, 403, 404, 422, 503))
 async def members_add(body: MembersAddIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    lst = LISTS.owned(st, user, body.mailing_list_id)
-    list_id = int(lst["list_id"])
+    list_id = int(LISTS.owned(st, user, body.mailing_list_id)["list_id"])
     refused: list[dict[str, Any]] = []
     candidates: list[tuple[int, dict[str, Any]]] = []
     seen: set[str] = set()
@@ -214,8 +213,7 @@ async def members(request: Request, user_id: int | None = Query(None), mailing_l
              responses=errors(401, 403, 404, 422, 503))
 async def members_remove(body: MembersRemoveIn, request: Request, user: ProviderUser = Depends(checked_user)) -> Any:
     st = state_of(request)
-    lst = LISTS.owned(st, user, body.mailing_list_id)
-    list_id = int(lst["list_id"])
+    list_id = int(LISTS.owned(st, user, body.mailing_list_id)["list_id"])
     if not body.emails and not body.member_ids:
         raise ProviderError(422, "The emails or member ids field is required.")
     current = st.provider.list_members(user.tenant_id, list_id)
