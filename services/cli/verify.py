@@ -16,6 +16,7 @@ import click
 from services.common.redaction import redact
 
 FORMAT = 1
+MISSING = "(absent)"
 SHOWN_CHARS = 300  # a difference shows at most this much of each value
 
 
@@ -44,7 +45,13 @@ def _short(value: Any) -> str:
 
 
 def render_difference(d: dict[str, Any]) -> str:
-    return f"differs: {d['answer']}\n  before: {_short(d['before'])}\n  after:  {_short(d['after'])}"
+    """The answer's name, then its values before and after; of two objects, only the fields that differ."""
+    before, after = d["before"], d["after"]
+    if isinstance(before, dict) and isinstance(after, dict):
+        fields = sorted(k for k in before.keys() | after.keys() if before.get(k, MISSING) != after.get(k, MISSING))
+        before = {k: before.get(k, MISSING) for k in fields}
+        after = {k: after.get(k, MISSING) for k in fields}
+    return f"differs: {d['answer']}\n  before: {_short(before)}\n  after:  {_short(after)}"
 
 
 def save(path: str, doc: dict[str, Any]) -> None:

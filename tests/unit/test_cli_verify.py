@@ -29,6 +29,9 @@ def test_answers_are_redacted_and_a_difference_never_shows_a_secret() -> None:
     assert a == {"id": "m1", "headers": {"X-API-Key": "***"}, "password": "***", "n": [1, 2]}
     text = verify.render_difference({"answer": "message t/m1", "before": a, "after": {**a, "n": [1]}})
     assert "secret" not in text and text.startswith("differs: message t/m1")
+    fields = verify.render_difference({"answer": "m", "before": {"sent": 1, "errors": 0, "gone": 1},
+                                       "after": {"sent": 2, "errors": 0}})
+    assert fields == 'differs: m\n  before: {"gone": 1, "sent": 1}\n  after:  {"gone": "(absent)", "sent": 2}'
     long = verify.render_difference({"answer": "x", "before": "y" * 5000, "after": 1})
     assert len(long) < 1000 and "chars)" in long
 
