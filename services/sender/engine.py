@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,19 +47,19 @@ def table_key(tenant_id: str, message_id: str) -> str:
 
 
 class Store(Protocol):
-    """The ``messages`` table as the engine sees it."""
+    """The ``messages`` table as the engine sees it (services/sender/message_store.py). ``get``
+    may return a fresh copy of a durable value: compare values, not identities."""
 
     def get(self, key: str) -> dict[str, Any] | None: ...
-    def keys(self) -> list[str]: ...
-    def items(self) -> list[tuple[str, dict[str, Any]]]: ...
+    def keys(self) -> Iterable[str]: ...
+    def items(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        """One entry at a time (the table may hold a million queued messages)."""
     def set_local(self, key: str, value: dict[str, Any]) -> None:
-        """The local store only (its changelog record follows through the group commit)."""
+        """Not durable yet: its changelog record follows (``append_table``, the group commit)."""
     def set(self, key: str, value: dict[str, Any]) -> None:
         """In-stream write (inside the ingest agent: the changelog partition is the command's)."""
     def delete(self, key: str) -> None:
         """In-stream delete."""
-    async def put(self, partition: int, key: str, value: dict[str, Any]) -> None:
-        """Background write: returns once the changelog record is on the broker."""
 
 
 class SmtpConnection(Protocol):
@@ -170,8 +170,10 @@ class Sender:
                 await asyncio.sleep(self.d.error_pause_s)
                 acks = await self.d.append_table(records)
         for _, key, value in records:
-            if self.store.get(key) is value:  # not replaced or removed meanwhile
-                self.schedule(key, value)
+            current = self.store.get(key)
+            # not replaced (another submission of the id has another sequence) or removed meanwhile
+            if current is not None and current.get("s") == "pending" and current.get("q") == value["q"]:
+                self.schedule(key, current)
 
     def stage(self, message: dict[str, Any], partition: int, seq: int) -> tuple[str, dict[str, Any]] | None:
         """The table entry of an accepted message, in the local store; None when there is nothing to

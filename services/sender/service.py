@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 from services.common.avro import DecodeError, codec
 from services.common.config_view import ConfigView
 from services.common.deadletter import encode_dead_letter
 from services.common.faust_guard import guarded
-from services.common.faust_support import hand_over_many, produce_many, table_put
+from services.common.faust_support import hand_over_many, produce_many
 from services.common.http_server import set_readiness, start_metrics_server
 from services.common.suspension import INSTANCE_KEY
 from services.common.topics import (
@@ -38,76 +37,18 @@ from services.sender.app import app, box, commands_topic, deadletter_topic, even
 from services.sender.campaign_runtime import CampaignRuntime, install_read_committed
 from services.sender.engine import Deps, Sender
 from services.sender.held_metric import register as register_held_metric
+from services.sender.message_store import MessageStore
 from services.sender.smtp_pool import Connection, SmtpTarget, make_target
 from services.sender.system_mail import SystemMailer
 
 log = logging.getLogger("postbus.sender")
 
 
-SETTLE_TIMEOUT_S = 30.0  # TableStore.settled: the longest wait for a key's buffered record
+async def _hand_over_changelog(records: list[tuple[int, bytes, bytes]]) -> asyncio.Future[Any]:
+    return await hand_over_many(app, messages.changelog_topic.get_topic_name(), records)
 
 
-class TableStore:
-    """The ``messages`` table behind the engine's :class:`services.sender.engine.Store`.
-
-    One key's changelog records must reach the broker in the order they were written: recovery
-    keeps the last one. In-stream writes (``set``, ``delete``: a message accepted, marked, removed)
-    go through Faust's send-soon buffer, drained by a background task that can lag seconds behind
-    under load, while the group commit writes outcomes straight to the producer (``write_table``).
-    So a direct write of a key first waits until the key's buffered record is on the broker
-    (``settled``): bench/chaos.py found ``pending`` records landing after the ``sent`` state written
-    after them, and every sender restart then sent those messages again."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self.buffered: dict[str, Any] = {}  # key -> its newest changelog record in the send-soon buffer
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.table.data.get(key)
-
-    def keys(self) -> list[str]:
-        return list(self.table.data.keys())
-
-    def items(self) -> list[tuple[str, dict[str, Any]]]:
-        return list(self.table.data.items())
-
-    def set_local(self, key: str, value: dict[str, Any]) -> None:
-        self.table.data[key] = value
-
-    def set(self, key: str, value: dict[str, Any]) -> None:
-        # in-stream write (changelog partition = the current command's), as ``table[key] = value``
-        # makes it, keeping the record's future
-        self.table.data[key] = value
-        self._buffered(key, self.table.send_changelog(self.table.partition_for_key(key), key, value))
-
-    def delete(self, key: str) -> None:
-        del self.table.data[key]
-        self._buffered(key, self.table.send_changelog(self.table.partition_for_key(key), key, value=None,
-                                                      value_serializer="raw"))
-
-    def _buffered(self, key: str, fut: Any) -> None:
-        self.buffered[key] = fut
-        if len(self.buffered) > 50_000:  # keys never written directly afterwards (deleted, marked)
-            self.buffered = {k: f for k, f in self.buffered.items() if not f.done()}
-
-    async def settled(self, keys: Iterable[str]) -> None:
-        """Until the buffered changelog records of ``keys`` are on the broker (the buffer is FIFO:
-        everything put before them is too), at most ``SETTLE_TIMEOUT_S``: Faust never resolves the
-        future of a buffered record whose send failed (broker outage), and that record is lost
-        anyway, so the direct write goes on after the wait rather than stall the group commit."""
-        waits = [f for key in keys if (f := self.buffered.pop(key, None)) is not None and not f.done()]
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=SETTLE_TIMEOUT_S)
-            if late:
-                log.warning("buffered changelog records not acknowledged in time; writing the outcomes",
-                            extra={"records": len(late), "waited_s": SETTLE_TIMEOUT_S})
-
-    async def put(self, partition: int, key: str, value: dict[str, Any]) -> None:
-        await self.settled((key,))
-        await table_put(self.table, partition, key, value)
-
-
-message_store = TableStore(messages)
+message_store = MessageStore(messages, _hand_over_changelog)
 
 
 async def emit(tenant_id: str, events: list[dict[str, Any]]) -> None:
@@ -124,23 +65,9 @@ async def write_events(events: list[tuple[str, dict[str, Any]]]) -> None:
                                      for tenant_id, e in events])
 
 
-async def append_table(records: list[tuple[int, str, dict[str, Any]]]) -> asyncio.Future[Any]:
-    """Changelog records of ``messages`` (the local store already has them), with their explicit
-    partition as ``table_put`` writes them, handed to the producer after the keys' buffered records;
-    returns the future of their acknowledgements."""
-    await message_store.settled(key for _, key, _ in records)  # after the keys' buffered records
-    topic = messages.changelog_topic
-    out = []
-    for partition, key, value in records:
-        k, _ = topic.prepare_key(key, messages.key_serializer)
-        v, _ = topic.prepare_value(value, messages.value_serializer)
-        out.append((partition, k, v))
-    return await hand_over_many(app, topic.get_topic_name(), out)
-
-
 async def write_table(records: list[tuple[int, str, dict[str, Any]]]) -> None:
-    """The group commit's changelog records, all on the broker on return."""
-    await (await append_table(records))
+    """The group commit's changelog records, on the broker and in the database on return."""
+    await (await message_store.append(records))
 
 
 _targets: dict[str, tuple[int, SmtpTarget]] = {}
@@ -193,7 +120,7 @@ sender = Sender(Deps(
     emit=emit,
     write_events=write_events,
     write_table=write_table,
-    append_table=append_table,
+    append_table=message_store.append,
     account=accounts.get,
     tenant=tenants.get,
     instance=lambda: instance_view.get(INSTANCE_KEY),
@@ -267,6 +194,7 @@ async def _rebuild_schedule() -> None:
 async def _on_revoked(_: Any, revoked: set[Any], **kwargs: Any) -> None:
     partitions = {tp.partition for tp in revoked if tp.topic == COMMANDS}
     busy = await sender.revoke(partitions, timeout_s=8.0)
+    message_store.forget(partitions)
     if busy:
         log.warning("partitions revoked with sends still in flight", extra={"in_flight": busy})
 

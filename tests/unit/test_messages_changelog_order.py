@@ -1,5 +1,5 @@
 """One key's records on the sender's ``messages`` changelog stay in the order they were written
-(services/sender/service.py ``TableStore``): recovery keeps the last record of a key.
+(services/sender/message_store.py ``MessageStore``): recovery keeps the last record of a key.
 
 Found by bench/chaos.py: the ``pending`` record of an accepted message goes through Faust's
 send-soon buffer (in-stream table write), its ``sent`` state straight to the producer (the group
@@ -61,13 +61,15 @@ SCRIPT = textwrap.dedent("""
         # a delete is buffered the same way
         store.delete("t\\x1fm1")
         assert store.get("t\\x1fm1") is None
-        put = asyncio.ensure_future(store.put(3, "t\\x1fm1", {"s": "pending", "p": 3}))
+        store.set_local("t\\x1fm1", {"s": "pending", "p": 3})
+        put = asyncio.ensure_future(svc.write_table([(3, "t\\x1fm1", {"s": "pending", "p": 3})]))
         await asyncio.sleep(0.3)
         assert not put.done()
         put.cancel()
         # a buffered record whose send failed is never resolved by Faust: the outcome goes on after
         # SETTLE_TIMEOUT_S instead of stalling the group commit
-        svc.SETTLE_TIMEOUT_S = 0.2
+        import services.sender.message_store as ms
+        ms.SETTLE_TIMEOUT_S = 0.2
         store.set("t\x1fm2", {"s": "pending", "p": 3})
         await asyncio.wait_for(svc.write_table([(3, "t\x1fm2", {"s": "sent", "p": 3})]), 2)
         assert produced[-1][1] is not None and len(produced) == 3
