@@ -226,8 +226,10 @@ class Settings(BaseSettings):
 
     # sender group commit (sender/group_commit.py, docs/architecture.md "Delivery guarantees"): each SMTP
     # worker hands its outcomes over without waiting for the broker, with at most this many not yet
-    # durable; a crash resends at most (1 + this) messages per worker
-    sender_unflushed_per_worker: int = Field(4, ge=1, le=64)
+    # durable; a crash resends at most (1 + this) messages per worker. 16: a commit takes ~50 ms
+    # (event ack, then table ack), and with 4 the 32 workers of bench/e2e.py capped at ~1,700 msg/s
+    # on 2 idle cores (2,200 with 16; bench/README.md)
+    sender_unflushed_per_worker: int = Field(16, ge=1, le=64)
 
     # provider API (services/api/provider, docs/provider.md): token lifetime; failed token requests
     # per email (per API process) before 429, counted over provider_token_throttle_window_s; the
