@@ -107,7 +107,7 @@ def record(http: httpx.Client, p: Params, timeout: float, step: Callable[[], Non
     for dim in BI_DIMENSIONS:
         data = get_json(http, "/api/v1/bi/metrics", {**bi, "group_by": dim, "top": 100}, deadline)["data"]
         for g in data["groups"]:
-            out[f"bi by {dim} {g['key']}"] = verify.answer(g)
+            out[f"bi by {dim} {g['key'] or '(none)'}"] = verify.answer(g)
     step()
     return out
 
