@@ -32,10 +32,12 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -101,6 +103,36 @@ def sender_stages(url: str, headers: dict[str, str]) -> dict[str, float]:
                 stage = line[len(prefix):].split('"', 1)[0]
                 into[stage] = float(line.rsplit(" ", 1)[1])
     return {k: round(sums[k] / counts[k] * 1000, 2) for k in sums if counts.get(k)}
+
+
+class QueueSampler(threading.Thread):
+    """Where messages wait, twice a second during the measured interval: the sender's pending
+    messages (accepted into its table, not yet sent: ``gmp_pending_messages``) and its consumer lag
+    on postbus.commands (records on the broker not yet read: ``postbus_consumer_lag``)."""
+
+    def __init__(self, url: str, headers: dict[str, str], every_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.url, self.headers, self.every_s = url, headers, every_s
+        self.samples: list[tuple[float, float, float]] = []  # (t, pending, command lag)
+        self.stopped = threading.Event()
+        self.t0 = time.time()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                pending = prom_sum(self.url, "gmp_pending_messages", self.headers)
+                lag = prom_sum(self.url, "postbus_consumer_lag", self.headers, 'topic="postbus.commands"')
+            except httpx.HTTPError:
+                continue
+            self.samples.append((round(time.time() - self.t0, 2), pending, lag))
+
+    def summary(self) -> dict[str, Any]:
+        self.stopped.set()
+        pend = [p for _, p, _ in self.samples] or [0.0]
+        lags = [q for _, _, q in self.samples] or [0.0]
+        return {"sender_pending_max": max(pend), "sender_pending_mean": round(sum(pend) / len(pend), 1),
+                "command_lag_max": max(lags), "command_lag_mean": round(sum(lags) / len(lags), 1),
+                "samples": self.samples}
 
 
 def uptime() -> str:
@@ -412,6 +444,8 @@ def main() -> None:
         load_start = os.getloadavg()
         cpu0 = procstat.snapshot({**pids, **side})
         t_start = time.time()
+        sampler = QueueSampler(system.url("sender"), internal)
+        sampler.start()
         accepted_at: dict[Key, float] = {}
         offered_at: dict[Key, float] = {}
         open_info: dict = {}
@@ -429,6 +463,10 @@ def main() -> None:
         keys = set(accepted_at)
         complete = wait_delivered(tracker, keys, args.timeout, t_start)
         t_delivered = time.time()
+        queues = sampler.summary()
+        print(f"queues: sender pending max {queues['sender_pending_max']:.0f} (mean {queues['sender_pending_mean']}), "
+              f"commands not yet read max {queues['command_lag_max']:.0f} (mean {queues['command_lag_mean']})",
+              flush=True)
         ingested, ingest_ok = wait_ingested(system.url("metrics"), internal, len(warm_keys) + len(keys),
                                             max(30.0, args.timeout - (t_delivered - t_start)))
         t_end = time.time()
@@ -500,6 +538,7 @@ def main() -> None:
             "cpu": cpu_result,
             "deferred_events": prom_sum(system.url("sender"), "gmp_deferred_total", internal),
             "sender_stage_mean_ms": sender_stages(system.url("sender"), internal),
+            "queues": queues,
             "load": {"uptime_before": uptime_before, "loadavg_start": load_start, "loadavg_end": load_end},
             "machine": {"cpus": os.cpu_count()},
         }
