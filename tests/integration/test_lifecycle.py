@@ -1,17 +1,19 @@
 """Message lifecycle over HTTP against the running system: suspend/activate (all and per batch),
-delete-messages, cleanup-messages, rejected ids reported to the client, gmp_* metrics, isolation."""
+delete-messages, cleanup-messages, rejected ids reported to the client, gmp_* metrics, isolation.
+
+"Nothing was sent" rests on the sender's evidence, never on a wait alone: the messages it took from
+their lane and holds (``postbus_sender_held_messages``), nothing of the tenant's left queued, held or
+in flight (services/sender/held_metric.py), an already-sent id ignored (``postbus_sender_already_sent_total``)."""
 
 from __future__ import annotations
-
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from infra.supervisor import LocalSystem
 from tests.conftest import Tenant, internal_headers, wait_until
+from tests.support.prometheus import sender_metric, tenant_idle_at_sender
 from tests.support.smtp_server import RecordingSmtpServer
-
-HOLD_WAIT_S = 4.0  # how long "nothing arrives" is watched; the pipeline sends in well under a second
 
 
 def _subjects(smtp: RecordingSmtpServer, tenant_id: str) -> list[str]:
@@ -23,13 +25,21 @@ def _arrived(smtp: RecordingSmtpServer, tenant_id: str, *subjects: str) -> bool:
     return all(s in got for s in subjects)
 
 
+def _wait_held(system: LocalSystem, t: Tenant, n: int) -> None:
+    """Until the sender has taken ``n`` of the tenant's messages from their lane and holds them (at that
+    point it sends a message or holds it)."""
+    wait_until(lambda: sender_metric(system, "postbus_sender_held_messages", tenant_id=t.id) == n, timeout=30,
+               what=f"the sender holding {n} of the tenant's messages")
+
+
 def _add(t: Tenant, *messages: dict) -> httpx.Response:
     r = t.http.post("/commands/add-messages", json={"messages": list(messages)})
     assert r.status_code == 200, r.text
     return r
 
 
-def test_suspend_all_holds_mail_until_activate_and_is_idempotent(new_tenant, smtp: RecordingSmtpServer) -> None:
+def test_suspend_all_holds_mail_until_activate_and_is_idempotent(system: LocalSystem, new_tenant,
+                                                                  smtp: RecordingSmtpServer) -> None:
     t: Tenant = new_tenant()
     r = t.http.post("/commands/suspend")
     assert r.status_code == 200, r.text
@@ -40,7 +50,7 @@ def test_suspend_all_holds_mail_until_activate_and_is_idempotent(new_tenant, smt
 
     _add(t, t.message("h-1", subject="held-1", priority=3), t.message("h-2", subject="held-2", batch_code="b"),
          t.message("h-0", subject="held-0", priority=0))
-    time.sleep(HOLD_WAIT_S)
+    _wait_held(system, t, 3)
     assert _subjects(smtp, t.id) == []
 
     r = t.http.post("/commands/activate")
@@ -52,7 +62,7 @@ def test_suspend_all_holds_mail_until_activate_and_is_idempotent(new_tenant, smt
     assert t.http.post("/commands/activate").json()["suspended_all"] is False  # idempotent
 
 
-def test_suspending_one_batch_holds_only_that_batch(new_tenant, smtp: RecordingSmtpServer) -> None:
+def test_suspending_one_batch_holds_only_that_batch(system: LocalSystem, new_tenant, smtp: RecordingSmtpServer) -> None:
     t: Tenant = new_tenant()
     r = t.http.post("/commands/suspend", params={"batch_code": "promo"})
     assert r.status_code == 200
@@ -63,7 +73,7 @@ def test_suspending_one_batch_holds_only_that_batch(new_tenant, smtp: RecordingS
     _add(t, t.message("p-1", subject="promo-1", batch_code="promo"),
          t.message("n-1", subject="news-1", batch_code="news"), t.message("u-1", subject="unbatched"))
     wait_until(lambda: _arrived(smtp, t.id, "news-1", "unbatched"), what="other batches to be sent")
-    time.sleep(HOLD_WAIT_S / 2)
+    _wait_held(system, t, 1)
     assert "promo-1" not in _subjects(smtp, t.id)
 
     r = t.http.post("/commands/activate", params={"batch_code": "promo"})
@@ -102,7 +112,7 @@ def test_lifecycle_routes_keep_tenants_apart(new_tenant, smtp: RecordingSmtpServ
 
 
 def test_delete_messages_removes_pending_and_reports_not_found_and_unauthorized(
-        new_tenant, smtp: RecordingSmtpServer) -> None:
+        system: LocalSystem, new_tenant, smtp: RecordingSmtpServer) -> None:
     a: Tenant = new_tenant()
     b: Tenant = new_tenant()
     assert a.http.post("/commands/suspend").status_code == 200
@@ -129,7 +139,7 @@ def test_delete_messages_removes_pending_and_reports_not_found_and_unauthorized(
     assert r.json() == {"ok": True, "removed": 2, "not_found": ["ghost"], "unauthorized": ["b-own"]}
     assert a.http.post("/commands/activate").status_code == 200
     wait_until(lambda: _arrived(smtp, a.id, "keep-1"), what="the kept message")
-    time.sleep(HOLD_WAIT_S / 2)
+    wait_until(lambda: tenant_idle_at_sender(system, a.id), what="nothing of a's left at the sender")
     assert _subjects(smtp, a.id) == ["keep-1"]  # deleted ones never went out
     # b's message is untouched by a's request: still pending, deletable by b
     r = wait_until(lambda: (resp := b.http.post("/commands/delete-messages", json={"ids": ["b-own"]}))
@@ -160,7 +170,8 @@ def test_rejected_messages_with_an_id_are_reported_as_errors(new_tenant, smtp: R
     wait_until(lambda: "bad-2" in errors(), what="the all-rejected call's report")
 
 
-def test_cleanup_keeps_sent_ids_unsendable(new_tenant, smtp: RecordingSmtpServer, admin: httpx.Client) -> None:
+def test_cleanup_keeps_sent_ids_unsendable(system: LocalSystem, new_tenant, smtp: RecordingSmtpServer,
+                                           admin: httpx.Client) -> None:
     t: Tenant = new_tenant()
     _add(t, t.message("c-1", subject="clean-1"))
     wait_until(lambda: _arrived(smtp, t.id, "clean-1"), what="sent")
@@ -176,10 +187,19 @@ def test_cleanup_keeps_sent_ids_unsendable(new_tenant, smtp: RecordingSmtpServer
     if r.json()["removed"] == 0:
         wait_until(lambda: t.http.post("/commands/cleanup-messages", json={"older_than_seconds": 0})
                    .json()["removed"] >= 1, timeout=30, what="cleanup of c-1")
-    t.http.post("/commands/add-messages", json={"messages": [t.message("c-1", subject="clean-again")]})
+    assert sender_metric(system, "postbus_sender_already_sent_total", tenant_id=t.id) == 0
+    r = t.http.post("/commands/add-messages", json={"messages": [t.message("c-1", subject="clean-again")]})
+    assert r.status_code == 200, r.text
+    refused_by_api = r.json()["queued"] == 0  # the API's projection knew it was sent: never queued
+    if refused_by_api:
+        assert r.json()["rejected"] == [{"id": "c-1", "reason": "already sent", "code": "already_sent"}], r.text
     _add(t, t.message("c-2", subject="after-cleanup"))
     wait_until(lambda: _arrived(smtp, t.id, "after-cleanup"), what="a later message")
-    time.sleep(1.0)
+    # evidence: the resubmitted id was refused by the API, or the sender read it and ignored it as
+    # already sent; and nothing of the tenant's is left at the sender queued, held or in flight
+    wait_until(lambda: (refused_by_api
+                        or sender_metric(system, "postbus_sender_already_sent_total", tenant_id=t.id) == 1)
+               and tenant_idle_at_sender(system, t.id), what="the resubmitted id ignored")
     assert "clean-again" not in _subjects(smtp, t.id)
 
 
@@ -198,28 +218,31 @@ def test_sender_exports_gmp_counters_at_zero_for_every_account(system, new_tenan
     assert "gmp_pending_messages" in got
 
 
-def test_deleting_an_account_ends_its_pending_mail_as_errors(new_tenant, smtp: RecordingSmtpServer) -> None:
+def test_deleting_an_account_ends_its_pending_mail_as_errors(system: LocalSystem, new_tenant,
+                                                             smtp: RecordingSmtpServer) -> None:
     t: Tenant = new_tenant()
     assert t.http.post("/commands/suspend").status_code == 200
     _add(t, t.message("orphan", subject="orphan-1"))
-    time.sleep(1.0)  # let the sender take the message in (held by the suspension)
+    _wait_held(system, t, 1)  # the sender took the message in (held by the suspension)
     r = t.http.delete(f"/account/{t.account_id}")
     assert r.status_code == 200, r.text
     report = t.client.wait_for_report(lambda x: x["id"] == "orphan" and "error_ts" in x)
     assert report["error"] == "account deleted"
     assert t.http.post("/commands/activate").status_code == 200
-    time.sleep(HOLD_WAIT_S / 2)
+    # evidence: the sender has nothing of the tenant's queued, held or in flight, so activating has
+    # nothing to release (the message ended as an error)
+    wait_until(lambda: tenant_idle_at_sender(system, t.id), what="nothing of the tenant's left at the sender")
     assert _subjects(smtp, t.id) == []
 
 
-def test_held_mail_stays_held_across_a_sender_kill(system, new_tenant, smtp: RecordingSmtpServer) -> None:
+def test_held_mail_stays_held_across_a_sender_kill(system: LocalSystem, new_tenant, smtp: RecordingSmtpServer) -> None:
     t: Tenant = new_tenant()
     assert t.http.post("/commands/suspend", params={"batch_code": "night"}).status_code == 200
     _add(t, t.message("n-1", subject="night-1", batch_code="night"), t.message("d-1", subject="day-1"))
     wait_until(lambda: _arrived(smtp, t.id, "day-1"), what="the unsuspended message")
     system.kill_service("sender")
     system.start_service("sender")
-    time.sleep(HOLD_WAIT_S)  # the restarted sender knows the suspension before it sends anything
+    _wait_held(system, t, 1)  # the restarted sender reached the message and held it
     assert "night-1" not in _subjects(smtp, t.id)
     assert t.http.post("/commands/activate", params={"batch_code": "night"}).status_code == 200
     wait_until(lambda: _arrived(smtp, t.id, "night-1"), timeout=60, what="held mail after the restart")
