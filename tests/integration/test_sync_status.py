@@ -10,7 +10,9 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Tenant, wait_until
+from infra.supervisor import LocalSystem
+from tests.conftest import Tenant, internal_headers, wait_until
+from tests.support.prometheus import prom
 
 KEYS = {"id", "name", "active", "client_base_url", "last_sync_ts", "next_sync_due", "in_dnd"}
 
@@ -42,7 +44,8 @@ def test_sync_status_shape_and_never_synced_tenant(admin: httpx.Client, new_tena
     assert abs(row["last_sync_ts"] - time.time()) < 60 and row["client_base_url"].startswith("http://127.0.0.1")
 
 
-def test_dnd_respected_by_admin_run_now_and_overridden_by_tenant_run_now(admin: httpx.Client, new_tenant) -> None:
+def test_dnd_respected_by_admin_run_now_and_overridden_by_tenant_run_now(system: LocalSystem, admin: httpx.Client,
+                                                                         new_tenant) -> None:
     quiet: Tenant = new_tenant()
     other: Tenant = new_tenant()
     until = int(time.time()) + 3600
@@ -67,8 +70,20 @@ def test_dnd_respected_by_admin_run_now_and_overridden_by_tenant_run_now(admin: 
     assert admin.post("/commands/run-now").status_code == 200
     wait_until(lambda: any(c.status == 200 and any(x["id"] == "pend-1" for x in (c.json or {}).get(
         "delivery_report", [])) for c in other.client.requests), timeout=15, what="admin run-now call")
-    time.sleep(2.0)
-    assert len(quiet.client.sync_calls()) == quiet_calls
+    # evidence that the admin's run-now (processed: other's call above) made no call to quiet: quiet's
+    # loop in the reporter makes its calls one after the other, and a call with a report goes through
+    # it despite the DND; any call the run-now caused would stand before that one
+    assert quiet.http.post("/commands/add-messages", json={"messages": [quiet.message("dnd-barrier")]}).json()["queued"]
+    quiet.client.wait_for_report(lambda x: x["id"] == "dnd-barrier", timeout=45)
+    after = quiet.client.sync_calls()[quiet_calls:]
+    first_report = next(i for i, c in enumerate(after) if any(x["id"] == "dnd-barrier" for x in c.delivery_report))
+    assert after[:first_report] == [], "the admin's run-now called a tenant in DND with nothing to report"
+    # the reporter is done with that call (its answer set the DND again) before the run-now below: a
+    # run-now processed while the call is still in hand is undone by the call's answer
+    wait_until(lambda: prom(system.url("reporter"), internal_headers(system), "postbus_reporter_reports_sent_total",
+                            tenant_id=quiet.id) >= 1, what="the report's call acknowledged by the reporter")
+    assert status_of(admin, quiet.id)["in_dnd"]
+    quiet_calls = len(quiet.client.sync_calls())
 
     # ... while the tenant's run-now overrides it again
     quiet.client.set_response({"ok": True, "queued": 0})  # this time no new DND
