@@ -63,11 +63,12 @@ from bench import procstat  # noqa: E402
 from bench.e2e import PYTHON_SERVICES, Key, Tracker, make_body, message, uptime  # noqa: E402
 from bench.system import BenchSystem, start_bench_system  # noqa: E402
 from infra.supervisor import KAFKA_SH, LocalSystem, free_port  # noqa: E402
+from services.common.settings import Settings  # noqa: E402
 from tests.integration.test_domains import _Zone  # noqa: E402
 
 STEPS = (*PYTHON_SERVICES, "broker", "all")
 CONNECTIONS_PER_ACCOUNT = 8  # POSTBUS_SENDER_CONNECTIONS_PER_ACCOUNT default (the accounts set none)
-UNFLUSHED_PER_WORKER = 4  # POSTBUS_SENDER_UNFLUSHED_PER_WORKER default
+UNFLUSHED_PER_WORKER = Settings.model_fields["sender_unflushed_per_worker"].default  # the default
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.supervisor import LocalSystem
+from services.common.settings import Settings
 from tests.conftest import ADMIN_TOKEN, Tenant, internal_headers, wait_until
 from tests.support.prometheus import tenant_idle_at_sender
 from tests.support.smtp_server import RecordingSmtpServer
@@ -16,7 +17,7 @@ from tests.support.smtp_server import RecordingSmtpServer
 CONNECTIONS_PER_ACCOUNT = 8  # services.common.settings default: SMTP workers per account
 # the group commit (services/sender/group_commit.py): besides its one send in flight, each worker may
 # have this many outcomes handed over and not yet durable (sender_unflushed_per_worker)
-UNFLUSHED_PER_WORKER = 4
+UNFLUSHED_PER_WORKER = Settings.model_fields["sender_unflushed_per_worker"].default  # the default
 RESEND_BOUND = CONNECTIONS_PER_ACCOUNT * (1 + UNFLUSHED_PER_WORKER)  # what a crash may resend per account
 
 

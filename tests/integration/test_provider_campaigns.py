@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.supervisor import LocalSystem
 from services.common.avro import codec
+from services.common.settings import Settings
 from services.common.topics import COMMANDS
 from tests.conftest import wait_until
 from tests.integration.provider_support import ProviderApi, User, domain_name, login, papi  # noqa: F401
@@ -26,7 +27,7 @@ from tests.support.smtp_server import RecordingSmtpServer
 
 # tests/integration/test_durability.py: what a sender crash may resend per account (SMTP in flight)
 CONNECTIONS_PER_ACCOUNT = 8
-UNFLUSHED_PER_WORKER = 4
+UNFLUSHED_PER_WORKER = Settings.model_fields["sender_unflushed_per_worker"].default  # the default
 RESEND_BOUND = CONNECTIONS_PER_ACCOUNT * (1 + UNFLUSHED_PER_WORKER)
 
 HTML = ('<html><body><p>Hello {{ name }} from {{ city }}</p>'
