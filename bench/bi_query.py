@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=1_000_000, help="events per INSERT ... SELECT")
     ap.add_argument("--reuse", action="store_true", help="keep an already loaded store at --path")
+    ap.add_argument("--merge", action="store_true",
+                    help="OPTIMIZE ... FINAL the BI tables before timing (what background merges reach in time)")
     args = ap.parse_args()
 
     path = Path(args.path)
@@ -97,9 +99,14 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         print(f"loaded {args.events + args.events // 20:,} event rows in {load_s:.1f} s "
               f"({(args.events + args.events // 20) / load_s:,.0f} rows/s, through the materialized view)")
+    if args.merge:
+        t0 = time.perf_counter()
+        for table in ("bi_tenant_hourly", "bi_dim_hourly", "bi_tenant_distinct_hourly", "bi_dim_distinct_hourly"):
+            store._client.command(f"OPTIMIZE TABLE {table} FINAL")
+        print(f"OPTIMIZE ... FINAL of the BI tables: {time.perf_counter() - t0:.1f} s")
     events = store._client.query("SELECT count() FROM events").result_rows[0][0]
     print(f"events rows: {events:,}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    for table in ("bi_tenant_hourly", "bi_dim_hourly", "bi_tenant_uniq_hourly", "bi_dim_uniq_hourly"):
+    for table in ("bi_tenant_hourly", "bi_dim_hourly", "bi_tenant_distinct_hourly", "bi_dim_distinct_hourly"):
         rows = store._client.query(f"SELECT count() FROM {table}").result_rows[0][0]
         parts = store._client.query(f"SELECT count() FROM system.parts WHERE table = '{table}' AND active"
                                     ).result_rows[0][0]
@@ -144,6 +151,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}:\n")
     print("| query | distinct | median wall | min wall | median CPU | totals.sent | totals.messages_sent |")
     print("|---|---|---|---|---|---|---|")
+    worst_error = 0.0
     with TestClient(app) as client:
         for name, params in cases:
             for distinct in ("false", "true"):
@@ -164,10 +172,15 @@ def main() -> None:
                     if distinct == "true":
                         got = (totals["messages_sent"], totals["unique_opens"], totals["unique_clicks"],
                                totals["messages_delivered"])
-                        assert got == expect_distinct, (got, expect_distinct)
+                        # the estimate (bi.DISTINCT_FUNCTION) against the exact count: within 1 %
+                        errors = [abs(g - e) / e for g, e in zip(got, expect_distinct, strict=True)]
+                        assert max(errors) < 0.01, (got, expect_distinct)
+                        worst_error = max(worst_error, *errors)
                 print(f"| {name} | {'yes' if distinct == 'true' else 'no'} | {statistics.median(times):.0f} ms "
                       f"| {min(times):.0f} ms | {statistics.median(cpu):.0f} ms | {totals['sent']:,} "
                       f"| {totals.get('messages_sent', '-'):{',' if distinct == 'true' else ''}} |", flush=True)
+    print(f"\nlargest relative error of a cross-tenant distinct total against uniqExact from events: "
+          f"{worst_error:.3%}")
     store.close()
 
 
