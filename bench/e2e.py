@@ -110,29 +110,34 @@ class QueueSampler(threading.Thread):
     messages (accepted into its table, not yet sent: ``gmp_pending_messages``) and its consumer lag
     on postbus.commands (records on the broker not yet read: ``postbus_consumer_lag``)."""
 
-    def __init__(self, url: str, headers: dict[str, str], every_s: float = 0.5) -> None:
+    def __init__(self, urls: list[str], headers: dict[str, str], every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.url, self.headers, self.every_s = url, headers, every_s
-        self.samples: list[tuple[float, float, float]] = []  # (t, pending, command lag)
+        self.urls, self.headers, self.every_s = urls, headers, every_s  # every sender instance
+        self.samples: list[tuple[float, float, float, float]] = []  # (t, pending, command lag, event lag)
         self.stopped = threading.Event()
         self.t0 = time.time()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                pending = prom_sum(self.url, "gmp_pending_messages", self.headers)
-                lag = prom_sum(self.url, "postbus_consumer_lag", self.headers, 'topic="postbus.commands"')
+                pending = sum(prom_sum(u, "gmp_pending_messages", self.headers) for u in self.urls)
+                lag = sum(prom_sum(u, "postbus_consumer_lag", self.headers, 'topic="postbus.commands"')
+                          for u in self.urls)
+                elag = sum(prom_sum(u, "postbus_consumer_lag", self.headers, 'topic="postbus.events"')
+                           for u in self.urls)
             except httpx.HTTPError:
                 continue
-            self.samples.append((round(time.time() - self.t0, 2), pending, lag))
+            self.samples.append((round(time.time() - self.t0, 2), pending, lag, elag))
 
     def summary(self) -> dict[str, Any]:
         self.stopped.set()
-        pend = [p for _, p, _ in self.samples] or [0.0]
-        lags = [q for _, _, q in self.samples] or [0.0]
-        return {"sender_pending_max": max(pend), "sender_pending_mean": round(sum(pend) / len(pend), 1),
-                "command_lag_max": max(lags), "command_lag_mean": round(sum(lags) / len(lags), 1),
-                "samples": self.samples}
+        def stats(i: int) -> tuple[float, float]:
+            col = [row[i] for row in self.samples] or [0.0]
+            return max(col), round(sum(col) / len(col), 1)
+
+        (pmax, pmean), (cmax, cmean), (emax, emean) = stats(1), stats(2), stats(3)
+        return {"sender_pending_max": pmax, "sender_pending_mean": pmean, "command_lag_max": cmax,
+                "command_lag_mean": cmean, "event_lag_max": emax, "event_lag_mean": emean, "samples": self.samples}
 
 
 def uptime() -> str:
@@ -384,6 +389,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10, help="functions listed per profile")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--kafka-heap", default="512m")
+    ap.add_argument("--senders", type=int, default=1,
+                    help="sender processes (the extra ones join the first one's consumer group)")
     ap.add_argument("--label", default="", help="free text stored with the result")
     ap.add_argument("--out", type=Path, default=None, help="result file (default bench/results/e2e-...json)")
     ap.add_argument("--keep", action="store_true", help="keep the state folder")
@@ -409,15 +416,21 @@ def main() -> None:
         tenants = [(f"bench{i}", bench.add_tenant(f"bench{i}", f"tok{i}")) for i in range(args.tenants)]
         tracker = Tracker(sink, bench.clients)
 
+        extra_senders = [f"sender{i}" for i in range(2, args.senders + 1)]
+        extra_pids = {name: bench.start_extra_sender(name) for name in extra_senders}
+        if extra_senders:
+            print(f"senders: {args.senders} (partitions split between them)", flush=True)
+
         # -- the processes measured
         pids = {name: system.pid(name) for name in system.services}
+        pids.update(extra_pids)
         pids["broker"] = int((state / "kafka" / "kafka.pid").read_text().strip())
         group_extra = {name: [p for p in procstat.process_group_members(pid) if p != pid]
                        for name, pid in pids.items() if name != "broker"}
         group_extra = {k: v for k, v in group_extra.items() if v}
         if group_extra:
             print(f"note: services with other processes in their group (not counted): {group_extra}")
-        system_names = [*(n for n in PYTHON_SERVICES if n in pids), "broker"]
+        system_names = [*(n for n in PYTHON_SERVICES if n in pids), *extra_senders, "broker"]
         side = {f"sink ({args.sink})": sink.pid, "harness (load + client apps)": os.getpid()}
 
         # -- warm-up (not measured): first connections, topic metadata, JIT, tables
@@ -431,20 +444,21 @@ def main() -> None:
             if not wait_delivered(tracker, warm_keys, 180, time.time(), quiet=True):
                 raise SystemExit("warm-up messages were not all delivered and reported within 180 s")
             print(f"warm-up: {len(warm_keys)} messages delivered and reported", flush=True)
-        sent_before = prom_sum(system.url("sender"), "gmp_sent_total", internal)
+        sent_before = sum(prom_sum(u, "gmp_sent_total", internal) for u in bench.sender_urls)
 
         # -- the measured interval
         if args.profile:
             profiler = Profiler(args.profile, args.profile_rate, native=args.profile_native,
                                 blocking=args.profile_blocking)
             # the harness too: it shares the two cores, and should stay cheap
-            profiler.start({**{n: pids[n] for n in PYTHON_SERVICES if n in pids}, "harness": os.getpid()})
+            profiler.start({**{n: pids[n] for n in (*PYTHON_SERVICES, *extra_senders) if n in pids},
+                            "harness": os.getpid()})
             time.sleep(1.5)  # py-spy attaches
             side.update(profiler.pids())
         load_start = os.getloadavg()
         cpu0 = procstat.snapshot({**pids, **side})
         t_start = time.time()
-        sampler = QueueSampler(system.url("sender"), internal)
+        sampler = QueueSampler(bench.sender_urls, internal)
         sampler.start()
         accepted_at: dict[Key, float] = {}
         offered_at: dict[Key, float] = {}
@@ -465,7 +479,8 @@ def main() -> None:
         t_delivered = time.time()
         queues = sampler.summary()
         print(f"queues: sender pending max {queues['sender_pending_max']:.0f} (mean {queues['sender_pending_mean']}), "
-              f"commands not yet read max {queues['command_lag_max']:.0f} (mean {queues['command_lag_mean']})",
+              f"commands not yet read max {queues['command_lag_max']:.0f} (mean {queues['command_lag_mean']}), "
+              f"events not yet read by its agents max {queues['event_lag_max']:.0f} (mean {queues['event_lag_mean']})",
               flush=True)
         ingested, ingest_ok = wait_ingested(system.url("metrics"), internal, len(warm_keys) + len(keys),
                                             max(30.0, args.timeout - (t_delivered - t_start)))
@@ -498,7 +513,7 @@ def main() -> None:
         sink_lat = [first[k] - accepted_at[k] for k in first]
         report_lat = [reported[k] - accepted_at[k] for k in reported]
         stray = [k for k in tracker.arrivals if k not in keys and k not in warm_keys]
-        sent_counter = prom_sum(system.url("sender"), "gmp_sent_total", internal) - sent_before
+        sent_counter = sum(prom_sum(u, "gmp_sent_total", internal) for u in bench.sender_urls) - sent_before
         last_accept = max(accepted_at.values(), default=t_start)
         result = {
             "mode": "open" if open_loop else "closed",
@@ -536,7 +551,8 @@ def main() -> None:
                 "clickhouse_caught_up": ingest_ok,
             },
             "cpu": cpu_result,
-            "deferred_events": prom_sum(system.url("sender"), "gmp_deferred_total", internal),
+            "senders": args.senders,
+            "deferred_events": sum(prom_sum(u, "gmp_deferred_total", internal) for u in bench.sender_urls),
             "sender_stage_mean_ms": sender_stages(system.url("sender"), internal),
             "queues": queues,
             "load": {"uptime_before": uptime_before, "loadavg_start": load_start, "loadavg_end": load_end},

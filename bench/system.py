@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,56 @@ class BenchSystem:
     state: Path
     admin_token: str
     clients: list[tuple[str, ClientApp]] = field(default_factory=list)  # (tenant id, its client app)
+    extra_senders: dict[str, tuple[subprocess.Popen[bytes], str]] = field(default_factory=dict)  # name -> (proc, url)
+
+    @property
+    def sender_urls(self) -> list[str]:
+        """Every sender instance's Prometheus port (the supervisor's, then the extra ones)."""
+        return [self.system.url("sender"), *(url for _, url in self.extra_senders.values())]
+
+    def start_extra_sender(self, name: str, timeout_s: float = 180.0) -> int:
+        """One more ``python -m services.sender`` in the same consumer group (own state folder and
+        Prometheus port): Faust splits the partitions between the instances. Returns its pid once
+        it and the first sender are ready again (recovered and consuming after the rebalance)."""
+        port = free_port()
+        env = self.system.service_env()
+        env.update(POSTBUS_SENDER_METRICS_PORT=str(port), POSTBUS_STATE_DIR=str(self.state / name))
+        key = self.state / "secret.key"
+        if key.exists():
+            env["POSTBUS_SECRET_KEY"] = key.read_text().strip()
+        (self.state / name).mkdir(exist_ok=True)
+        with (self.state / "logs" / f"{name}.log").open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "services.sender"], cwd=REPO, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        self.extra_senders[name] = (proc, url)
+        deadline = time.time() + timeout_s
+        while not all(self._ready(u) for u in self.sender_urls):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited (log: {self.state / 'logs' / f'{name}.log'})")
+            if time.time() > deadline:
+                raise SystemExit(f"the senders were not all ready within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        return proc.pid
+
+    def _ready(self, url: str) -> bool:
+        try:
+            return httpx.get(f"{url}/ready", headers=self.internal, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop_extra_senders(self) -> None:
+        for proc, _ in self.extra_senders.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in self.extra_senders.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     @property
     def api(self) -> str:
@@ -79,6 +133,7 @@ def start_bench_system(name: str, *, admin_token: str, sink: str = "fast", temp_
     finally:
         for _, client in bench.clients:
             client.stop()
+        bench.stop_extra_senders()
         system.stop()
         the_sink.stop()
         if not keep:
