@@ -440,6 +440,10 @@ class Sender:
         account = self.d.account(f"{msg['tenant_id']}/{msg['account_id']}")
         if account is None:
             return  # the worker holds messages of unknown accounts before they get here
+        if value["a"] == 0:  # first attempt: how long it waited in the table and its lane
+            ready_ms = max(msg.get("accepted_ts") or 0, value.get("due") or 0)
+            if ready_ms:
+                m.STAGE_SECONDS.labels("wait").observe(max(0, self.now() - ready_ms) / 1000)
         ctx = pl.SendContext(key=key, message=msg, account=account, tenant=self.d.tenant(msg["tenant_id"]),
                              partition=value["p"], attempt=value["a"] + 1, now_ms=self.now())
         decision = await self.d.pipeline.run_checks(ctx)

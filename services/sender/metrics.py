@@ -11,8 +11,10 @@ DUPLICATE_IDS = Counter("postbus_sender_already_sent_total", "Submissions of alr
 SMTP_SECONDS = Histogram("postbus_sender_smtp_seconds", "Time of one SMTP transaction",
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 DEADLETTERS = Counter("postbus_sender_deadletters_total", "Undecodable command records dead-lettered")
-STAGE_SECONDS = Histogram("postbus_sender_stage_seconds", "Time per stage of one send: build (MIME), smtp, "
-                          "event_ack (outcome event on the broker), state_ack (table changelog on the broker)",
+STAGE_SECONDS = Histogram("postbus_sender_stage_seconds", "Time per stage of one send: ingest (add-messages "
+                          "command on the broker -> read by the sender), wait (accepted, or due, -> its first "
+                          "send attempt starts), build (MIME), smtp, event_ack (outcome event on the broker), "
+                          "state_ack (table changelog on the broker)",
                           ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
 
 PER_ACCOUNT = (SENT, ERRORS, DEFERRED, RATE_LIMITED)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from services.common.avro import DecodeError, codec
@@ -175,6 +176,7 @@ async def ingest(stream: Any) -> None:
             await _dead_letter(event, str(exc))
             continue
         if kind == "messages.add":
+            m.STAGE_SECONDS.labels("ingest").observe(max(0.0, time.time() - msg.timestamp))
             await sender.accept_all(payload["messages"], msg.partition, msg.offset)
             continue
         try:
