@@ -98,6 +98,7 @@ def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: 
     faust_guard.set_enabled(get_settings().faust_offset_guard)
     faust_guard.install()
     install_buffer_flush()
+    install_fetch_wait(get_settings().faust_fetch_max_wait_ms)
     app = faust.App(
         name,
         broker=f"kafka://{bootstrap}",
@@ -137,6 +138,36 @@ async def drain_flush(buffer: Any) -> None:
         buffer.message_sent.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(buffer.message_sent.wait(), timeout=1.0)
+
+
+def install_fetch_wait(ms: int) -> None:
+    """The longest a fetch of the Faust consumer waits at the broker for new records (Faust
+    hard-codes 1,500 ms). aiokafka has one fetch in flight per broker, and a fetch leaves out the
+    partitions whose records are still buffered in the consumer; under a steady flow the next fetch
+    then asks only for idle partitions (e.g. the empty command partitions of tenants not sending)
+    and the broker holds it the whole wait, while new commands of the busy partitions queue up
+    behind it. Measured on two idle cores at 1,000 msg/s offered in 20-message calls: commands read
+    by the sender 1.2 s after they were written on average (``postbus_sender_stage_seconds``
+    ``ingest``), accept -> SMTP p99 1.9 s. Idle cost: one empty fetch per consumer per ``ms``."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    global _fetch_wait_ms
+    _fetch_wait_ms = ms
+    cls = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(cls, "_postbus_fetch_wait", False):
+        return  # patched once (other patches, e.g. read_committed, may wrap this one)
+    original = cls._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = _fetch_wait_ms  # read by AIOKafkaConsumer.start() (aiokafka 0.14)
+        return consumer
+
+    cls._create_worker_consumer = create
+    cls._postbus_fetch_wait = True
+
+
+_fetch_wait_ms = 1500
 
 
 def install_buffer_flush() -> None:

@@ -248,6 +248,11 @@ class Settings(BaseSettings):
     provider_sender_link_ttl_s: int = Field(86400, ge=60)
     provider_public_base_url: str | None = None
 
+    # Faust consumers (sender, reporter; services/common/faust_support.py install_fetch_wait): the
+    # longest a fetch waits at the broker for new records (Faust's own: 1,500 ms, which delayed
+    # commands by ~1.2 s under a steady flow); an idle consumer sends one empty fetch per this
+    faust_fetch_max_wait_ms: int = Field(100, ge=10, le=1500)
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
