@@ -76,7 +76,7 @@ async def test_a_value_reaches_the_database_only_when_acknowledged(store) -> Non
     producer.ack(0, 41)
     await asyncio.wait_for(applied, 1)
     assert on_disk(s, "t\x1fm1") == value and persisted(s) == 41
-    assert "t\x1fm1" not in s.overlay and s.get("t\x1fm1") == value  # now read back from disk
+    assert "t\x1fm1" not in s.overlay and s.get("t\x1fm1") == value  # now from the database (or its hot cache)
 
 
 async def test_the_persisted_offset_waits_for_every_outstanding_hand_over(store) -> None:
@@ -154,3 +154,17 @@ async def test_items_and_keys_merge_the_overlay_over_the_database(store) -> None
                      "u\x1fc": {"s": "pending", "p": P, "q": 4}}
     assert sorted(s.keys()) == ["t\x1fa", "t\x1fb", "u\x1fc"]
     assert sorted(s.keys_with_prefix("t\x1f")) == ["t\x1fa", "t\x1fb"]
+
+
+async def test_reads_of_a_cold_entry_come_from_the_database(store, monkeypatch) -> None:
+    """Beyond the hot cache of recently written entries, a read decodes the database's bytes."""
+    import services.sender.message_store as ms
+
+    monkeypatch.setattr(ms, "HOT_ENTRIES", 1)
+    s, producer, _ = store
+    first = {"s": "pending", "p": P, "q": 1}
+    await write_durably(s, producer, "t\x1fold", first, 1)
+    assert s.get("t\x1fold") is first  # positive control: served from the hot cache
+    await write_durably(s, producer, "t\x1fnew", {"s": "pending", "p": P, "q": 2}, 2)
+    cold = s.get("t\x1fold")
+    assert cold == first and cold is not first  # pushed out of the cache: decoded from RocksDB
