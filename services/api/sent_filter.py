@@ -31,7 +31,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.api.commands import key_partition
-from services.common.avro import MAGIC, DecodeError, codec
+from services.common.avro import MAGIC, DecodeError, codec, read_long
 from services.common.topics import EVENTS, topic_partitions
 
 log = logging.getLogger("postbus.api.sent_filter")
@@ -93,18 +93,6 @@ class ScalableBloom:
         return sum(f.count for f in self.filters)
 
 
-def _long(b: bytes, i: int) -> tuple[int, int]:
-    """Avro long (zig-zag varint) at ``i`` -> (value, next index)."""
-    shift = result = 0
-    while True:
-        byte = b[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return (result >> 1) ^ -(result & 1), i
-        shift += 7
-
-
 def _fast_fingerprints() -> set[bytes]:
     """Writer fingerprints of the DeliveryEvent versions whose first fields are ``_PREFIX``."""
     out = set()
@@ -129,20 +117,20 @@ def sent_key(data: bytes | None, fast: set[bytes]) -> str | None:
         return None
     if data[2:10] in fast:
         try:
-            n, i = _long(data, 10)
+            n, i = read_long(data, 10)
             i += n  # event_id
-            n, i = _long(data, i)
+            n, i = read_long(data, i)
             if data[i:i + n] != b"sent":
                 return None
             i += n
-            n, i = _long(data, i)
+            n, i = read_long(data, i)
             tenant = data[i:i + n]
             i += n
-            branch, i = _long(data, i)  # account_id: null | string
+            branch, i = read_long(data, i)  # account_id: null | string
             if branch == 1:
-                n, i = _long(data, i)
+                n, i = read_long(data, i)
                 i += n
-            n, i = _long(data, i)
+            n, i = read_long(data, i)
             if i + n > len(data):
                 raise IndexError("truncated")
             return tenant.decode() + SEP + data[i:i + n].decode()

@@ -55,6 +55,11 @@ class Codec:
     def __init__(self, schema_dir: Path = SCHEMA_DIR) -> None:
         self.schemas = _load(schema_dir)
         self._by_fp = {v.fingerprint: v for vs in self.schemas.values() for v in vs}
+        # writer versions whose first two fields are strings, the second one ``type`` (events,
+        # command envelopes): peek_type reads it without decoding the record
+        self._typed = {v.fingerprint: v.name for vs in self.schemas.values() for v in vs
+                       if [(f["name"], f["type"]) for f in v.parsed.get("fields", [])[:2]][1:] == [("type", "string")]
+                       and v.parsed["fields"][0]["type"] == "string"}
 
     def latest(self, name: str) -> SchemaVersion:
         try:
@@ -69,6 +74,22 @@ class Codec:
         buf.write(schema.fingerprint)
         schemaless_writer(buf, schema.parsed, record)
         return buf.getvalue()
+
+    def peek_type(self, data: bytes | None, expect: str) -> str | None:
+        """The ``type`` field of an ``expect`` record (a DeliveryEvent, a CommandEnvelope) read
+        straight from its bytes, so a consumer that wants a few types skips the others without
+        decoding them; None when the record cannot be read that way (not Postbus Avro, another
+        schema, a truncated body): decode it to find out."""
+        if not data or len(data) < 12 or data[:2] != MAGIC or self._typed.get(data[2:10]) != expect:
+            return None
+        try:
+            n, i = read_long(data, 10)
+            n, i = read_long(data, i + n)
+            if n < 0 or i + n > len(data):
+                return None
+            return data[i:i + n].decode()
+        except (IndexError, UnicodeDecodeError):
+            return None
 
     def decode(self, data: bytes | None, expect: str | None = None) -> tuple[str, dict[str, Any]]:
         """Returns (schema name, record read with the newest version of that schema)."""
@@ -89,6 +110,18 @@ class Codec:
         except Exception as exc:  # fastavro raises several types on corrupt bodies
             raise DecodeError(f"corrupt {writer.name} body: {exc}") from exc
         return writer.name, record  # type: ignore[return-value]
+
+
+def read_long(b: bytes, i: int) -> tuple[int, int]:
+    """Avro long (zig-zag varint) at ``i`` -> (value, next index)."""
+    shift = result = 0
+    while True:
+        byte = b[i]
+        i += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (result >> 1) ^ -(result & 1), i
+        shift += 7
 
 
 _codec: Codec | None = None

@@ -28,6 +28,9 @@ log = logging.getLogger("postbus.sender.engagement")
 topics: dict[str, Any] = {}  # set by register()
 
 
+SUPPRESSING_EVENTS = frozenset({"bounce", "complaint", "unsubscribe"})  # the types suppression_reason reads
+
+
 def suppression_reason(event: dict[str, Any]) -> str | None:
     """Which events suppress their recipient, and with which reason."""
     if event["type"] == "bounce" and (event.get("bounce_type") or "").lower() == "hard":
@@ -55,6 +58,9 @@ def register(app: Any, commands_topic: Any, events_topic: Any) -> None:
     @app.agent(commands_topic, name="engagement")
     async def engagement(stream: Any) -> None:
         async for event in stream.events():
+            kind = codec().peek_type(event.value, "CommandEnvelope")
+            if kind is not None and kind not in ENGAGEMENT_COMMANDS:
+                continue  # most commands (messages.add above all): not decoded here
             try:
                 _, env = codec().decode(event.value, expect="CommandEnvelope")
                 if env["type"] not in ENGAGEMENT_COMMANDS:
@@ -71,6 +77,9 @@ def register(app: Any, commands_topic: Any, events_topic: Any) -> None:
     @app.agent(events_topic, name="auto_suppress")
     async def auto_suppress(stream: Any) -> None:
         async for record in stream.events():
+            kind = codec().peek_type(record.value, "DeliveryEvent")
+            if kind is not None and kind not in SUPPRESSING_EVENTS:
+                continue  # sent, deferred, opened, ...: not decoded
             try:
                 _, event = codec().decode(record.value, expect="DeliveryEvent")
             except DecodeError:

@@ -162,6 +162,9 @@ async def _dead_letter(event: Any, reason: str) -> None:
 async def ingest(stream: Any) -> None:
     async for event in guarded(stream, "ingest"):  # no record skipped (issue 12 §1)
         msg = event.message
+        kind = codec().peek_type(event.value, "CommandEnvelope")
+        if kind is not None and kind != "messages.add" and kind not in sender.handlers:
+            continue  # config commands reach the sender through the compacted config topics
         try:
             _, env = codec().decode(event.value, expect="CommandEnvelope")
             kind = env["type"]
