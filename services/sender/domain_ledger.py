@@ -287,6 +287,8 @@ async def _apply_event(name: str, ev: dict[str, Any], partition: int, offset: in
             # the sender, died between the two; the entry's eoff says the event is not in it):
             # the count is counted again, from the mark as it was before the event
             mark = None if mark["src"] == "sent" else {**mark, "c": False, "m": False}
+            log.warning("domain ledger: the count of a re-read event was lost with its entry: counted again",
+                        extra={"domain": name, "partition": partition, "offset": offset})
         counted = q.send_counts(mark)
         new_mark = q.send_once(entry, mark, int(ev["ts"]), partition)
         if counted:
