@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 
 from bench.sinks import make_sink
-from infra.supervisor import LocalSystem, free_port
+from infra.supervisor import LocalSystem, free_port, stop_group
 from tests.support.client_app import ClientApp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,15 +74,7 @@ class BenchSystem:
 
     def stop_extra_senders(self) -> None:
         for proc, _ in self.extra_senders.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, _ in self.extra_senders.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, 15.0)
 
     @property
     def api(self) -> str:

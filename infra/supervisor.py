@@ -32,6 +32,24 @@ KAFKA_SH = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 SERVICES = ("metrics", "api", "sender", "reporter", "inbound")
 
 
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float, sig: int = signal.SIGTERM) -> bool:
+    """Send ``sig`` to the process group of ``proc`` (started with ``start_new_session``) and wait;
+    SIGKILL the group if it has not exited after ``timeout`` seconds. Returns False when it had to."""
+    if proc.poll() is not None:
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False
+
+
 class LocalSystemError(RuntimeError):
     """Base of the errors raised by LocalSystem."""
 
@@ -402,16 +420,8 @@ class LocalSystem:
         if proc is None:
             return None
         timeout = self.stop_timeout if timeout is None else timeout
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.log(f"{name} still running {timeout:.0f}s after signal {sig}: SIGKILL")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if not stop_group(proc, timeout, sig):
+            self.log(f"{name} was still running {timeout:.0f}s after signal {sig}: SIGKILLed")
         # whatever it forked and left behind in its group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -54,37 +54,31 @@ DISTINCT_FIELDS = ("messages_sent", "messages_delivered", "messages_bounced", "m
                    "unique_opens", "unique_clicks")
 
 
-def rates(c: dict[str, Any]) -> dict[str, float]:
-    """Bounce and complaint rates over sent (as reputation.py), open and click rates over delivered."""
-    sent, delivered = int(c.get("sent", 0)), int(c.get("delivered", 0))
+def _ratios(c: dict[str, Any], sent_col: str, delivered_col: str, over_sent: dict[str, str],
+            over_delivered: dict[str, str]) -> dict[str, float]:
+    sent, delivered = int(c.get(sent_col, 0)), int(c.get(delivered_col, 0))
 
     def ratio(n: Any, d: int) -> float:
         return round(int(n) / d, 6) if d else 0.0
 
-    return {
-        "delivery_rate": ratio(delivered, sent),
-        "bounce_rate": ratio(c.get("bounced", 0), sent),
-        "complaint_rate": ratio(c.get("complained", 0), sent),
-        "open_rate": ratio(c.get("opened", 0), delivered),
-        "click_rate": ratio(c.get("clicked", 0), delivered),
-    }
+    return {**{name: ratio(c.get(col, 0), sent) for name, col in over_sent.items()},
+            **{name: ratio(c.get(col, 0), delivered) for name, col in over_delivered.items()}}
+
+
+def rates(c: dict[str, Any]) -> dict[str, float]:
+    """Bounce and complaint rates over sent (as reputation.py), open and click rates over delivered."""
+    return _ratios(c, "sent", "delivered",
+                   {"delivery_rate": "delivered", "bounce_rate": "bounced", "complaint_rate": "complained"},
+                   {"open_rate": "opened", "click_rate": "clicked"})
 
 
 def distinct_rates(c: dict[str, Any]) -> dict[str, float]:
     """The same rates over distinct messages: delivered / bounced / complained messages over
     messages sent, messages opened / clicked over messages delivered."""
-    sent, delivered = int(c.get("messages_sent", 0)), int(c.get("messages_delivered", 0))
-
-    def ratio(n: Any, d: int) -> float:
-        return round(int(n) / d, 6) if d else 0.0
-
-    return {
-        "message_delivery_rate": ratio(delivered, sent),
-        "message_bounce_rate": ratio(c.get("messages_bounced", 0), sent),
-        "message_complaint_rate": ratio(c.get("messages_complained", 0), sent),
-        "unique_open_rate": ratio(c.get("unique_opens", 0), delivered),
-        "unique_click_rate": ratio(c.get("unique_clicks", 0), delivered),
-    }
+    return _ratios(c, "messages_sent", "messages_delivered",
+                   {"message_delivery_rate": "messages_delivered", "message_bounce_rate": "messages_bounced",
+                    "message_complaint_rate": "messages_complained"},
+                   {"unique_open_rate": "unique_opens", "unique_click_rate": "unique_clicks"})
 
 
 def figures(c: dict[str, Any], distinct: bool, with_rates: bool = True) -> dict[str, Any]:

@@ -91,25 +91,36 @@ _COUNTED = " OR ".join(f"({cond})" for cond in COLUMNS.values())
 _SUMS = ", ".join(f"toUInt64(countIf({cond})) AS {col}" for col, cond in COLUMNS.items())
 _COLUMNS_DDL = "".join(f"            {col} UInt64,\n" for col in COLUMNS).rstrip(",\n")
 # the views' SELECTs; the backfill runs the same ones over the existing events
-_SELECT_TENANT = f"""
-    SELECT toStartOfHour(ts) AS hour, tenant_id, {_SUMS}
+
+
+def _select_tenant(aggregates: str, where: str) -> str:
+    """One row per (hour, tenant)."""
+    return f"""
+    SELECT toStartOfHour(ts) AS hour, tenant_id, {aggregates}
     FROM events
-    WHERE {_COUNTED}
+    WHERE {where}
     GROUP BY hour, tenant_id
 """
-# one row per (dimension, hour, tenant, key): each event counted once under each dimension
-_SELECT_DIMS = f"""
-    SELECT d.1 AS dim, hour, tenant_id, d.2 AS key, {_SUMS}
+
+
+def _select_dims(aggregates: str, where: str, columns: str) -> str:
+    """One row per (dimension, hour, tenant, key): each event counted once under each dimension."""
+    return f"""
+    SELECT d.1 AS dim, hour, tenant_id, d.2 AS key, {aggregates}
     FROM (
-        SELECT toStartOfHour(ts) AS hour, tenant_id, type, bounce_type,
+        SELECT toStartOfHour(ts) AS hour, tenant_id, {columns},
                arrayZip(['domain', 'provider', 'campaign', 'account'],
                         [sender_domain, {_provider_sql("recipient_domain")}, {_CAMPAIGN_SQL}, account_id]) AS dims
         FROM events
-        WHERE {_COUNTED}
+        WHERE {where}
     )
     ARRAY JOIN dims AS d
     GROUP BY dim, hour, tenant_id, key
 """
+
+
+_SELECT_TENANT = _select_tenant(_SUMS, _COUNTED)
+_SELECT_DIMS = _select_dims(_SUMS, _COUNTED, "type, bounce_type")
 
 # the same two shapes with distinct-count states of (tenant_id, message_id): a replayed or
 # re-loaded event adds a pair its state already holds (a hash already in the set / a register
@@ -119,25 +130,8 @@ _STATES = ", ".join(f"{DISTINCT_FUNCTION}StateIf(tenant_id, message_id, {cond}) 
                     for col, cond in DISTINCT_COLUMNS.items())
 _STATES_DDL = "".join(f"            {col} AggregateFunction({DISTINCT_FUNCTION}, String, String),\n"
                       for col in DISTINCT_COLUMNS).rstrip(",\n")
-_SELECT_TENANT_DISTINCT = f"""
-    SELECT toStartOfHour(ts) AS hour, tenant_id, {_STATES}
-    FROM events
-    WHERE {_DISTINCT_COUNTED}
-    GROUP BY hour, tenant_id
-"""
-_SELECT_DIMS_DISTINCT = f"""
-    SELECT d.1 AS dim, hour, tenant_id, d.2 AS key, {_STATES}
-    FROM (
-        SELECT toStartOfHour(ts) AS hour, tenant_id, message_id, type, bounce_type,
-               arrayZip(['domain', 'provider', 'campaign', 'account'],
-                        [sender_domain, {_provider_sql("recipient_domain")}, {_CAMPAIGN_SQL}, account_id]) AS dims
-        FROM events
-        WHERE {_DISTINCT_COUNTED}
-    )
-    ARRAY JOIN dims AS d
-    GROUP BY dim, hour, tenant_id, key
-"""
-
+_SELECT_TENANT_DISTINCT = _select_tenant(_STATES, _DISTINCT_COUNTED)
+_SELECT_DIMS_DISTINCT = _select_dims(_STATES, _DISTINCT_COUNTED, "message_id, type, bounce_type")
 
 def ddl(retention_days: int) -> list[str]:
     """Created after analytics.ddl (which adds ``events.recipient_domain``)."""

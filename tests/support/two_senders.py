@@ -9,8 +9,6 @@ Prometheus endpoint: tests/support/prometheus.py."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from infra.supervisor import LocalSystem, free_port
+from infra.supervisor import LocalSystem, free_port, stop_group
 from tests.conftest import REPO, fresh_state, internal_headers, running_system, wait_until
 
 
@@ -52,14 +50,7 @@ def system_with_two_senders(name: str, admin_token: str,
             wait_until(lambda: sender_up(sys_.url("sender"), headers), 120, what="first sender ready")
             yield sys_, second
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, 15.0)  # a test may have killed it already
 
 
 def sender_up(url: str, headers: dict[str, str]) -> bool:
