@@ -103,7 +103,7 @@ def test_replay_analytics_verified_and_a_difference_fails(system: LocalSystem, n
 
     # 3. a real change after the answers were recorded: a new message is a difference, by name
     between = time.time()
-    time.sleep(0.05)
+    wait_until(lambda: time.time() >= between + 0.002, what="the clock past --from (ms resolution)")
     send(t, t.message("ra-3"))
     settled(t, {"ra-3": "sent"})
     r = cli(system, "replay", "analytics", "--yes", "--against", str(saved), "--timeout", "240", timeout=400)
