@@ -80,15 +80,6 @@ async def hand_over_many(app: faust.App, topic: str,
     return asyncio.gather(*(asyncio.shield(f) for _, f in last.values()))
 
 
-async def table_delete(table: Any, partition: int, key: Any) -> None:
-    table.data.pop(key, None)
-    fut = await table.changelog_topic.send(
-        key=key, value=None, partition=partition, key_serializer=table.key_serializer,
-        value_serializer="raw", force=True,
-    )
-    await fut
-
-
 def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: Any) -> faust.App:
     """A Faust app with our defaults. Its command-consuming agents iterate ``guarded(stream, name)``
     (services/common/faust_guard.py: Faust loses records around a rebalance, issue 12 §1)."""

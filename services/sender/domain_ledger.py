@@ -385,7 +385,7 @@ async def _rollover() -> None:
             log.info("outbound counters rolled over", extra={"domains": len(changes), "day": day})
         expired = q.purge_before(marks.data, ts, WINDOW_MS)
         futures = []
-        for key in expired:  # tombstones (table_delete, without waiting for each one)
+        for key in expired:  # tombstones, without waiting for each one
             mark = marks.data.pop(key)
             futures.append(await marks.changelog_topic.send(
                 key=key, value=None, partition=mark["p"], key_serializer=marks.key_serializer,

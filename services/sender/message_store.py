@@ -118,9 +118,6 @@ class MessageStore:
             if key not in self.overlay:
                 yield key, json.loads(raw)
 
-    def keys_with_prefix(self, prefix: str) -> list[str]:
-        return [key for key in self.keys() if key.startswith(prefix)]
-
     # --- writes --------------------------------------------------------------------------------------
 
     def set_local(self, key: str, value: dict[str, Any]) -> None:

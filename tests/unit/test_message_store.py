@@ -153,7 +153,6 @@ async def test_items_and_keys_merge_the_overlay_over_the_database(store) -> None
     assert items == {"t\x1fa": new, "t\x1fb": {"s": "pending", "p": P, "q": 2},
                      "u\x1fc": {"s": "pending", "p": P, "q": 4}}
     assert sorted(s.keys()) == ["t\x1fa", "t\x1fb", "u\x1fc"]
-    assert sorted(s.keys_with_prefix("t\x1f")) == ["t\x1fa", "t\x1fb"]
 
 
 async def test_reads_of_a_cold_entry_come_from_the_database(store, monkeypatch) -> None:
