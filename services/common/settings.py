@@ -253,6 +253,10 @@ class Settings(BaseSettings):
     # commands by ~1.2 s under a steady flow); an idle consumer sends one empty fetch per this
     faust_fetch_max_wait_ms: int = Field(100, ge=10, le=1500)
 
+    # the event loop of the sender and reporter (faust_support.use_event_loop; inbound stays on asyncio);
+    # the API and metrics run under uvicorn, which picks uvloop itself when it is installed
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
     @property
     def clickhouse(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"

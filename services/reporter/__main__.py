@@ -9,8 +9,10 @@ from services.common.settings import get_settings
 def main() -> None:
     settings = get_settings()
     setup_logging("reporter", settings.log_level)
-    from services.common.faust_support import PromptExitWorker
+    from services.common.faust_support import PromptExitWorker, use_event_loop
     from services.reporter.app import app
+
+    use_event_loop(settings.event_loop)
 
     # our JSON logging stays in place: the worker must not install its own handlers; a stop that
     # cannot finish (broker down) is cut short after faust_support.STOP_GRACE_S

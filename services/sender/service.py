@@ -246,4 +246,4 @@ def main() -> None:
 
     set_readiness(lambda: _ready[0])
     start_metrics_server(settings, settings.sender_metrics_port)  # /metrics needs the internal token
-    run_worker(app, "sender", settings.log_level)
+    run_worker(app, "sender", settings.log_level, settings.event_loop)

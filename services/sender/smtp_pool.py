@@ -293,6 +293,34 @@ def _responses(buf: bytearray) -> list[tuple[int, str]]:
     return out
 
 
+class _ReplyTap(asyncio.Protocol):
+    """The session's protocol during a pipelined transaction: received bytes go to the transaction's
+    reader; everything else reaches aiosmtplib's protocol as before. Installed with
+    ``transport.set_protocol`` (not by overriding ``data_received`` on the instance: uvloop's
+    transports keep the bound method they were given)."""
+
+    def __init__(self, inner: asyncio.Protocol, on_data: Any, on_lost: Any) -> None:
+        self.inner = inner
+        self.on_data = on_data
+        self.on_lost = on_lost
+
+    def data_received(self, data: bytes) -> None:
+        self.on_data(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost(exc)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes) -> None:
     """One mail transaction with RFC 2920 PIPELINING: ``MAIL FROM``, every ``RCPT TO`` and ``DATA``
     in one write, their replies read together, then the message in a second write: two round trips
@@ -300,9 +328,9 @@ async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: l
     all recipients refused, data error), so the callers classify it the same way; a partial recipient
     refusal sends to the others, as ``sendmail`` does.
 
-    The replies are read straight off the session's protocol (its ``data_received`` is redirected for
-    the duration of the transaction and restored after), because aiosmtplib reads one reply per
-    command written."""
+    The replies are read straight off the session's transport (a :class:`_ReplyTap` is its protocol
+    for the duration of the transaction, aiosmtplib's again after), because aiosmtplib reads one
+    reply per command written."""
     proto = client.protocol
     if proto is None or proto.transport is None or proto.transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("connection lost")
@@ -326,12 +354,9 @@ async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: l
         buf.extend(chunk)
         arrived.set()
 
-    original_lost = proto.connection_lost
-
     def on_lost(exc: Exception | None) -> None:
         lost.append(exc)
         arrived.set()
-        original_lost(exc)
 
     async def read(n: int) -> list[tuple[int, str]]:
         while len(replies) < n:
@@ -345,8 +370,8 @@ async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: l
         return got
 
     if True:  # the worker owns the session: no other command runs meanwhile
-        proto.data_received = on_data  # type: ignore[method-assign]
-        proto.connection_lost = on_lost  # type: ignore[method-assign]
+        transport = proto.transport
+        transport.set_protocol(_ReplyTap(proto, on_data, on_lost))
         try:
             proto.transport.write(("\r\n".join(commands) + "\r\n").encode("ascii"))
             got = await read(len(commands))
@@ -367,5 +392,4 @@ async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: l
             if code != 250:
                 raise aiosmtplib.SMTPDataError(code, msg)
         finally:
-            del proto.data_received  # the class's own methods again
-            del proto.connection_lost
+            transport.set_protocol(proto)

@@ -1,13 +1,17 @@
 """RFC 2920 PIPELINING in services/sender/smtp_pool.py (pipelined_sendmail) against a small real
 ESMTP server on loopback that offers PIPELINING and records each read: the envelope and DATA go
-out in one write, refusals raise what aiosmtplib's sendmail raises, and the session stays usable."""
+out in one write, refusals raise what aiosmtplib's sendmail raises, and the session stays usable.
+Every test runs on both event loops the sender can use (POSTBUS_EVENT_LOOP): uvloop's transports
+keep the protocol methods they were given, so the replies must be taken with set_protocol."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import aiosmtplib
 import pytest
+import uvloop
 
 from services.sender.outcomes import classify
 from services.sender.smtp_pool import pipelined_sendmail
@@ -81,19 +85,36 @@ class Server(asyncio.Protocol):
             self.t.write(b"".join(out))  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-async def server():
-    Server.reads, Server.messages, Server.refuse = [], [], set()
-    srv = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", 0)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.sockets[0].getsockname()[1], start_tls=False)
-    await client.connect()
-    await client.ehlo()
-    assert client.supports_extension("pipelining")
-    yield client
-    client.close()
-    srv.close()
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
+def on_both_loops(test: Callable[[aiosmtplib.SMTP], Awaitable[None]]) -> Callable[[str], None]:
+    """Run ``test(client)`` against a fresh server once per event loop (parametrized ``loop``)."""
+
+    async def session() -> None:
+        Server.reads, Server.messages, Server.refuse = [], [], set()
+        srv = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", 0)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.sockets[0].getsockname()[1], start_tls=False)
+        try:
+            await client.connect()
+            await client.ehlo()
+            assert client.supports_extension("pipelining")
+            await asyncio.wait_for(test(client), 10)
+        finally:
+            client.close()
+            srv.close()
+
+    @pytest.mark.parametrize("loop", list(LOOPS))
+    def run(loop: str) -> None:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            assert type(runner.get_loop()).__module__.startswith(loop)  # the loop under test
+            runner.run(session())
+
+    run.__name__ = test.__name__
+    return run
+
+
+@on_both_loops
 async def test_envelope_and_data_in_one_write(server: aiosmtplib.SMTP) -> None:
     Server.reads.clear()
     data = b"Subject: x\r\n\r\n.leading dot\r\nbody\r\n"
@@ -107,12 +128,14 @@ async def test_envelope_and_data_in_one_write(server: aiosmtplib.SMTP) -> None:
     assert Server.messages[1] == b"Subject: y\r\n\r\nmore\r\n"
 
 
+@on_both_loops
 async def test_partial_refusal_sends_to_the_others(server: aiosmtplib.SMTP) -> None:
     Server.refuse = {"gone@example.org"}
     await pipelined_sendmail(server, "a@example.com", ["gone@example.org", "ok@example.org"], b"Subject: z\r\n\r\nx")
     assert len(Server.messages) == 1
 
 
+@on_both_loops
 async def test_all_recipients_refused_raises_like_sendmail(server: aiosmtplib.SMTP) -> None:
     Server.refuse = {"gone@example.org"}
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as info:
@@ -122,6 +145,7 @@ async def test_all_recipients_refused_raises_like_sendmail(server: aiosmtplib.SM
     assert (await server.noop()).code == 250  # replies all read: the session is in step
 
 
+@on_both_loops
 async def test_sender_refused_raises_like_sendmail(server: aiosmtplib.SMTP) -> None:
     Server.refuse = {"MAIL"}
     with pytest.raises(aiosmtplib.SMTPSenderRefused) as info:
