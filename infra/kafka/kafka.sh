@@ -4,7 +4,9 @@
 #   kafka.sh start   format storage on first run, start on 127.0.0.1:$KAFKA_PORT, wait until it answers
 #   kafka.sh stop    stop the broker by PID (SIGTERM, then SIGKILL after a grace period)
 #   kafka.sh status  exit 0 when the broker answers
-# Environment: KAFKA_PORT (default 9092), POSTBUS_STATE (default <repo>/.state), KAFKA_HEAP (default 384m).
+# Environment: KAFKA_PORT (default 9092), POSTBUS_STATE (default <repo>/.state), KAFKA_HEAP (default 384m),
+# KAFKA_JVM_OPTS (default -XX:TieredStopAtLevel=1: C1 only; on 2 cores the C2 compiler's work was most of the
+# broker's CPU per message for the first ~25,000 messages, see bench/README.md).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -12,6 +14,7 @@ state="${POSTBUS_STATE:-$repo/.state}"
 port="${KAFKA_PORT:-9092}"
 ctl_port="${KAFKA_CONTROLLER_PORT:-$((port + 1))}"
 heap="${KAFKA_HEAP:-384m}"
+jvm_opts="${KAFKA_JVM_OPTS--XX:TieredStopAtLevel=1}"
 dir="$state/kafka"
 pidfile="$dir/kafka.pid"
 lib="$here/lib"
@@ -82,7 +85,7 @@ start() {
   write_config
   format
   log "starting broker on 127.0.0.1:$port (heap $heap, logs $dir/logs)"
-  nohup bash -c "exec java -Xms64m -Xmx$heap -XX:+UseSerialGC -Djava.awt.headless=true \
+  nohup bash -c "exec java -Xms64m -Xmx$heap -XX:+UseSerialGC $jvm_opts -Djava.awt.headless=true \
     -Dkafka.logs.dir='$dir/logs' -Dlog4j2.configurationFile='$here/log4j2.xml' \
     -cp '$lib/*' kafka.Kafka '$dir/server.properties'" >"$dir/logs/stdout.log" 2>&1 &
   echo $! >"$pidfile"
