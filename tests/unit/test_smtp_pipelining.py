@@ -152,3 +152,14 @@ async def test_sender_refused_raises_like_sendmail(server: aiosmtplib.SMTP) -> N
         await pipelined_sendmail(server, "a@example.com", ["b@example.org"], b"Subject: z\r\n\r\nx")
     assert info.value.code == 550 and Server.messages == []
     assert (await server.rset()).code == 250
+
+
+@on_both_loops
+async def test_an_address_that_would_break_the_command_is_refused_before_any_write(server: aiosmtplib.SMTP) -> None:
+    before = len(Server.reads)
+    await pipelined_sendmail(server, "a@example.com", ["ok@example.org"], b"Subject: z\r\n\r\nx")
+    assert len(Server.reads) == before + 2  # positive control: the envelope write, then the message write
+    for bad in ("x>@example.org", "<x@example.org", "x@example.org\r\nRCPT TO:<y@example.org"):
+        with pytest.raises(ValueError):
+            await pipelined_sendmail(server, "a@example.com", [bad], b"Subject: z\r\n\r\nx")
+    assert len(Server.reads) == before + 2 and len(Server.messages) == 1
