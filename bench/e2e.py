@@ -81,9 +81,12 @@ def make_body(size: int) -> str:
     return body[:-1] + "\n" if size else body
 
 
-def prom_sum(url: str, name: str, headers: dict[str, str], label: str | None = None) -> float:
-    """Sum of a Prometheus counter over its label sets (those containing ``label`` if given)."""
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+def prom_sum(url: str, name: str, headers: dict[str, str], label: str | None = None,
+             text: str | None = None) -> float:
+    """Sum of a Prometheus counter over its label sets (those containing ``label`` if given), from
+    ``text`` (one scrape read several times) or a scrape of its own."""
+    if text is None:
+        text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -108,7 +111,9 @@ def sender_stages(url: str, headers: dict[str, str]) -> dict[str, float]:
 class QueueSampler(threading.Thread):
     """Where messages wait, twice a second during the measured interval: the sender's pending
     messages (accepted into its table, not yet sent: ``gmp_pending_messages``) and its consumer lag
-    on postbus.commands (records on the broker not yet read: ``postbus_consumer_lag``)."""
+    on postbus.commands (records on the broker not yet read: ``postbus_consumer_lag``). One scrape
+    per sender and sample (the sender renders its metrics in a thread that takes the GIL from its
+    event loop: three scrapes per sample were 3.6 % of the sender's profile)."""
 
     def __init__(self, urls: list[str], headers: dict[str, str], every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -120,11 +125,10 @@ class QueueSampler(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                pending = sum(prom_sum(u, "gmp_pending_messages", self.headers) for u in self.urls)
-                lag = sum(prom_sum(u, "postbus_consumer_lag", self.headers, 'topic="postbus.commands"')
-                          for u in self.urls)
-                elag = sum(prom_sum(u, "postbus_consumer_lag", self.headers, 'topic="postbus.events"')
-                           for u in self.urls)
+                texts = [httpx.get(f"{u}/metrics", headers=self.headers, timeout=10).text for u in self.urls]
+                pending = sum(prom_sum("", "gmp_pending_messages", {}, text=t) for t in texts)
+                lag = sum(prom_sum("", "postbus_consumer_lag", {}, 'topic="postbus.commands"', text=t) for t in texts)
+                elag = sum(prom_sum("", "postbus_consumer_lag", {}, 'topic="postbus.events"', text=t) for t in texts)
             except httpx.HTTPError:
                 continue
             self.samples.append((round(time.time() - self.t0, 2), pending, lag, elag))
