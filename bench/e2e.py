@@ -382,6 +382,8 @@ def main() -> None:
     ap.add_argument("--sink", choices=("fast", "smtp-sink"), default="fast")
     ap.add_argument("--temp-fail-rate", type=float, default=0.0,
                     help="fast sink: fraction of messages answered 451 4.7.1 on their first attempt")
+    ap.add_argument("--sink-delay-ms", type=float, default=0.0,
+                    help="fast sink: each end-of-data reply this much later (a relay that takes its time)")
     ap.add_argument("--retry-base-s", type=float, default=None, help="POSTBUS_SENDER_RETRY_BASE_S for the run")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra service environment")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -411,7 +413,8 @@ def main() -> None:
     body = make_body(args.body_bytes)
     stop_system = contextlib.ExitStack()  # closed last in the finally below: clients, system, sink, state folder
     bench = stop_system.enter_context(start_bench_system(
-        "bench", admin_token="bench-admin", sink=args.sink, temp_fail_rate=args.temp_fail_rate, env=env,
+        "bench", admin_token="bench-admin", sink=args.sink, temp_fail_rate=args.temp_fail_rate,
+        sink_delay_ms=args.sink_delay_ms, env=env,
         kafka_heap=args.kafka_heap, keep=args.keep))
     system, sink, state = bench.system, bench.sink, bench.state
     try:
@@ -531,6 +534,7 @@ def main() -> None:
             "warmup": len(warm_keys),
             "profiled": bool(args.profile),
             "temp_fail_rate": args.temp_fail_rate,
+            "sink_delay_ms": args.sink_delay_ms,
             "env": env,
             "complete": complete,
             "interval_s": round(interval, 2),

@@ -5,9 +5,12 @@ asyncio protocol, accepts everything, and appends ``<X-Postbus-Message-Id> <tena
 per received message to an output file (flushed every 200 ms). Not an MTA: no queue, no checks.
 With ``--temp-fail-rate F`` it answers ``451 4.7.1`` at the end of DATA to the first attempt of a
 fraction F of the messages (chosen by a hash of tenant and id, so it is deterministic), and
-accepts their next attempt: greylisting, as the sender sees it.
+accepts their next attempt: greylisting, as the sender sees it. With ``--reply-delay-ms D`` the
+replies to a read that ends a message go out D ms later: a relay that takes its time to queue a
+message (the sender's pipelined transaction sends nothing more until that reply, so the order of
+replies holds).
 
-    python bench/fast_sink.py --port 2526 --out /tmp/sink.log [--temp-fail-rate 0.1]
+    python bench/fast_sink.py --port 2526 --out /tmp/sink.log [--temp-fail-rate 0.1] [--reply-delay-ms 50]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ TEN = b"\nx-postbus-tenant: "
 class Sink(asyncio.Protocol):
     out: list[str]
     fail_permille: int = 0
+    reply_delay_s: float = 0.0
     failed_once: set[str] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -41,6 +45,7 @@ class Sink(asyncio.Protocol):
     def data_received(self, chunk: bytes) -> None:
         self.buf += chunk
         replies: list[bytes] = []
+        ended = False  # this read ended a message
         while True:
             if self.in_data:
                 end = self.buf.find(b"\r\n.\r\n")
@@ -53,6 +58,7 @@ class Sink(asyncio.Protocol):
                 self.data.append(self.buf[: end + 2])
                 self.buf = self.buf[end + 5:]
                 self.in_data = False
+                ended = True
                 accepted = self._record(b"".join(self.data))
                 self.data = []
                 replies.append(b"250 2.0.0 Ok: queued\r\n" if accepted else b"451 4.7.1 greylisted, try again\r\n")
@@ -74,8 +80,15 @@ class Sink(asyncio.Protocol):
                 return
             else:  # HELO, MAIL, RCPT, RSET, NOOP ...
                 replies.append(b"250 Ok\r\n")
-        if replies:
+        if replies and ended and Sink.reply_delay_s:
+            out = b"".join(replies)
+            asyncio.get_running_loop().call_later(Sink.reply_delay_s, self._late, out)
+        elif replies:
             self.t.write(b"".join(replies))
+
+    def _late(self, out: bytes) -> None:
+        if not self.t.is_closing():
+            self.t.write(out)
 
     def _record(self, msg: bytes) -> bool:
         head = b"\n" + msg[: msg.find(b"\r\n\r\n")].replace(b"\r\n", b"\n").lower()
@@ -112,8 +125,10 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=2526)
     p.add_argument("--out", required=True)
     p.add_argument("--temp-fail-rate", type=float, default=0.0, help="fraction answered 451 4.7.1 once")
+    p.add_argument("--reply-delay-ms", type=float, default=0.0, help="the end-of-data reply this much later")
     a = p.parse_args()
     Sink.fail_permille = round(a.temp_fail_rate * 1000)
+    Sink.reply_delay_s = a.reply_delay_ms / 1000
     if uvloop:
         uvloop.install()
     asyncio.run(main(a.port, a.out))

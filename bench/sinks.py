@@ -48,10 +48,11 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 10
 class FastSink:
     name = "fast"
 
-    def __init__(self, port: int, state: Path, temp_fail_rate: float = 0.0) -> None:
+    def __init__(self, port: int, state: Path, temp_fail_rate: float = 0.0, reply_delay_ms: float = 0.0) -> None:
         self.port = port
         self.log = state / "sink.log"
         self.temp_fail_rate = temp_fail_rate
+        self.reply_delay_ms = reply_delay_ms
         self.proc: subprocess.Popen | None = None
         self._offset = 0
         self._partial = b""
@@ -64,7 +65,7 @@ class FastSink:
     def start(self) -> FastSink:
         self.proc = subprocess.Popen(
             [sys.executable, str(BENCH / "fast_sink.py"), "--port", str(self.port), "--out", str(self.log),
-             "--temp-fail-rate", str(self.temp_fail_rate)],
+             "--temp-fail-rate", str(self.temp_fail_rate), "--reply-delay-ms", str(self.reply_delay_ms)],
             stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
         _wait_port(self.port, self.proc, "fast_sink.py")
         return self
@@ -210,11 +211,13 @@ class PostfixSink:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def make_sink(kind: str, port: int, state: Path, temp_fail_rate: float = 0.0) -> FastSink | PostfixSink:
+def make_sink(kind: str, port: int, state: Path, temp_fail_rate: float = 0.0,
+              reply_delay_ms: float = 0.0) -> FastSink | PostfixSink:
     if kind == "fast":
-        return FastSink(port, state, temp_fail_rate)
+        return FastSink(port, state, temp_fail_rate, reply_delay_ms)
     if kind == "smtp-sink":
-        if temp_fail_rate:
-            raise SystemExit("--temp-fail-rate needs --sink fast (smtp-sink accepts everything)")
+        if temp_fail_rate or reply_delay_ms:
+            raise SystemExit("--temp-fail-rate and --sink-delay-ms need --sink fast (smtp-sink accepts "
+                             "everything at once)")
         return PostfixSink(port)
     raise SystemExit(f"unknown sink {kind!r}")

@@ -105,7 +105,8 @@ class BenchSystem:
 
 @contextlib.contextmanager
 def start_bench_system(name: str, *, admin_token: str, sink: str = "fast", temp_fail_rate: float = 0.0,
-                       env: dict[str, str] | None = None, kafka_heap: str = "512m", keep: bool = False,
+                       sink_delay_ms: float = 0.0, env: dict[str, str] | None = None, kafka_heap: str = "512m",
+                       keep: bool = False,
                        log: Callable[[str], None] | None = None) -> Iterator[BenchSystem]:
     """Yields the started system. The sink and the client apps are on loopback, so the network policy
     lets the services reach private addresses (``POSTBUS_ALLOW_PRIVATE_NETWORKS=1``) unless ``env``
@@ -113,7 +114,7 @@ def start_bench_system(name: str, *, admin_token: str, sink: str = "fast", temp_
     state = REPO / ".state" / f"{name}-{os.getpid()}"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    the_sink = make_sink(sink, free_port(), state, temp_fail_rate).start()
+    the_sink = make_sink(sink, free_port(), state, temp_fail_rate, sink_delay_ms).start()
     extra: dict[str, Any] = {"log": log} if log is not None else {}
     system = LocalSystem.with_free_ports(state, admin_token=admin_token, kafka_heap=kafka_heap,
                                          env={"POSTBUS_ALLOW_PRIVATE_NETWORKS": "1", **(env or {})}, **extra)
