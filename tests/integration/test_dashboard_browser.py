@@ -30,6 +30,10 @@ pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 COUNTS = ("sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors")
 RATES = ("delivery_rate", "bounce_rate", "complaint_rate", "open_rate", "click_rate")
+DISTINCT_COUNTS = ("messages_sent", "messages_delivered", "messages_bounced", "messages_complained",
+                   "unique_opens", "unique_clicks")
+DISTINCT_RATES = ("message_delivery_rate", "message_bounce_rate", "message_complaint_rate", "unique_open_rate",
+                  "unique_click_rate")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,8 @@ def browser() -> Iterator[Any]:
 def bi(system: LocalSystem, token: str, query: dict[str, Any], group_by: str | None = None,
        status: int = 200) -> dict[str, Any]:
     params = {"from_ts": query["from_ts"], "to_ts": query["to_ts"], "bucket": query["bucket"]}
-    if group_by:
-        params |= {"group_by": group_by, "top": 10}
+    if group_by:  # as the page asks: the grouped panels show event counts only
+        params |= {"group_by": group_by, "top": 10, "distinct": "false"}
     if query.get("tenant_id"):
         params["tenant_id"] = query["tenant_id"]
     r = httpx.get(f"{system.url('api')}/api/v1/bi/metrics", params=params,
@@ -90,6 +94,11 @@ def assert_page_matches_api(page: Page, system: LocalSystem, token: str) -> dict
     for k in COUNTS:
         assert page.text(f"#total-{k}") == str(base["totals"][k]), k
     for k in RATES:
+        assert page.text(f"#rate-{k}") == fmt_rate(base["totals"][k]), k
+    # the distinct-message figures of the same answer (docs/bi.md), next to the event counts
+    for k in DISTINCT_COUNTS:
+        assert page.text(f"#total-{k}") == str(base["totals"][k]), k
+    for k in DISTINCT_RATES:
         assert page.text(f"#rate-{k}") == fmt_rate(base["totals"][k]), k
 
     # volume over time: one point per bucket of the API's series, per dataset
@@ -170,6 +179,7 @@ def test_dashboard_renders_the_api_numbers_for_admin_tenant_and_wrong_token(
         assert page.js("window.postbusDashboard.responses.totals") is None
         # nothing of the previous token's answer stays on screen
         assert page.text("#total-sent") == "\u2013"
+        assert page.text("#total-messages_sent") == "\u2013"
         assert page.js("Object.keys(window.postbusDashboard.charts).length") == 0
         assert page.js("document.querySelectorAll('tbody tr').length") == 0
         bi(system, SUPPORT_TOKEN, got["query"], status=403)
@@ -184,6 +194,10 @@ def test_dashboard_renders_the_api_numbers_for_admin_tenant_and_wrong_token(
         assert [g["key"] for g in got["groups"]["tenant"]] == [a.id]
         assert got["base"]["totals"]["sent"] == 5 and got["base"]["totals"]["errors"] == 1
         assert page.text("#total-sent") == "5"
+        assert page.text("#total-messages_sent") == "5" and page.text("#rate-message_delivery_rate") == "100.00%"
+        # the grouped panels asked for event counts only (the cheaper query)
+        assert all("distinct=false" in u for u in page.requests if "group_by=" in u)
+        assert any("group_by=" in u for u in page.requests)
         assert b.id not in page.text("main")
         # naming another tenant: the API's 403 shown as an error, no numbers
         page.page.fill("#tenant", b.id)

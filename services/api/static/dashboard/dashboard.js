@@ -11,6 +11,11 @@
   var STORE_KEY = "postbus.dashboard.token";
   var COUNTS = ["sent", "delivered", "bounced", "complained", "opened", "clicked", "deferred", "errors"];
   var RATES = ["delivery_rate", "bounce_rate", "complaint_rate", "open_rate", "click_rate"];
+  // distinct messages (docs/bi.md): asked of the totals query only; the grouped queries show events
+  var DISTINCT_COUNTS = ["messages_sent", "messages_delivered", "messages_bounced", "messages_complained",
+                         "unique_opens", "unique_clicks"];
+  var DISTINCT_RATES = ["message_delivery_rate", "message_bounce_rate", "message_complaint_rate",
+                        "unique_open_rate", "unique_click_rate"];
   var GROUPS = ["tenant", "domain", "provider", "campaign"];
   var COLORS = { sent: "#3b6ea5", delivered: "#2e8b57", bounced: "#c0392b" };
 
@@ -72,7 +77,8 @@
   function query(groupBy) {
     var q = state.query;
     var params = new URLSearchParams({ from_ts: String(q.from_ts), to_ts: String(q.to_ts), bucket: q.bucket });
-    if (groupBy) { params.set("group_by", groupBy); params.set("top", "10"); }
+    // the grouped panels show event counts: no distinct figures asked (a cheaper query)
+    if (groupBy) { params.set("group_by", groupBy); params.set("top", "10"); params.set("distinct", "false"); }
     if (q.tenant_id) { params.set("tenant_id", q.tenant_id); }
     return API + "?" + params.toString();
   }
@@ -113,6 +119,8 @@
     var t = data.totals || {};
     COUNTS.forEach(function (k) { $("total-" + k).textContent = fmtInt(t[k]); });
     RATES.forEach(function (k) { $("rate-" + k).textContent = fmtRate(t[k]); });
+    DISTINCT_COUNTS.forEach(function (k) { $("total-" + k).textContent = k in t ? fmtInt(t[k]) : "\u2013"; });
+    DISTINCT_RATES.forEach(function (k) { $("rate-" + k).textContent = fmtRate(t[k]); });
   }
 
   function renderVolume(data) {
@@ -207,8 +215,8 @@
   }
 
   function clearAll() {  // nothing of a previous answer stays on screen (it may be another token's)
-    COUNTS.forEach(function (k) { $("total-" + k).textContent = "\u2013"; });
-    RATES.forEach(function (k) { $("rate-" + k).textContent = "\u2013"; });
+    COUNTS.concat(DISTINCT_COUNTS).forEach(function (k) { $("total-" + k).textContent = "\u2013"; });
+    RATES.concat(DISTINCT_RATES).forEach(function (k) { $("rate-" + k).textContent = "\u2013"; });
     Object.keys(state.charts).forEach(function (id) { state.charts[id].destroy(); delete state.charts[id]; });
     ["tenant", "domain", "campaign"].forEach(function (k) { $("table-" + k).querySelector("tbody").replaceChildren(); });
     state.responses = {};
