@@ -130,7 +130,7 @@ def tenant_factory(system: LocalSystem, admin: httpx.Client, smtp: RecordingSmtp
 
     def make(**tenant_fields: Any) -> Tenant:
         client = ClientApp(token="s3cret", host=client_host).start()
-        tid = prefix + uuid.uuid4().hex[:10]
+        tid = tenant_fields.pop("id", None) or prefix + uuid.uuid4().hex[:10]
         base_url = f"http://{base_host or client_host}:{client.port}"
         body = {"id": tid, "name": f"Tenant {tid}", "client_base_url": base_url,
                 "client_auth": {"method": "bearer", "token": "s3cret"}, **tenant_fields}

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.partitioner import murmur2
 
 from infra.supervisor import LocalSystem
 from tests.conftest import internal_headers, tenant_factory, wait_until
@@ -51,7 +52,11 @@ def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
     n = 20
     with httpx.Client(base_url=system.url("api"), headers={"X-API-Token": ADMIN}, timeout=30) as admin, \
             tenant_factory(system, admin, smtp) as make:
-        setups = [Setup(api, make(), n) for _ in range(6)]  # 6 tenants: their partitions split between the two
+        # six tenants on six different commands partitions: whichever 4 of the 8 partitions each sender
+        # owns, both senders own some of these campaigns (a random six once put five on one sender,
+        # and the kill came before the other had started its one campaign)
+        partitions = int(system.service_env().get("POSTBUS_TOPIC_PARTITIONS", "8"))
+        setups = [Setup(api, make(id=tid), n) for tid in tenant_ids_on_distinct_partitions(6, partitions)]
         campaigns = []
         for s in setups:
             r = s.store(speed=18_000)  # 5 per second each: the kill lands mid-campaign
@@ -59,6 +64,8 @@ def test_two_senders_one_killed_every_member_exactly_once(world: Any) -> None:
             campaigns.append(r.json()["data"]["campaign"]["id"])
         wait_until(lambda: sum(len(s.delivered(smtp)) for s in setups) >= 20, timeout=90, interval=0.05,
                    what="deliveries before the kill")
+        wait_until(lambda: _acquired(system.logs_dir / second.log), timeout=60, interval=0.05,
+                   what="the second sender expanding a campaign before the kill")
         os.killpg(second.proc.pid, signal.SIGKILL)  # the second sender dies; the first takes its partitions
         second.proc.wait()
         at_kill = sum(len(s.delivered(smtp)) for s in setups)
@@ -91,3 +98,13 @@ def _acquired(log: Any) -> set[int]:
         if '"campaign partition acquired"' in line:
             out.add(json.loads(line)["partition"])
     return out
+
+
+def tenant_ids_on_distinct_partitions(k: int, partitions: int) -> list[str]:
+    """``k`` tenant ids whose commands partitions (the producers' murmur2 partitioner, as
+    services/sender/campaign_runtime.py's ``partition_of``) are all different."""
+    ids: dict[int, str] = {}
+    while len(ids) < k:
+        tid = "t" + uuid.uuid4().hex[:10]
+        ids.setdefault((murmur2(tid.encode()) & 0x7FFFFFFF) % partitions, tid)
+    return list(ids.values())
