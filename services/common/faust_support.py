@@ -89,7 +89,7 @@ def make_app(name: str, bootstrap: str, datadir: str, partitions: int, **extra: 
     faust_guard.set_enabled(get_settings().faust_offset_guard)
     faust_guard.install()
     install_buffer_flush()
-    install_fetch_wait(get_settings().faust_fetch_max_wait_ms)
+    install_fetch_wait(get_settings().faust_fetch_max_wait_ms, get_settings().faust_fetch_min_bytes)
     app = faust.App(
         name,
         broker=f"kafka://{bootstrap}",
@@ -131,7 +131,7 @@ async def drain_flush(buffer: Any) -> None:
             await asyncio.wait_for(buffer.message_sent.wait(), timeout=1.0)
 
 
-def install_fetch_wait(ms: int) -> None:
+def install_fetch_wait(ms: int, min_bytes: int = 1) -> None:
     """The longest a fetch of the Faust consumer waits at the broker for new records (Faust
     hard-codes 1,500 ms). aiokafka has one fetch in flight per broker, and a fetch leaves out the
     partitions whose records are still buffered in the consumer; under a steady flow the next fetch
@@ -139,11 +139,13 @@ def install_fetch_wait(ms: int) -> None:
     and the broker holds it the whole wait, while new commands of the busy partitions queue up
     behind it. Measured on two idle cores at 1,000 msg/s offered in 20-message calls: commands read
     by the sender 1.2 s after they were written on average (``postbus_sender_stage_seconds``
-    ``ingest``), accept -> SMTP p99 1.9 s. Idle cost: one empty fetch per consumer per ``ms``."""
+    ``ingest``), accept -> SMTP p99 1.9 s. Idle cost: one empty fetch per consumer per ``ms``.
+    ``min_bytes`` (aiokafka's ``fetch_min_bytes``): the broker holds a fetch until that much is there
+    or ``ms`` passed; fewer, fuller fetches under a steady flow (docs/configuration.md)."""
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
-    global _fetch_wait_ms
-    _fetch_wait_ms = ms
+    global _fetch_wait_ms, _fetch_min_bytes
+    _fetch_wait_ms, _fetch_min_bytes = ms, min_bytes
     cls = faust_aiokafka.AIOKafkaConsumerThread
     if getattr(cls, "_postbus_fetch_wait", False):
         return  # patched once (other patches, e.g. read_committed, may wrap this one)
@@ -152,6 +154,7 @@ def install_fetch_wait(ms: int) -> None:
     def create(self: Any, transport: Any) -> Any:
         consumer = original(self, transport)
         consumer._fetch_max_wait_ms = _fetch_wait_ms  # read by AIOKafkaConsumer.start() (aiokafka 0.14)
+        consumer._fetch_min_bytes = _fetch_min_bytes
         return consumer
 
     cls._create_worker_consumer = create
@@ -159,6 +162,7 @@ def install_fetch_wait(ms: int) -> None:
 
 
 _fetch_wait_ms = 1500
+_fetch_min_bytes = 1
 
 
 def install_buffer_flush() -> None:

@@ -252,6 +252,7 @@ class Settings(BaseSettings):
     # longest a fetch waits at the broker for new records (Faust's own: 1,500 ms, which delayed
     # commands by ~1.2 s under a steady flow); an idle consumer sends one empty fetch per this
     faust_fetch_max_wait_ms: int = Field(100, ge=10, le=1500)
+    faust_fetch_min_bytes: int = Field(1, ge=1, le=1048576)
 
     # the event loop of the sender and reporter (faust_support.use_event_loop; inbound stays on asyncio);
     # the API and metrics run under uvicorn, which picks uvloop itself when it is installed
