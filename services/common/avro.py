@@ -57,9 +57,7 @@ class Codec:
         self._by_fp = {v.fingerprint: v for vs in self.schemas.values() for v in vs}
         # writer versions whose first two fields are strings, the second one ``type`` (events,
         # command envelopes): peek_type reads it without decoding the record
-        self._typed = {v.fingerprint: v.name for vs in self.schemas.values() for v in vs
-                       if [(f["name"], f["type"]) for f in v.parsed.get("fields", [])[:2]][1:] == [("type", "string")]
-                       and v.parsed["fields"][0]["type"] == "string"}
+        self._typed = {v.fingerprint: v.name for vs in self.schemas.values() for v in vs if _type_second(v.parsed)}
 
     def latest(self, name: str) -> SchemaVersion:
         try:
@@ -110,6 +108,12 @@ class Codec:
         except Exception as exc:  # fastavro raises several types on corrupt bodies
             raise DecodeError(f"corrupt {writer.name} body: {exc}") from exc
         return writer.name, record  # type: ignore[return-value]
+
+
+def _type_second(parsed: dict[str, Any]) -> bool:
+    """A record whose first field is a string and whose second is the string ``type``."""
+    f = parsed.get("fields", [])
+    return len(f) >= 2 and f[0]["type"] == "string" and (f[1]["name"], f[1]["type"]) == ("type", "string")
 
 
 def read_long(b: bytes, i: int) -> tuple[int, int]:

@@ -371,27 +371,27 @@ async def pipelined_sendmail(client: aiosmtplib.SMTP, sender: str, recipients: l
         got, replies[:] = replies[:n], replies[n:]
         return got
 
-    if True:  # the worker owns the session: no other command runs meanwhile
-        transport = proto.transport
-        transport.set_protocol(_ReplyTap(proto, on_data, on_lost))
-        try:
-            proto.transport.write(("\r\n".join(commands) + "\r\n").encode("ascii"))
-            got = await read(len(commands))
-            (mail_code, mail_msg), rcpts, (data_code, data_msg) = got[0], got[1:-1], got[-1]
-            refused = [aiosmtplib.SMTPRecipientRefused(code, msg, r)
-                       for r, (code, msg) in zip(recipients, rcpts, strict=True) if code not in (250, 251)]
-            if data_code == 354 and (mail_code != 250 or len(refused) == len(recipients)):
-                proto.transport.write(b".\r\n")  # an empty message ends the data phase; it is refused below
-                await read(1)
-            if mail_code != 250:
-                raise aiosmtplib.SMTPSenderRefused(mail_code, mail_msg, sender)
-            if len(refused) == len(recipients):
-                raise aiosmtplib.SMTPRecipientsRefused(refused)
-            if data_code != 354:
-                raise aiosmtplib.SMTPDataError(data_code, data_msg)
-            proto.transport.write(body + b".\r\n")
-            (code, msg), = await read(1)
-            if code != 250:
-                raise aiosmtplib.SMTPDataError(code, msg)
-        finally:
-            transport.set_protocol(proto)
+    # the worker owns the session: no other command runs meanwhile
+    transport = proto.transport
+    transport.set_protocol(_ReplyTap(proto, on_data, on_lost))
+    try:
+        transport.write(("\r\n".join(commands) + "\r\n").encode("ascii"))
+        got = await read(len(commands))
+        (mail_code, mail_msg), rcpts, (data_code, data_msg) = got[0], got[1:-1], got[-1]
+        refused = [aiosmtplib.SMTPRecipientRefused(code, msg, r)
+                   for r, (code, msg) in zip(recipients, rcpts, strict=True) if code not in (250, 251)]
+        if data_code == 354 and (mail_code != 250 or len(refused) == len(recipients)):
+            transport.write(b".\r\n")  # an empty message ends the data phase; it is refused below
+            await read(1)
+        if mail_code != 250:
+            raise aiosmtplib.SMTPSenderRefused(mail_code, mail_msg, sender)
+        if len(refused) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(refused)
+        if data_code != 354:
+            raise aiosmtplib.SMTPDataError(data_code, data_msg)
+        transport.write(body + b".\r\n")
+        (code, msg), = await read(1)
+        if code != 250:
+            raise aiosmtplib.SMTPDataError(code, msg)
+    finally:
+        transport.set_protocol(proto)
